@@ -1,0 +1,500 @@
+"""The merge pipeline: concept LoRAs + a base model → one merged set of weight deltas and a report.
+
+Stages (LoRACLR's official order, methods.md §1.4):
+1. text-encoder layers: inputs hooked while encoding each concept's prompts with that concept's TE LoRA
+   active (all positions up to the end token);
+2. cross-attention ``attn2.to_k`` / ``attn2.to_v``: inputs = the MERGED text encoder's hidden states
+   (encoded the way the WebUI encodes: chunks, clip skip) at the trigger tokens and the end token
+   (official) or at every position of the concept prompt (recommended); targets analytic;
+3. every other LoRA'd UNet layer: inputs hooked during a short seeded sampling run per concept
+   ("photo of a {trigger}", no CFG), with the merged TE and K/V and concept i's other UNet LoRA active.
+Each layer is solved independently from the base weight (``merge_layer``). Features are accumulated as
+bounded-memory sufficient statistics (``FeatureStats``): memory does not grow with steps or resolution.
+Spatial layers are grouped into passes under a memory budget; k×k convolutions (k > 1, LoCon) have no
+row form and fall back to the linear merge (reported).
+
+The model is duck-typed (a ``TinySD``, or the WebUI's model with the same attributes): module paths
+are the canonical keys; ``prompt_encoder`` (``lib_loraclr.text.PromptEncoder``) tokenises;
+``get_learned_conditioning(prompts)``, ``apply_model``, ``alphas_cumprod`` drive sampling.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lib_loraclr.apply import patched, split_fused_key, target_weight
+from lib_loraclr.deltas import DeltaSet, LoraModule, is_unet_key
+from lib_loraclr.errors import ArchitectureMismatchError, LoraclrError
+from lib_loraclr.merge.solvers import METHODS, LoraclrParams, layer_fidelity, merge_layer
+from lib_loraclr.merge.stats import ConceptStats, FeatureStats, rows_from_conv_input
+
+Progress = Callable[[str, int, int], None]  # (stage description, done, total)
+
+
+class MergeInputError(LoraclrError):
+    """The merge request itself is wrong (nothing to merge, missing trigger, bad option…)."""
+
+
+@dataclass
+class Concept:
+    """One concept LoRA to merge.
+
+    prompts: extra prompts (each must contain the trigger words); the templates are always used.
+    te_weight / unet_weight: multipliers applied to the LoRA's text-encoder / UNet deltas.
+    """
+
+    deltas: DeltaSet
+    trigger: str
+    name: str = ""
+    te_weight: float = 1.0
+    unet_weight: float = 1.0
+    prompts: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.trigger
+
+
+@dataclass
+class MergeConfig:
+    """Options of one merge. ``preset`` applies to ``method="loraclr"`` and to the feature recipe."""
+
+    method: str = "loraclr"
+    preset: str = "recommended"  # recommended | official
+    templates: tuple[str, ...] = ("photo of a {}", "{}")
+    neutral_prompts: tuple[str, ...] = ("a photo", "a picture of something")
+    sample_steps: int = 20
+    sampler: str = "dpmpp_2m"
+    seed: int = 0
+    shape: tuple[int, int, int] | None = None  # latent [C, H, W]; None = model.latent_shape
+    ridge: float = 1e-6
+    svd_rank: int = 64  # for method="svd"
+    sketch_rows: int = 512
+    kv_rows: str | None = None  # "trigger" (official) | "prompt"; None = by preset
+    preserve_base: bool | None = None  # add neutral prompts as a zero-delta concept; None = by preset
+    max_stats_bytes: int = 4 << 30  # budget of one sampling pass's statistics
+    report_features: bool = False  # collect features for the report even for linear / svd
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise MergeInputError(f"unknown merge method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.preset not in ("recommended", "official"):
+            raise MergeInputError(f"unknown preset {self.preset!r}; choose 'recommended' or 'official'")
+        if self.kv_rows not in (None, "trigger", "prompt"):
+            raise MergeInputError(f"kv_rows must be 'trigger' or 'prompt', not {self.kv_rows!r}")
+        if self.sample_steps < 1:
+            raise MergeInputError("sample_steps must be at least 1")
+        if not self.templates or any("{}" not in t for t in self.templates):
+            raise MergeInputError("every prompt template needs a '{}' for the trigger words")
+
+    @property
+    def official(self) -> bool:
+        return self.preset == "official"
+
+    def effective_kv_rows(self) -> str:
+        return self.kv_rows or ("trigger" if self.official else "prompt")
+
+    def effective_preserve_base(self) -> bool:
+        return (not self.official) if self.preserve_base is None else self.preserve_base
+
+    def loraclr_params(self) -> LoraclrParams:
+        return LoraclrParams.official() if self.official else LoraclrParams.recommended()
+
+
+@dataclass
+class MergeResult:
+    """Merged dense ΔW per canonical key (``deltas.fmt == "merged"``) and the report (JSON-ready)."""
+
+    deltas: DeltaSet
+    report: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------ layer naming
+def layer_group(key: str) -> str:
+    """Report group of a canonical key: ``te``, ``kv`` (attn2.to_k/to_v) or ``unet``."""
+    if not is_unet_key(key):
+        return "te"
+    return "kv" if key.endswith(("attn2.to_k", "attn2.to_v")) else "unet"
+
+
+def input_group(key: str) -> str:
+    """Layers that read the same input tensor share one FeatureStats (q/k/v siblings, fused in_proj)."""
+    path, part = split_fused_key(key)
+    if part is not None:
+        return path + ":in"
+    parent, _, leaf = path.rpartition(".")
+    if leaf in ("to_k", "to_v") and parent.endswith("attn2"):
+        return parent + ":context"
+    if leaf in ("to_q", "to_k", "to_v", "q_proj", "k_proj", "v_proj"):
+        return parent + ":x"
+    return path
+
+
+def _hook_module(model: nn.Module, key: str) -> nn.Module:
+    path, _part = split_fused_key(key)
+    return model.get_submodule(path)
+
+
+def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Input rows ``[n, d_in]`` of a hooked module, or None where no row form exists (k×k conv)."""
+    if isinstance(module, nn.Conv2d):
+        if module.kernel_size != (1, 1) or module.stride != (1, 1) or module.groups != 1:
+            return None
+        return rows_from_conv_input(x)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _d_in(model: nn.Module, key: str) -> int:
+    w, _ = target_weight(model, key)
+    return int(w.shape[1])
+
+
+def _w0(model: nn.Module, key: str) -> torch.Tensor:
+    w, rows = target_weight(model, key)
+    w = w.detach()
+    return (w if rows is None else w[rows]).float().flatten(1)
+
+
+@contextmanager
+def _collect(
+    model: nn.Module,
+    stats: dict[str, FeatureStats],
+    hook_keys: dict[str, str],
+    select: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[None]:
+    """Forward pre-hooks feeding each input group's rows into ``stats[group]``; always removed.
+
+    ``hook_keys[group]`` is one canonical key of the group: its module's input is the group's input.
+    ``select(x)`` may cut positions of a batch-first ``[B, L, D]`` input first (text encoder).
+    """
+    handles = []
+
+    def make(group: str):
+        def hook(mod: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            if isinstance(mod, nn.MultiheadAttention) and not mod.batch_first:
+                x = x.transpose(0, 1)
+            if select is not None:
+                x = select(x)
+            r = _rows(mod, x)
+            if r is not None:
+                stats[group].add(r)
+
+        return hook
+
+    try:
+        for group in stats:
+            handles.append(_hook_module(model, hook_keys[group]).register_forward_pre_hook(make(group)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------------------------------- validation
+def _validate(model: nn.Module, concepts: Sequence[Concept], config: MergeConfig) -> list[str]:
+    """Check the request; return the sorted union of canonical keys to merge."""
+    config.validate()
+    if len(concepts) < 1:
+        raise MergeInputError("nothing to merge: give at least one concept LoRA")
+    archs = {c.deltas.arch for c in concepts if c.deltas.arch != "unknown"}
+    if len(archs) > 1:
+        detail = ", ".join(f"{c.label}: {c.deltas.arch}" for c in concepts)
+        raise ArchitectureMismatchError(f"the LoRAs are for different base architectures ({detail})")
+    model_arch = getattr(model, "arch", None)
+    if model_arch and archs and model_arch not in archs:
+        raise ArchitectureMismatchError(
+            f"the base model is {model_arch} but the LoRAs are for {archs.pop()}; pick a matching base model"
+        )
+    keys: set[str] = set()
+    enc = model.prompt_encoder  # type: ignore[attr-defined]
+    for c in concepts:
+        if not c.trigger.strip():
+            raise MergeInputError(f"concept {c.label!r} has no trigger words")
+        for p in _concept_prompts(c, config):
+            enc.token_positions(p, c.trigger)  # raises TriggerNotFoundError with prompt and words
+        scaled = c.deltas.scaled(c.te_weight, c.unet_weight)
+        for k in scaled.modules:
+            try:
+                w, rows = target_weight(model, k)
+            except (AttributeError, KeyError):
+                raise ArchitectureMismatchError(
+                    f"LoRA {c.label!r} targets {k!r}, which the base model does not have; "
+                    "is it a LoRA for another base model?"
+                ) from None
+            want = tuple((w if rows is None else w[rows]).shape)
+            got = scaled[k].shape
+            if math.prod(want) != math.prod(got) or want[0] != got[0]:
+                raise ArchitectureMismatchError(
+                    f"LoRA {c.label!r} at {k}: delta shape {got} does not fit the base weight {want}"
+                )
+        keys |= set(scaled.modules)
+    if not keys:
+        raise MergeInputError("nothing to merge: the LoRAs have no modules (or every weight is 0)")
+    return sorted(keys)
+
+
+def _concept_prompts(c: Concept, config: MergeConfig) -> list[str]:
+    return [t.format(c.trigger) for t in config.templates] + list(c.prompts)
+
+
+# ------------------------------------------------------------------------------------------- the merge
+class _Features:
+    """Creates the FeatureStats of a set of input groups (one representative key per group)."""
+
+    def __init__(self, model: nn.Module, keys: Sequence[str], config: MergeConfig) -> None:
+        self.hook_keys: dict[str, str] = {}
+        for k in keys:
+            self.hook_keys.setdefault(input_group(k), k)
+        self.dims = {g: _d_in(model, k) for g, k in self.hook_keys.items()}
+        self.config = config
+
+    def new(self, groups: Sequence[str] | None = None) -> dict[str, FeatureStats]:
+        c = self.config
+        return {g: FeatureStats(self.dims[g], c.sketch_rows, c.seed) for g in (groups or self.hook_keys)}
+
+
+def merge_loras(
+    model: nn.Module,
+    concepts: Sequence[Concept],
+    config: MergeConfig | None = None,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Merge ``concepts`` on ``model`` with ``config.method``; the model's weights are left bit-identical.
+
+    Features are collected for ``loraclr`` and ``lsq`` (and for the report of any method when
+    ``config.report_features``); ``linear`` and ``svd`` alone need no forward pass.
+    """
+    config = config or MergeConfig()
+    keys = _validate(model, concepts, config)
+    t_start = time.perf_counter()
+    scaled = [c.deltas.scaled(c.te_weight, c.unet_weight) for c in concepts]
+    n = len(concepts)
+    by_group = {g: [k for k in keys if layer_group(k) == g] for g in ("te", "kv", "unet")}
+    features = config.method in ("loraclr", "lsq") or config.report_features
+    preserve = config.effective_preserve_base() and config.method in ("loraclr", "lsq")
+    n_rows = n + (1 if preserve else 0)  # the last "concept" is the base on neutral prompts (ΔW = 0)
+    enc = model.prompt_encoder  # type: ignore[attr-defined]
+    prompts = [_concept_prompts(c, config) for c in concepts] + [list(config.neutral_prompts)]
+    merged: dict[str, torch.Tensor] = {}
+    layer_info: dict[str, dict[str, Any]] = {}
+    done = 0
+
+    def tick(stage: str) -> None:
+        if progress is not None:
+            progress(stage, done, len(keys))
+
+    def solve(key: str, feats: Sequence[FeatureStats | None], neutral: FeatureStats | None) -> None:
+        nonlocal done
+        w0 = _w0(model, key)
+        stats = [
+            ConceptStats(
+                f if f is not None else FeatureStats(w0.shape[1]),
+                scaled[i][key].delta_2d() if i < n and key in scaled[i] else None,
+                name=concepts[i].label if i < n else "base",
+            )
+            for i, f in enumerate(feats)
+        ]
+        method, note = config.method, ""
+        if method in ("loraclr", "lsq") and any(f is None for f in feats):
+            method, note = "linear", "no row form (k×k conv): linear merge"
+        solve_stats = stats if method in ("loraclr", "lsq") else stats[:n]
+        d, info = merge_layer(method, w0, solve_stats, params=config.loraclr_params(), ridge=config.ridge,
+                              rank=config.svd_rank)
+        merged[key] = d
+        have = all(f is not None and f.n > 0 for f in feats[:n])
+        fid = layer_fidelity(d, stats[:n], W0=w0, neutral=neutral) if have else {}
+        layer_info[key] = {"group": layer_group(key), "method": method, "note": note, "solve": info,
+                           "fidelity": fid}
+        done += 1
+        tick(f"solved {key}")
+
+    # ---- stage 1: text encoder
+    te_keys = by_group["te"]
+    if te_keys:
+        tick("text encoder: collecting features")
+        fe = _Features(model, te_keys, config)
+        per_concept = []
+        for i in range(n_rows + 1):  # + neutral statistics for the report (base weights)
+            fs = fe.new()
+            deltas = [(scaled[i], 1.0)] if i < n else []
+            with patched(model, deltas), torch.no_grad():
+                for p in prompts[min(i, n)] if features else []:
+                    eot = enc.eot_position(p)
+                    with _collect(model, fs, fe.hook_keys, select=lambda x, e=eot: x[:, : e + 1]):
+                        enc.encode([p])
+            per_concept.append(fs)
+        for k in te_keys:
+            g = input_group(k)
+            solve(k, [fs[g] for fs in per_concept[:n_rows]], per_concept[-1][g] if features else None)
+
+    te_merged = {k: merged[k] for k in te_keys}
+    # ---- stage 2: cross-attention K/V from the merged text encoder
+    kv_keys = by_group["kv"]
+    if kv_keys:
+        tick("cross-attention K/V: encoding prompts with the merged text encoder")
+        dim = _d_in(model, kv_keys[0])
+        per_concept = []
+        with patched(model, te_merged), torch.no_grad():
+            for i in range(n_rows + 1):
+                fs = FeatureStats(dim, config.sketch_rows, config.seed)
+                for p in prompts[min(i, n)] if features else []:
+                    ctx = _crossattn(model.get_learned_conditioning([p]))[0]  # type: ignore[operator]
+                    eot = enc.eot_position(p)
+                    if i < n and config.effective_kv_rows() == "trigger":
+                        pos = sorted(set(enc.token_positions(p, concepts[i].trigger)) | {eot})
+                    else:
+                        pos = list(range(eot + 1))
+                    fs.add(ctx[pos].float())
+                per_concept.append(fs)
+        for k in kv_keys:
+            solve(k, per_concept[:n_rows], per_concept[-1] if features else None)
+
+    # ---- stage 3: the other UNet layers, from seeded sampling runs
+    unet_keys = by_group["unet"]
+    if unet_keys:
+        kv_merged = {k: merged[k] for k in kv_keys}
+        row_keys = [k for k in unet_keys if _rowable(model, k)]
+        conv_keys = [k for k in unet_keys if k not in row_keys]
+        per_concept_all: list[dict[str, FeatureStats]] = [{} for _ in range(n_rows + 1)]
+        if row_keys and features:
+            fe = _Features(model, row_keys, config)
+            passes = _plan_passes(fe, n_rows + 1, config)
+            for pi, groups in enumerate(passes):
+                for i in range(n_rows + 1):
+                    tick(f"UNet features: pass {pi + 1}/{len(passes)}, run {i + 1}/{n_rows + 1}")
+                    fs = fe.new(groups)
+                    own = {k: scaled[i][k].delta() for k in unet_keys if i < n and k in scaled[i]}
+                    with patched(model, {**te_merged, **kv_merged, **own}), _collect(model, fs, fe.hook_keys):
+                        _sample(model, prompts[min(i, n)][0], config)
+                    per_concept_all[i].update(fs)
+        for k in row_keys:
+            g = input_group(k)
+            feats = [per_concept_all[i].get(g) for i in range(n_rows)]
+            feats = [f if f is not None else FeatureStats(_d_in(model, k)) for f in feats]
+            solve(k, feats, per_concept_all[-1].get(g))
+        for k in conv_keys:
+            solve(k, [None] * n, None)
+
+    out = DeltaSet(
+        modules={k: LoraModule(key=k, dense=d.reshape(_target_shape(model, k)).contiguous(), kind="full")
+                 for k, d in merged.items()},
+        arch=next((c.deltas.arch for c in concepts if c.deltas.arch != "unknown"), "unknown"),
+        fmt="merged",
+    )
+    report = build_report(concepts, config, layer_info, time.perf_counter() - t_start)
+    return MergeResult(deltas=out, report=report)
+
+
+def _first_key(keys: Sequence[str], group: str) -> str:
+    return next(k for k in keys if input_group(k) == group)
+
+
+def _target_shape(model: nn.Module, key: str) -> tuple[int, ...]:
+    w, rows = target_weight(model, key)
+    return tuple((w if rows is None else w[rows]).shape)
+
+
+def _rowable(model: nn.Module, key: str) -> bool:
+    mod = _hook_module(model, key)
+    if isinstance(mod, nn.Conv2d):
+        return mod.kernel_size == (1, 1) and mod.stride == (1, 1) and mod.groups == 1
+    return isinstance(mod, nn.Linear | nn.MultiheadAttention)
+
+
+def _crossattn(cond: Any) -> torch.Tensor:
+    return cond["crossattn"] if isinstance(cond, dict) else cond
+
+
+def _plan_passes(fe: _Features, runs: int, config: MergeConfig) -> list[list[str]]:
+    """Split input groups into sampling passes whose statistics fit ``config.max_stats_bytes``."""
+    passes: list[list[str]] = [[]]
+    used = 0
+    for g, d in fe.dims.items():
+        need = runs * (8 * d * d + config.sketch_rows * (4 * d + 16))
+        if passes[-1] and used + need > config.max_stats_bytes:
+            passes.append([])
+            used = 0
+        passes[-1].append(g)
+        used += need
+    return [p for p in passes if p]
+
+
+def _sample(model: nn.Module, prompt: str, config: MergeConfig) -> None:
+    """One seeded sampling run without CFG (the official feature run); hooks collect the features."""
+    from lib_loraclr.tiny.sampling import sample
+
+    sample(model, [prompt], negative="", steps=config.sample_steps, cfg_scale=1.0, sampler=config.sampler,
+           seed=config.seed, shape=config.shape)
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _nanmean(xs: Sequence[float]) -> float | None:
+    v = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(sum(v) / len(v)) if v else None
+
+
+def build_report(concepts: Sequence[Concept], config: MergeConfig, layer_info: dict[str, dict[str, Any]],
+                 seconds: float) -> dict[str, Any]:
+    """Per concept and layer group: fidelity (relative error on own inputs), interference (share of the
+    other concepts' effects on its inputs), base preservation (relative change on neutral prompts)."""
+    names = [c.label for c in concepts]
+    groups: dict[str, dict[str, Any]] = {}
+    for g in ("te", "kv", "unet"):
+        infos = [v for v in layer_info.values() if v["group"] == g and v["fidelity"]]
+        if not infos:
+            continue
+        per = {}
+        for i, n in enumerate(names):
+            per[n] = {
+                "rel_err": _nanmean([v["fidelity"]["rel_err"][i] for v in infos]),
+                "interference": _nanmean([v["fidelity"]["interference"][i] for v in infos]),
+            }
+        groups[g] = {
+            "layers": len(infos),
+            "concepts": per,
+            "base_change_neutral": _nanmean([v["fidelity"].get("base_change_neutral") for v in infos]),
+        }
+    hinge = [v["solve"].get("hinge_ever_active") for v in layer_info.values() if "hinge_ever_active" in v["solve"]]
+    return {
+        "method": config.method,
+        "preset": config.preset if config.method == "loraclr" else None,
+        "config": {k: v for k, v in asdict(config).items() if k != "max_stats_bytes"},
+        "concepts": [{"name": c.label, "trigger": c.trigger, "te_weight": c.te_weight,
+                      "unet_weight": c.unet_weight, "modules": len(c.deltas)} for c in concepts],
+        "layers": len(layer_info),
+        "fallbacks": sorted(k for k, v in layer_info.items() if v["note"]),
+        "hinge_active_layers": sum(1 for h in hinge if h),
+        "groups": groups,
+        "per_layer": layer_info,
+        "seconds": seconds,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a printed table (one row per concept × layer group)."""
+    lines = [f"method {report['method']}" + (f" ({report['preset']})" if report.get("preset") else "")
+             + f", {report['layers']} layers, {report['seconds']:.1f} s"]
+    head = f"{'concept':<16} {'group':<5} {'fidelity err':>12} {'interference':>12} {'base change':>11}"
+    lines += [head, "-" * len(head)]
+
+    def fmt(x: float | None) -> str:
+        return "—" if x is None else f"{x:.4f}"
+
+    for g, info in report["groups"].items():
+        for name, v in info["concepts"].items():
+            lines.append(f"{name[:16]:<16} {g:<5} {fmt(v['rel_err']):>12} {fmt(v['interference']):>12} "
+                         f"{fmt(info['base_change_neutral']):>11}")
+    if report.get("svd_error") is not None:
+        lines.append(f"LoRA save: SVD truncation error (relative, mean over modules) {report['svd_error']:.4f}")
+    if report["fallbacks"]:
+        lines.append(f"linear fallback for {len(report['fallbacks'])} k×k conv layers")
+    return "\n".join(lines)
