@@ -13,9 +13,12 @@ def attention_keys(model: nn.Module, te: bool = True, kv: bool = True, other: bo
     """Canonical keys of the usual LoRA targets of an SD1-layout model."""
     keys = []
     for name, mod in model.named_modules():
-        if te and name.startswith("cond_stage_model.") and isinstance(mod, nn.Linear) and \
-                name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"):
+        in_te = name.startswith(("cond_stage_model.", "conditioner.embedders."))
+        if te and in_te and isinstance(mod, nn.Linear) and \
+                name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "c_fc", "c_proj"):
             keys.append(name)
+        if te and in_te and isinstance(mod, nn.MultiheadAttention):
+            keys += [f"{name}.in_proj:{p}" for p in "qkv"]
         if not name.startswith("model.diffusion_model."):
             continue
         leaf = name.rsplit(".", 1)[-1]

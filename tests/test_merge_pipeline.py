@@ -95,3 +95,25 @@ def test_bad_requests_have_clear_errors(model, concepts) -> None:
         merge_loras(model, [sdxl, concepts[1]], _fast())
     with pytest.raises(MergeInputError, match="unknown merge method"):
         merge_loras(model, concepts, _fast(method="average"))
+
+
+def test_merge_on_tiny_sdxl_layout_and_save(tmp_path) -> None:
+    """SDXL layout: both text encoders (OpenCLIP fused q/k/v rows included), dict conditioning."""
+    from lib_loraclr.tiny.models import build_tiny_sdxl
+
+    model = build_tiny_sdxl(seed=0)
+    keys = attention_keys(model)
+    assert any(k.endswith("in_proj:q") for k in keys) and any(".embedders.0." in k for k in keys)
+    cs = [Concept(random_lora(model, keys, seed=s, arch="sdxl"), t) for s, t in ((1, "sks"), (2, "ohwx"))]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = merge_loras(model, cs, _fast(method="loraclr"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert set(res.deltas.modules) == set(keys)
+    for g in ("te", "kv", "unet"):
+        for name in ("sks", "ohwx"):
+            assert res.report["groups"][g]["concepts"][name]["rel_err"] < 1.0
+    errs = write_kohya_lora(res.deltas, tmp_path / "xl.safetensors", arch="sdxl", dtype=torch.float32)
+    back = read_lora(tmp_path / "xl.safetensors")
+    assert back.arch == "sdxl" and set(back.modules) == set(keys)
+    assert max(errs.values()) < 1e-5

@@ -157,6 +157,11 @@ def _d_in(model: nn.Module, key: str) -> int:
     return int(w.shape[1])
 
 
+def _sequence_first(key: str) -> bool:
+    """OpenCLIP text towers (``…transformer.resblocks.N…``) run sequence-first ``[L, B, D]``."""
+    return ".resblocks." in key
+
+
 def _w0(model: nn.Module, key: str) -> torch.Tensor:
     w, rows = target_weight(model, key)
     w = w.detach()
@@ -178,9 +183,11 @@ def _collect(
     handles = []
 
     def make(group: str):
+        seq_first = _sequence_first(hook_keys[group])
+
         def hook(mod: nn.Module, args: tuple) -> None:
             x = args[0].detach()
-            if isinstance(mod, nn.MultiheadAttention) and not mod.batch_first:
+            if seq_first:
                 x = x.transpose(0, 1)
             if select is not None:
                 x = select(x)
@@ -305,7 +312,7 @@ def merge_loras(
         ]
         method, note = config.method, ""
         if method in ("loraclr", "lsq") and any(f is None for f in feats):
-            method, note = "linear", "no row form (k×k conv): linear merge"
+            method, note = "linear", "inputs not observable (k×k conv or fused attention out_proj): linear merge"
         solve_stats = stats if method in ("loraclr", "lsq") else stats[:n]
         d, info = merge_layer(method, w0, solve_stats, params=config.loraclr_params(), ridge=config.ridge,
                               rank=config.svd_rank)
@@ -318,7 +325,8 @@ def merge_loras(
         tick(f"solved {key}")
 
     # ---- stage 1: text encoder
-    te_keys = by_group["te"]
+    te_all = by_group["te"]
+    te_keys = [k for k in te_all if _rowable(model, k)]
     if te_keys:
         tick("text encoder: collecting features")
         fe = _Features(model, te_keys, config)
@@ -330,13 +338,16 @@ def merge_loras(
                 for p in prompts[min(i, n)] if features else []:
                     eot = enc.eot_position(p)
                     with _collect(model, fs, fe.hook_keys, select=lambda x, e=eot: x[:, : e + 1]):
-                        enc.encode([p])
+                        model.get_learned_conditioning([p])  # type: ignore[operator]  # every text encoder
             per_concept.append(fs)
         for k in te_keys:
             g = input_group(k)
             solve(k, [fs[g] for fs in per_concept[:n_rows]], per_concept[-1][g] if features else None)
+    for k in te_all:
+        if k not in te_keys:
+            solve(k, [None] * n, None)
 
-    te_merged = {k: merged[k] for k in te_keys}
+    te_merged = {k: merged[k] for k in te_all}
     # ---- stage 2: cross-attention K/V from the merged text encoder
     kv_keys = by_group["kv"]
     if kv_keys:
@@ -404,6 +415,12 @@ def _target_shape(model: nn.Module, key: str) -> tuple[int, ...]:
 
 
 def _rowable(model: nn.Module, key: str) -> bool:
+    """Whether hooks can see the layer's input as rows: not k×k convs, and not the ``out_proj`` of an
+    ``nn.MultiheadAttention`` (torch applies its weight inside the fused kernel, the module never runs)."""
+    path, _ = split_fused_key(key)
+    parent, _, leaf = path.rpartition(".")
+    if leaf == "out_proj" and isinstance(model.get_submodule(parent), nn.MultiheadAttention):
+        return False
     mod = _hook_module(model, key)
     if isinstance(mod, nn.Conv2d):
         return mod.kernel_size == (1, 1) and mod.stride == (1, 1) and mod.groups == 1
@@ -496,5 +513,5 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("svd_error") is not None:
         lines.append(f"LoRA save: SVD truncation error (relative, mean over modules) {report['svd_error']:.4f}")
     if report["fallbacks"]:
-        lines.append(f"linear fallback for {len(report['fallbacks'])} k×k conv layers")
+        lines.append(f"linear merge (inputs not observable) for {len(report['fallbacks'])} layers")
     return "\n".join(lines)
