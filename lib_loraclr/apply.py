@@ -15,23 +15,11 @@ import torch
 from torch import nn
 
 from lib_loraclr.deltas import DeltaSet, LoraModule
+from lib_loraclr.keymap import fused_rows, split_fused
 
 WeightedDeltas = Sequence[tuple[DeltaSet, float]]
 
-_FUSED_ROWS = {"q": 0, "k": 1, "v": 2}
-
-
-def split_fused_key(key: str) -> tuple[str, str | None]:
-    """``"a.attn.in_proj:q"`` → ``("a.attn", "q")``; other keys → ``(key, None)``.
-
-    The fused OpenCLIP ``in_proj_weight`` of ``nn.MultiheadAttention`` holds q, k, v as three row blocks.
-    """
-    if ":" in key:
-        path, part = key.rsplit(":", 1)
-        if part not in _FUSED_ROWS:
-            raise KeyError(f"unknown fused-row selector ':{part}' in {key!r}")
-        return path.removesuffix(".in_proj"), part
-    return key, None
+split_fused_key = split_fused  # "a.attn.in_proj:q" → ("a.attn", "q"); other keys → (key, None)
 
 
 def target_weight(model: nn.Module, key: str, prefix: str = "") -> tuple[torch.Tensor, slice | None]:
@@ -48,9 +36,7 @@ def target_weight(model: nn.Module, key: str, prefix: str = "") -> tuple[torch.T
             raise KeyError(f"{key!r}: module has no weight tensor")
         return weight, None
     w = module.in_proj_weight  # type: ignore[union-attr]
-    d = w.shape[0] // 3
-    i = _FUSED_ROWS[part]
-    return w, slice(i * d, (i + 1) * d)
+    return w, fused_rows(part, w.shape[0])
 
 
 def _as_list(deltas: DeltaSet | WeightedDeltas) -> list[tuple[DeltaSet, float]]:

@@ -20,15 +20,12 @@ from pathlib import Path
 
 import torch
 
+from lib_loraclr.base_model import load_base
 from lib_loraclr.errors import LoraclrError
 from lib_loraclr.merge.pipeline import Concept, MergeConfig, MergeResult, format_report, merge_loras
 from lib_loraclr.merge.solvers import METHODS
 
 CONCEPT_OPTS = ("--weight", "--te-weight", "--unet-weight", "--prompt", "--name")
-
-
-class BaseModelError(LoraclrError):
-    """The base checkpoint cannot be used for a headless merge."""
 
 
 def _split_concepts(argv: list[str]) -> tuple[list[str], list[dict]]:
@@ -83,43 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_base_model(path: str | os.PathLike[str]) -> torch.nn.Module:
-    """A base model the pipeline can drive: a tiny reference checkpoint, or a full SD1.x checkpoint.
-
-    Full SD1 checkpoints are rebuilt from the real classes (ldm UNet, transformers CLIP-L) on the CPU;
-    the VAE is not needed. Other architectures raise BaseModelError with what to do instead.
-    """
-    from lib_loraclr.safeio import read_safetensors
-    from lib_loraclr.tiny.models import CONFIG_METADATA_KEY, TinySD, TinySDConfig, load_tiny_checkpoint
-
-    p = Path(path)
-    if not p.exists():
-        raise BaseModelError(f"base checkpoint {p} does not exist")
-    if p.suffix != ".safetensors":
-        raise BaseModelError(f"{p.name}: only .safetensors checkpoints are read (no pickles)")
-    tensors, meta = read_safetensors(p)
-    if CONFIG_METADATA_KEY in meta:
-        return load_tiny_checkpoint(p)
-    k = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-    if k not in tensors or "model.diffusion_model.input_blocks.1.1.proj_in.weight" not in tensors:
-        raise BaseModelError(
-            f"{p.name} is not an SD1.x checkpoint in the original (ldm) key layout; the headless merge "
-            "supports SD1.x and the bundled tiny models (use the WebUI tab for other models)"
-        )
-    cfg = TinySDConfig.from_dict({
-        "unet": {"model_channels": 320, "channel_mult": [1, 2, 4, 4], "num_heads": 8, "context_dim": 768},
-        "text": {"hidden_size": 768, "layers": 12, "heads": 12, "intermediate": 3072},
-    })
-    model = TinySD(cfg)
-    sd = {n: t.float() for n, t in tensors.items()
-          if n.startswith(("model.diffusion_model.", "cond_stage_model.transformer."))}
-    missing, _ = model.load_state_dict(sd, strict=False)
-    missing = [m for m in missing if not m.endswith("position_ids")]
-    if missing:
-        raise BaseModelError(f"{p.name} lacks {len(missing)} weights of an SD1 model, e.g. {missing[:3]}")
-    return model.eval()
-
-
 def run(args: argparse.Namespace, concept_specs: list[dict]) -> MergeResult:
     from lib_loraclr.metadata import recipe_metadata
     from lib_loraclr.readers import read_lora
@@ -132,7 +92,7 @@ def run(args: argparse.Namespace, concept_specs: list[dict]) -> MergeResult:
     out = check_output_name(out.name, out.parent if str(out.parent) else Path("."))
     if out.exists() and not args.overwrite:
         raise LoraclrError(f"{out} already exists; choose another name or pass --overwrite")
-    model = load_base_model(args.base)
+    model = load_base(args.base)
     concepts = []
     for spec in concept_specs:
         ds = read_lora(spec["file"])

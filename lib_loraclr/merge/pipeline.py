@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lib_loraclr.apply import patched, split_fused_key, target_weight
+from lib_loraclr.base_model import load_base  # noqa: F401  (re-exported: the WebUI glue builds bases here)
 from lib_loraclr.deltas import DeltaSet, LoraModule, is_unet_key
 from lib_loraclr.errors import ArchitectureMismatchError, LoraclrError
 from lib_loraclr.merge.solvers import METHODS, LoraclrParams, layer_fidelity, merge_layer

@@ -1,0 +1,422 @@
+"""Host adapters: where CLoRA plugs into A1111 and Forge sampling. Chosen by capability (`host.is_forge`).
+
+A1111 (`A1111Adapter`): an instance ``forward`` on the run's own CFG denoiser (``p.sampler.model_wrap_cfg``,
+created fresh for every sampling pass) that reconstructs this step's conditionings like the WebUI
+(prompt editing schedules included) and calls `lib_loraclr.clora.CloraDenoiser`, which runs every
+branch × CFG half in one batched UNet call with per-row LoRA routing, updates the latent in place and
+fuses the predictions with the attention masks. Inpainting blends and the live preview are kept.
+
+Forge (`ForgeAdapter`): the UNet patcher is cloned (``p.sd_model.forge_objects.unet.clone()``), and
+`ForgeFusion` is set as its UNet function wrapper: each UNet call of Forge's sampler runs all branches
+at once and returns the mask-fused prediction per row. Forge samples under ``torch.inference_mode``, so
+the latent update cannot take gradients there: Forge runs masks-only and says so in the infotext.
+Attention is captured by forward hooks on ``attn2.to_q``/``to_k`` of the few lowest-resolution layers,
+installed for the duration of each call only, which works identically on both hosts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from . import engine
+from .host import forge_unet
+
+COND, UNCOND = 0, 1
+UNET_PREFIX = "model.diffusion_model."
+
+
+# ------------------------------------------------------------------------------------------ shared pieces
+
+
+class CompositeRouter:
+    """Several `RoutedLoras` (e.g. SDXL's two text encoders) driven as one."""
+
+    def __init__(self, routers: Sequence[Any]) -> None:
+        self.routers = list(routers)
+
+    def select(self, branch: int) -> None:
+        for r in self.routers:
+            r.select(branch)
+
+    def install(self) -> CompositeRouter:
+        for r in self.routers:
+            r.install()
+        return self
+
+    def remove(self) -> None:
+        for r in self.routers:
+            r.remove()
+
+    def __enter__(self) -> CompositeRouter:  # noqa: PYI034 - returns the instance
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def is_te_key(key: str) -> bool:
+    return not key.startswith(UNET_PREFIX)
+
+
+def routable_te_key(key: str) -> bool:
+    """Text-encoder keys that can be routed per branch (not the fused OpenCLIP in_proj :q/:k/:v)."""
+    return is_te_key(key) and ":" not in key
+
+
+def is_unet_key(key: str) -> bool:
+    return key.startswith(UNET_PREFIX)
+
+
+def te_roots(sd_model: Any) -> list[tuple[Any, str]]:
+    """``(module, canonical prefix)`` of each text encoder whose keys our LoRAs use.
+
+    A1111 wraps the encoders (``.wrapped``): SD1/SD2 ``cond_stage_model.wrapped`` ↔ ``cond_stage_model.``;
+    SDXL ``conditioner.embedders[i].wrapped`` ↔ ``conditioner.embedders.i.``. Forge: the first
+    transformers ``CLIPTextModel`` (one with ``text_model``) under ``forge_objects.clip`` ↔ the canonical
+    ``….transformer.`` prefix of the model family.
+    """
+    unet = forge_unet(sd_model)
+    if unet is not None:
+        clip = getattr(getattr(sd_model, "forge_objects", None), "clip", None)
+        root = getattr(clip, "cond_stage_model", None)
+        if root is None:
+            return []
+        for _name, m in root.named_modules():
+            if hasattr(m, "text_model"):
+                prefix = ("conditioner.embedders.0.transformer." if getattr(sd_model, "is_sdxl", False)
+                          else "cond_stage_model.transformer.")
+                return [(m, prefix)]
+        return []
+    out: list[tuple[Any, str]] = []
+    embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", None)
+    if embedders is not None:
+        for i, e in enumerate(embedders):
+            out.append((getattr(e, "wrapped", e), f"conditioner.embedders.{i}."))
+        return out
+    cm = getattr(sd_model, "cond_stage_model", None)
+    if cm is not None:
+        out.append((getattr(cm, "wrapped", cm), "cond_stage_model."))
+    return out
+
+
+def te_router(sd_model: Any, specs: Sequence[Any]) -> CompositeRouter | None:
+    """Per-branch text-encoder LoRA hooks (branch 0 = no LoRA); None when no LoRA has TE parts."""
+    branches: list[list[tuple[Any, float]]] = [[]] + [[(s.deltas, s.te_weight)] for s in specs]
+    routers = []
+    for module, prefix in te_roots(sd_model):
+        r = engine.routed_loras(module, branches, prefix=prefix, key_filter=routable_te_key)
+        if r.n_modules:
+            routers.append(r)
+    return CompositeRouter(routers) if routers else None
+
+
+def unet_router(unet: Any, specs: Sequence[Any]) -> Any:
+    branches: list[list[tuple[Any, float]]] = [[]] + [[(s.deltas, s.unet_weight)] for s in specs]
+    return engine.routed_loras(unet, branches, prefix=UNET_PREFIX, key_filter=is_unet_key)
+
+
+def has_te_parts(specs: Sequence[Any]) -> bool:
+    return any(any(is_te_key(k) for k in getattr(s.deltas, "modules", {})) for s in specs)
+
+
+# ------------------------------------------------------------------------------------------ A1111
+
+
+class A1111Host:
+    """The few A1111 modules the adapter uses, imported lazily (tests pass stand-ins)."""
+
+    def __init__(self, **mods: Any) -> None:
+        if not mods:
+            from modules import devices, prompt_parser, sd_samplers_common, shared
+
+            mods = {"devices": devices, "prompt_parser": prompt_parser, "sd_samplers_common": sd_samplers_common,
+                    "state": shared.state}
+        self.__dict__.update(mods)
+
+
+class A1111Adapter:
+    """CLoRA on A1111 through the run's CFG denoiser (see the module docstring)."""
+
+    name = "a1111"
+
+    def __init__(self, host: A1111Host | None = None) -> None:
+        self._host = host
+        self._cfg: Any = None
+
+    @property
+    def host(self) -> A1111Host:
+        if self._host is None:
+            self._host = A1111Host()
+        return self._host
+
+    def install(self, p: Any, run: Any, base: str, specs: Sequence[Any], *, masks_only: bool = False,
+                cfg: Any = None) -> Any:
+        h = self.host
+        cfg = cfg if cfg is not None else p.sampler.model_wrap_cfg
+        sd_model = p.sd_model
+        if getattr(getattr(sd_model, "model", None), "conditioning_key", None) == "crossattn-adm" or \
+                getattr(sd_model, "cond_stage_key", None) == "edit":
+            run.notice("CLoRA does not support unCLIP / InstructPix2Pix models; sampling without it")
+            return None
+        unet = sd_model.model.diffusion_model
+        steps = int(getattr(cfg, "total_steps", None) or getattr(p, "steps", 20))
+        options = engine.clora_options(run.args, steps)
+        if masks_only:
+            options = replace(options, masks_only=True)
+        tokenize = engine.host_tokenize_line(sd_model)
+        bp = engine.branch_prompts(base, [(s.trigger, s.words) for s in specs], engine.token_positions_from(tokenize))
+        router_te = te_router(sd_model, specs)
+
+        def encode(prompts: list[str]) -> Any:
+            conds = h.prompt_parser.SdConditioning(prompts, width=p.width, height=p.height)
+            with h.devices.autocast():
+                return h.prompt_parser.get_learned_conditioning(sd_model, conds, steps)
+
+        schedules = engine.te_branch_conds(encode, [[q] for q in bp.prompts[1:]], router_te)
+        denoiser = engine.clora_denoiser(
+            inner_model=cfg.inner_model, unet=unet, conds=[None] * bp.n_branches, groups=bp.groups,
+            mask_tokens=bp.mask_tokens, options=options, router=unet_router(unet, specs),
+        )
+        original = cfg.__dict__.get("forward")
+
+        def forward(x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
+            return self.step(cfg, denoiser, schedules, run, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+
+        forward._loraclr = True  # type: ignore[attr-defined]
+        forward._loraclr_original = original  # type: ignore[attr-defined]
+        cfg.forward = forward
+        self._cfg = cfg
+        return denoiser
+
+    def step(self, cfg: Any, denoiser: Any, schedules: Sequence[Any], run: Any, x: torch.Tensor, sigma: torch.Tensor,
+             uncond: Any, cond: Any, cond_scale: float, s_min_uncond: float, image_cond: Any) -> torch.Tensor:
+        """One CFG-denoiser call with CLoRA (mirrors ``CFGDenoiser.forward`` where it matters)."""
+        h = self.host
+        if h.state.interrupted or h.state.skipped:
+            raise h.sd_samplers_common.InterruptedException
+        conds_list, tensor = h.prompt_parser.reconstruct_multicond_batch(cond, cfg.step)
+        unc = h.prompt_parser.reconstruct_cond_batch(uncond, cfg.step)
+        first = [c[0][0] for c in conds_list]  # each image's first AND part
+        if len(conds_list) and any(len(c) > 1 for c in conds_list):
+            run.notice("CLoRA uses the first AND part of the prompt for its branches")
+        c0 = {k: v[first] for k, v in tensor.items()} if isinstance(tensor, dict) else tensor[first]
+
+        def make(c: Any) -> dict[str, Any]:
+            if isinstance(c, dict):
+                return {**c, "c_concat": [image_cond]}
+            return {"c_crossattn": [c], "c_concat": [image_cond]}
+
+        denoiser.conds = [make(c0)] + [make(h.prompt_parser.reconstruct_cond_batch(s, cfg.step)) for s in schedules]
+        denoiser.unconds = [make(unc)] * len(denoiser.conds)
+        mask = getattr(cfg, "mask", None)
+        if mask is not None and getattr(cfg, "mask_before_denoising", False):
+            with torch.no_grad():
+                x.copy_(x * cfg.nmask + cfg.init_latent * mask)
+        scale = cond_scale * getattr(cfg, "cond_scale_miltiplier", 1.0)
+        denoised = denoiser(x, sigma, cond=None, uncond=None, cond_scale=scale)
+        if denoiser.fallback_reason:
+            run.notice(denoiser.fallback_reason)
+        if mask is not None and not getattr(cfg, "mask_before_denoising", False):
+            denoised = denoised * cfg.nmask + cfg.init_latent * mask
+        sampler = getattr(cfg, "sampler", None)
+        if sampler is not None:
+            sampler.last_latent = denoised
+        store = getattr(h.sd_samplers_common, "store_latent", None)
+        if callable(store):
+            store(denoised)
+        cfg.step += 1
+        return denoised
+
+    def remove(self, p: Any) -> None:
+        cfg, self._cfg = self._cfg, None
+        if cfg is None:
+            return
+        fwd = cfg.__dict__.get("forward")
+        if fwd is not None and getattr(fwd, "_loraclr", False):
+            original = fwd._loraclr_original
+            if original is None:
+                del cfg.__dict__["forward"]
+            else:
+                cfg.__dict__["forward"] = original
+
+
+# ------------------------------------------------------------------------------------------ Forge
+
+
+class ForgeFusion:
+    """Forge UNet function wrapper ``fn(apply_model, {"input", "timestep", "c", "cond_or_uncond"})``:
+    every chunk (cond / uncond, B rows each) runs for every branch in one call per token length, with
+    per-row LoRA routing; masks from the cond chunk's attention; returns the fused ``[R, C, H, W]``.
+
+    ``branch_conds[k]`` (k ≥ 1): branch k's conditioning from Forge's ``get_learned_conditioning``
+    (a ``[1|B, T, D]`` tensor, or SDXL ``{"crossattn", "vector"}``). ``previous``: a function wrapper
+    that was set before ours (called instead of ``apply_model``).
+
+    TODO(D): this per-UNet-call masks-only fusion is engine logic (pure torch) and belongs in
+    ``lib_loraclr.clora`` as a public API; it lives here until the engine exposes one.
+    """
+
+    def __init__(self, unet: Any, router: Any, capture: Any, groups: Any, mask_tokens: Sequence[Sequence[int]],
+                 branch_conds: Sequence[Any], options: Any, previous: Callable[..., Any] | None = None) -> None:
+        self.unet = unet
+        self.router = router
+        self.capture = capture
+        self.groups = groups
+        self.mask_tokens = [list(t) for t in mask_tokens]
+        self.branch_conds = list(branch_conds)
+        self.n_branches = len(self.branch_conds) + 1
+        self.options = options
+        self.previous = previous
+        self.last_weights: torch.Tensor | None = None
+
+    def _branch_c(self, k: int, ref: torch.Tensor, ref_y: Any) -> tuple[torch.Tensor, Any]:
+        c = self.branch_conds[k - 1]
+        y = ref_y
+        if isinstance(c, dict):
+            y = c.get("vector", ref_y)
+            c = c["crossattn"]
+        b = ref.shape[0]
+        c = c.to(device=ref.device, dtype=ref.dtype)
+        if c.shape[0] != b:
+            c = c[:1].expand(b, *c.shape[1:])
+        if isinstance(y, torch.Tensor) and isinstance(ref_y, torch.Tensor):
+            y = y.to(device=ref_y.device, dtype=ref_y.dtype)
+            if y.shape[0] != b:
+                y = y[:1].expand(b, *y.shape[1:])
+        return c, y
+
+    def __call__(self, apply_model: Callable[..., torch.Tensor], args: dict[str, Any]) -> torch.Tensor:
+        from lib_loraclr.clora import concept_masks, fuse, fusion_weights
+        from lib_loraclr.clora.attention import map_hw
+
+        x, t, c, cou = args["input"], args["timestep"], dict(args["c"]), list(args["cond_or_uncond"])
+        n = len(cou)
+        b = x.shape[0] // n
+        kk = self.n_branches
+        xs, ts = x.chunk(n), t.chunk(n)
+        cross = c.pop("c_crossattn")
+        crosses = cross.chunk(n)
+        y = c.pop("y", None)
+        ys = y.chunk(n) if isinstance(y, torch.Tensor) else [None] * n
+        topt = c.pop("transformer_options", None)
+        per_row = {k: v.chunk(n) for k, v in c.items() if isinstance(v, torch.Tensor) and v.shape[:1] == x.shape[:1]}
+        static = {k: v for k, v in c.items() if k not in per_row}
+
+        block_c: dict[tuple[int, int], tuple[torch.Tensor, Any]] = {}
+        for j in range(n):
+            for k in range(kk):
+                if cou[j] == COND and k > 0:
+                    block_c[(j, k)] = self._branch_c(k, crosses[j], ys[j])
+                else:
+                    block_c[(j, k)] = (crosses[j], ys[j])
+        by_len: dict[int, list[tuple[int, int]]] = {}
+        for blk, (cc, _) in block_c.items():
+            by_len.setdefault(int(cc.shape[1]), []).append(blk)
+
+        def call(xx: torch.Tensor, tt: torch.Tensor, **cc: Any) -> torch.Tensor:
+            if self.previous is not None:
+                rows = cc.get("transformer_options", {}).get("cond_or_uncond", cou)
+                return self.previous(apply_model, {"input": xx, "timestep": tt, "c": cc, "cond_or_uncond": rows})
+            return apply_model(xx, tt, **cc)
+
+        outs: dict[tuple[int, int], torch.Tensor] = {}
+        maps: dict[tuple[int, int], torch.Tensor] = {}
+        self.router.install()
+        if self.capture is not None:
+            self.capture.install()
+        try:
+            for blocks in by_len.values():
+                kw: dict[str, Any] = dict(static)
+                kw["c_crossattn"] = torch.cat([block_c[blk][0] for blk in blocks])
+                if ys[0] is not None:
+                    kw["y"] = torch.cat([block_c[blk][1] for blk in blocks])
+                for name, chunks in per_row.items():
+                    kw[name] = torch.cat([chunks[j] for j, _ in blocks])
+                if topt is not None:
+                    kw["transformer_options"] = {**topt, "cond_or_uncond": [cou[j] for j, _ in blocks]}
+                self.router.set_rows([k for _, k in blocks for _ in range(b)])
+                want_maps = self.capture is not None and any(cou[j] == COND for j, _ in blocks)
+                if self.capture is not None:
+                    self.capture.reset()
+                    self.capture.enabled = want_maps
+                out = call(torch.cat([xs[j] for j, _ in blocks]), torch.cat([ts[j] for j, _ in blocks]), **kw)
+                m = self.capture.maps() if want_maps else None
+                for i, blk in enumerate(blocks):
+                    outs[blk] = out[i * b:(i + 1) * b]
+                    if m is not None:
+                        maps[blk] = m[i * b:(i + 1) * b]
+        finally:
+            if self.capture is not None:
+                self.capture.remove()
+            self.router.remove()
+
+        cond_chunks = [j for j in range(n) if cou[j] == COND]
+        if cond_chunks and all((cond_chunks[0], k) in maps for k in range(kk)):
+            j = cond_chunks[0]
+            bm = torch.stack([maps[(j, k)] for k in range(kk)], dim=1)  # [B, K, N, T]
+            hw = map_hw(bm.shape[2], x.shape[-2], x.shape[-1])
+            opts = self.options
+            masks = concept_masks(bm, self.mask_tokens, hw, opts.mask_threshold, opts.dilate, opts.erode)
+            self.last_weights = fusion_weights(masks, (x.shape[-2], x.shape[-1]))
+        fused = []
+        for j in range(n):
+            stack = torch.stack([outs[(j, k)] for k in range(kk)], dim=1)
+            if self.last_weights is None or self.last_weights.shape[0] != b:
+                fused.append(stack[:, 0])
+            else:
+                fused.append(fuse(stack, self.last_weights.to(stack.device)))
+        return torch.cat(fused)
+
+
+class ForgeAdapter:
+    """CLoRA on Forge through a cloned UNet patcher's function wrapper (see the module docstring)."""
+
+    name = "forge"
+
+    def __init__(self) -> None:
+        self._original_unet: Any = None
+        self._patched_unet: Any = None
+        self._model: Any = None
+
+    def install(self, p: Any, run: Any, base: str, specs: Sequence[Any], *, masks_only: bool = True,
+                cfg: Any = None) -> Any:
+        sd_model = p.sd_model
+        original = sd_model.forge_objects.unet
+        patcher = original.clone()
+        unet = patcher.model.diffusion_model
+        options = engine.clora_options(run.args, int(getattr(p, "steps", 20)))
+        if not options.masks_only and options.latent_update:
+            run.notice("Forge samples under torch.inference_mode: CLoRA runs masks-only here (no latent update)")
+        options = replace(options, masks_only=True)
+        tokenize = engine.host_tokenize_line(sd_model)
+        bp = engine.branch_prompts(base, [(s.trigger, s.words) for s in specs], engine.token_positions_from(tokenize))
+        router_te = te_router(sd_model, specs)
+        if router_te is None and has_te_parts(specs):
+            run.notice("CLoRA could not find Forge's text encoder: the LoRAs' text-encoder parts are not used")
+        branch_conds = engine.te_branch_conds(lambda q: sd_model.get_learned_conditioning(q),
+                                              [[q] for q in bp.prompts[1:]], router_te)
+        previous = patcher.model_options.get("model_function_wrapper") if hasattr(patcher, "model_options") else None
+        fusion = ForgeFusion(unet, unet_router(unet, specs), engine.attention_capture(unet), bp.groups,
+                             bp.mask_tokens, branch_conds, options, previous=previous)
+        patcher.set_model_unet_function_wrapper(fusion)
+        sd_model.forge_objects.unet = patcher
+        self._original_unet, self._patched_unet, self._model = original, patcher, sd_model
+        return fusion
+
+    def remove(self, p: Any) -> None:
+        model, original, patched = self._model, self._original_unet, self._patched_unet
+        self._model = self._original_unet = self._patched_unet = None
+        if model is None:
+            return
+        objs = getattr(model, "forge_objects", None)
+        if objs is not None and getattr(objs, "unet", None) is patched:
+            objs.unet = original
+
+
+def pick_adapter(p: Any) -> A1111Adapter | ForgeAdapter:
+    """Forge adapter when the model has Forge's UNet patcher (capability), else A1111's."""
+    return ForgeAdapter() if forge_unet(getattr(p, "sd_model", None)) is not None else A1111Adapter()

@@ -1,0 +1,211 @@
+"""The merge service (shared by the tab and the REST routes) and the FastAPI routes.
+
+Routes (registered in ``on_app_started``; JSON in, JSON out; with the WebUI's ``--api`` or ``--nowebui``):
+
+- ``POST /loraclr/v1/merge``   — body: see `merge_job`; 200 ``{file, kind, prompt, report, report_rows}``;
+  400 bad request, 409 interrupted, 503 engine missing in this build;
+- ``POST /loraclr/v1/inspect`` — body ``{"name": "mycat"}`` or ``{"names": [...]}``; 200 ``{"loras": [summary…]}``;
+- ``GET  /loraclr/v1/loras?search=`` — ``{"loras": [{name, file, trigger_words}]}``.
+
+Heavy work runs like the WebUI's own jobs: A1111 under ``call_queue.queue_lock`` with ``shared.state``
+begun and ended (so ``/sdapi/v1/progress`` and Interrupt work); Forge on its main-thread helper.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import engine, merge_job
+from .host import is_forge
+from .lora_files import LoraNotFoundError, find_lora, list_loras, lora_dir
+
+
+class ServiceError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class MergeService:
+    """Merge/inspect/list on the running WebUI (``shared`` = ``modules.shared``; lazily imported)."""
+
+    def __init__(self, shared: Any = None, runner: Callable[[Callable[[], Any]], Any] | None = None) -> None:
+        self._shared = shared
+        self._runner = runner
+
+    @property
+    def shared(self) -> Any:
+        if self._shared is None:
+            from modules import shared
+
+            self._shared = shared
+        return self._shared
+
+    # ------------------------------------------------------------------ folders
+    def lora_folder(self) -> Path | None:
+        return lora_dir(self.shared)
+
+    def checkpoint_folder(self) -> Path | None:
+        d = getattr(getattr(self.shared, "cmd_opts", None), "ckpt_dir", None)
+        if d:
+            return Path(d)
+        try:
+            from modules import paths
+
+            return Path(paths.models_path) / "Stable-diffusion"
+        except Exception:  # noqa: BLE001
+            return None
+
+    def base_checkpoint(self) -> Path | None:
+        info = getattr(getattr(self.shared, "sd_model", None), "sd_checkpoint_info", None)
+        filename = getattr(info, "filename", None)
+        return Path(filename) if filename else None
+
+    # ------------------------------------------------------------------ progress / interrupt
+    def progress(self, stage: str, done: int, total: int) -> None:
+        state = getattr(self.shared, "state", None)
+        if state is None:
+            return
+        state.textinfo = f"LoRACLR merge: {stage}"
+        state.job_count = 1  # the WebUI's progress = job_no/job_count + sampling_step/sampling_steps/job_count
+        state.job_no = 0
+        state.sampling_steps = max(int(total), 1)
+        state.sampling_step = min(int(done), state.sampling_steps)
+
+    def should_stop(self) -> bool:
+        state = getattr(self.shared, "state", None)
+        return bool(getattr(state, "interrupted", False))
+
+    def run_heavy(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` like the WebUI runs generation jobs (see the module docstring)."""
+        if self._runner is not None:
+            return self._runner(fn)
+        if is_forge(getattr(self.shared, "sd_model", None)):
+            from modules_forge import main_thread
+
+            box: dict[str, Any] = {}
+
+            def work() -> None:
+                try:
+                    box["result"] = fn()
+                except BaseException as e:  # noqa: BLE001 - carried back to this thread
+                    box["error"] = e
+
+            main_thread.run_and_wait_result(work)
+            if "error" in box:
+                raise box["error"]
+            return box.get("result")
+        return fn()
+
+    def locked(self, fn: Callable[[], Any]) -> Any:
+        """For the REST route: the WebUI's queue lock and ``shared.state`` begin/end around ``fn``."""
+        try:
+            from modules.call_queue import queue_lock
+        except ImportError:
+            queue_lock = None
+        state = getattr(self.shared, "state", None)
+
+        def inner() -> Any:
+            if state is not None:
+                state.begin(job="loraclr_merge")
+            try:
+                return self.run_heavy(fn)
+            finally:
+                if state is not None:
+                    state.end()
+                    state.interrupted = False  # as the WebUI's wrap_gradio_call does after a job
+
+        if queue_lock is None:
+            return inner()
+        with queue_lock:
+            return inner()
+
+    # ------------------------------------------------------------------ operations
+    def merge(self, body: Any, *, locked: bool = True) -> dict[str, Any]:
+        try:
+            req = merge_job.validate_request(body)
+        except merge_job.MergeRequestError as e:
+            raise ServiceError(400, str(e)) from None
+
+        def work() -> dict[str, Any]:
+            import torch
+
+            with torch.inference_mode(False), torch.enable_grad():
+                return merge_job.run_merge(
+                    req, lora_folder=self.lora_folder(), checkpoint_folder=self.checkpoint_folder(),
+                    base_checkpoint=self.base_checkpoint(), progress=self.progress, should_stop=self.should_stop,
+                )
+
+        try:
+            result = self.locked(work) if locked else self.run_heavy(work)
+        except Exception as e:  # noqa: BLE001
+            raise ServiceError(merge_job.error_status(e), str(e)) from None
+        self.refresh_loras()
+        return result
+
+    def refresh_loras(self) -> None:
+        """Let the built-in Lora extension see a new file (its ``networks`` module, when loaded)."""
+        import sys
+
+        networks = sys.modules.get("networks")
+        fn = getattr(networks, "list_available_networks", None)
+        if callable(fn):
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001
+                print(f"[sd-webui-loraclr] could not refresh the LoRA list: {e}")
+
+    def inspect(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise ServiceError(400, "the inspect request must be a JSON object {name} or {names}")
+        names = body.get("names") if "names" in body else [body.get("name")]
+        unknown = set(body) - {"name", "names"}
+        if unknown:
+            raise ServiceError(400, f"unknown key {min(unknown)!r}; known: name, names")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise ServiceError(400, "give a LoRA name (name) or a list of names (names)")
+        out = []
+        for n in names:
+            try:
+                path = find_lora(n, self.lora_folder())
+                out.append({"name": n, **engine.inspect_lora(path)})
+            except LoraNotFoundError as e:
+                raise ServiceError(404, str(e)) from None
+            except engine.EngineUnavailable as e:
+                raise ServiceError(503, str(e)) from None
+            except Exception as e:  # noqa: BLE001
+                raise ServiceError(400, f"{n}: {e}") from None
+        return {"loras": out}
+
+    def loras(self, search: str = "") -> dict[str, Any]:
+        found = list_loras(self.lora_folder(), search)
+        return {"loras": [{"name": k, "file": os.fspath(v), "trigger_words": engine.trigger_words(v)}
+                          for k, v in found.items()]}
+
+
+def register_routes(app: Any, service: MergeService) -> None:
+    """Add the routes to the WebUI's FastAPI app (``on_app_started(demo, app)``)."""
+    from fastapi import Body
+    from fastapi.responses import JSONResponse
+
+    def respond(fn: Callable[[], dict[str, Any]]) -> Any:
+        try:
+            return fn()
+        except ServiceError as e:
+            return JSONResponse(status_code=e.status, content={"error": e.message})
+
+    @app.post("/loraclr/v1/merge")
+    def loraclr_merge(body: dict = Body(...)):  # noqa: B008 - FastAPI's idiom
+        return respond(lambda: service.merge(body))
+
+    @app.post("/loraclr/v1/inspect")
+    def loraclr_inspect(body: dict = Body(...)):  # noqa: B008
+        return respond(lambda: service.inspect(body))
+
+    @app.get("/loraclr/v1/loras")
+    def loraclr_loras(search: str = ""):
+        return respond(lambda: service.loras(search))

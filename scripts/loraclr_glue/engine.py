@@ -1,0 +1,269 @@
+"""The one place where the glue calls the ``lib_loraclr`` engines (small adapter functions).
+
+An engine API that does not exist yet raises `EngineUnavailable` with the missing name, so the UI and
+the REST route can say so instead of failing with an ImportError stack trace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from lib_loraclr.clora_args import CloraArgs
+
+
+class EngineUnavailable(RuntimeError):
+    """An engine function this glue needs is missing from this build of lib_loraclr."""
+
+
+# ------------------------------------------------------------------------------------------------ LoRA files
+
+_lora_cache: dict[tuple[str, int, int], Any] = {}
+_lora_cache_lock = threading.Lock()
+_LORA_CACHE_SIZE = 8
+
+
+def read_lora(path: Path) -> Any:
+    """`lib_loraclr.readers.read_lora` with a small cache keyed by (path, mtime, size) → DeltaSet."""
+    from lib_loraclr.readers import read_lora as _read
+
+    st = os.stat(path)
+    key = (str(path), int(st.st_mtime_ns), int(st.st_size))
+    with _lora_cache_lock:
+        hit = _lora_cache.get(key)
+    if hit is not None:
+        return hit
+    ds = _read(path)
+    with _lora_cache_lock:
+        if len(_lora_cache) >= _LORA_CACHE_SIZE:
+            _lora_cache.pop(next(iter(_lora_cache)))
+        _lora_cache[key] = ds
+    return ds
+
+
+def clear_cache() -> None:
+    with _lora_cache_lock:
+        _lora_cache.clear()
+
+
+def lora_metadata(path: Path) -> dict[str, str]:
+    """safetensors metadata (empty for other formats or unreadable headers)."""
+    from lib_loraclr.safeio import read_safetensors_metadata
+
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    try:
+        return dict(read_safetensors_metadata(path))
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def trigger_words(path: Path) -> list[str]:
+    """Trigger words: the file's metadata (`lib_loraclr.metadata.trigger_words`), else the WebUI's
+    sidecar ``NAME.json`` "activation text" (the card editor's field)."""
+    from lib_loraclr.metadata import trigger_words as _tw
+
+    words = _tw(lora_metadata(path))
+    if words:
+        return words
+    sidecar = path.with_suffix(".json")
+    try:
+        text = json.loads(sidecar.read_text(encoding="utf8")).get("activation text", "")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [w.strip() for w in str(text).split(",") if w.strip()]
+
+
+def inspect_lora(path: Path) -> dict[str, Any]:
+    """`lib_loraclr.inspect.inspect_file` (plain JSON-able dict)."""
+    try:
+        from lib_loraclr.inspect import inspect_file
+    except ImportError as e:  # pragma: no cover - depends on the build
+        raise EngineUnavailable(f"lib_loraclr.inspect.inspect_file is missing ({e})") from None
+    return inspect_file(path)
+
+
+# ------------------------------------------------------------------------------------------------ merge
+
+
+def merge_loras(model: Any, concepts: Sequence[Any], config: Any, progress: Callable[[str, int, int], None] | None) -> Any:
+    """`lib_loraclr.merge.pipeline.merge_loras(model, concepts, config, progress)` → MergeResult(deltas, report)."""
+    try:
+        from lib_loraclr.merge.pipeline import merge_loras as _merge
+    except ImportError as e:
+        raise EngineUnavailable(
+            f"the merge pipeline (lib_loraclr.merge.pipeline.merge_loras) is not available in this build ({e})"
+        ) from None
+    return _merge(model, concepts, config, progress=progress)
+
+
+def merge_config(method: str, preset: str, advanced: dict[str, Any]) -> Any:
+    """`lib_loraclr.merge.pipeline.MergeConfig` (validated by its own ``validate()``)."""
+    from lib_loraclr.merge.pipeline import MergeConfig
+
+    cfg = MergeConfig(method=method, preset=preset, **advanced)
+    cfg.validate()
+    return cfg
+
+
+def merge_concepts(concepts: Sequence[dict[str, Any]]) -> list[Any]:
+    """Request concepts (``{name, path, trigger, te_weight, unet_weight, prompts}``) → pipeline `Concept`s."""
+    from lib_loraclr.merge.pipeline import Concept
+
+    return [
+        Concept(deltas=read_lora(Path(c["path"])), trigger=c["trigger"], name=c["name"],
+                te_weight=c["te_weight"], unet_weight=c["unet_weight"], prompts=list(c.get("prompts", ())))
+        for c in concepts
+    ]
+
+
+def load_base_model(checkpoint: Path) -> Any:
+    """The base model for the merge, built from the checkpoint FILE (A1111 keeps LoRA deltas patched into
+    the live model between generations, so the live model is not a clean base).
+
+    Uses `lib_loraclr.base_model.load_base` (SD1.x and the bundled tiny models). It builds the UNet from
+    the `ldm` classes, which A1111 ships and Forge does not: there it raises EngineUnavailable (503).
+    """
+    try:
+        from lib_loraclr.base_model import load_base
+    except ImportError as e:
+        raise EngineUnavailable(f"lib_loraclr.base_model is not available in this build ({e})") from None
+    try:
+        return load_base(checkpoint)
+    except ModuleNotFoundError as e:
+        raise EngineUnavailable(
+            f"merging needs the '{e.name}' package to rebuild the base model, and this WebUI does not have it "
+            "(Forge ships no ldm); run `python -m lib_loraclr merge` in a venv made by .ci/venv.sh instead"
+        ) from None
+
+
+def write_lora(deltas: Any, path: Path, arch: str, rank: int | None, metadata: dict[str, str], overwrite: bool) -> dict[str, float]:
+    """`lib_loraclr.writers.write_kohya_lora` (atomic; refuses to overwrite unless asked)."""
+    from lib_loraclr.writers import write_kohya_lora
+
+    return write_kohya_lora(deltas, path, arch=arch, rank=rank, metadata=metadata, overwrite=overwrite)
+
+
+def write_checkpoint(base_checkpoint: Path, deltas: Any, path: Path, overwrite: bool) -> Any:
+    """`lib_loraclr.writers.write_checkpoint` on the base weights read from the checkpoint FILE."""
+    from lib_loraclr.safeio import read_safetensors
+    from lib_loraclr.writers import write_checkpoint as _write
+
+    if base_checkpoint.suffix.lower() != ".safetensors":
+        raise EngineUnavailable("checkpoint output needs a .safetensors base checkpoint")
+    base, _meta = read_safetensors(base_checkpoint)
+    return _write(base, deltas, path, overwrite=overwrite)
+
+
+def output_path(name: str, folder: Path) -> Path:
+    """`lib_loraclr.safeio.check_output_name`: a bare file name inside ``folder`` (no path tricks)."""
+    from lib_loraclr.safeio import check_output_name
+
+    return check_output_name(name, folder)
+
+
+# ------------------------------------------------------------------------------------------------ CLoRA
+
+
+def clora_options(args: CloraArgs, steps: int) -> Any:
+    """`CloraArgs` (the UI/API/infotext value) → the engine's `lib_loraclr.clora.CloraOptions`."""
+    from lib_loraclr.clora import CloraOptions
+
+    kw: dict[str, Any] = {
+        "enabled": True,
+        "latent_update": args.latent_update,
+        "refinement_steps": tuple(args.refinement_steps),
+        "refinement_iters": args.refinement_iters,
+        "mask_threshold": args.mask_threshold,
+        "masks_only": args.masks_only,
+    }
+    if args.update_steps is not None:
+        kw["update_until"] = args.update_steps
+    if args.step_size is not None:
+        kw["step_size"] = args.step_size
+    return CloraOptions.recommended(steps, **kw)
+
+
+def token_positions_from(tokenize_line: Callable[[str], tuple[Sequence[Any], int]], chunk_width: int = 77) -> Callable[[str, str], list[int]]:
+    """A ``token_positions(prompt, words)`` for `lib_loraclr.clora.branch_prompts` from the WebUI's
+    ``tokenize_line(text) -> (chunks, token_count)`` (each chunk has ``.tokens``: 77 ids, BOS first).
+
+    Positions index the flattened ``77·k`` conditioning; every occurrence, all tokens of multi-token words.
+    Raises ValueError when ``words`` does not occur.
+    """
+
+    def positions(prompt: str, words: str) -> list[int]:
+        wchunks, n = tokenize_line(words)
+        if not wchunks or n <= 0:
+            raise ValueError(f"{words!r} has no tokens")
+        pattern = list(wchunks[0].tokens[1:1 + min(n, chunk_width - 2)])
+        out: list[int] = []
+        chunks, _ = tokenize_line(prompt)
+        for c, chunk in enumerate(chunks):
+            ids = list(chunk.tokens)
+            for s in range(1, len(ids) - len(pattern) + 1):
+                if ids[s:s + len(pattern)] == pattern:
+                    out.extend(c * chunk_width + s + j for j in range(len(pattern)))
+        if not out:
+            raise ValueError(f"{words!r} does not occur in {prompt!r}")
+        return sorted(set(out))
+
+    return positions
+
+
+def host_tokenize_line(sd_model: Any) -> Callable[[str], tuple[Sequence[Any], int]]:
+    """The first text encoder's ``tokenize_line``: Forge ``text_processing_engine`` (``_l`` for SDXL),
+    A1111 ``cond_stage_model`` (SD1/SD2) or ``conditioner.embedders[0]`` (SDXL)."""
+    candidates = [
+        getattr(sd_model, "text_processing_engine", None),
+        getattr(sd_model, "text_processing_engine_l", None),
+        getattr(sd_model, "cond_stage_model", None),
+    ]
+    embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", None)
+    if embedders:
+        candidates.append(embedders[0])
+    for c in candidates:
+        fn = getattr(c, "tokenize_line", None)
+        if callable(fn):
+            return fn
+    raise EngineUnavailable("this model has no tokenize_line (unsupported model type for CLoRA)")
+
+
+def branch_prompts(base_prompt: str, concepts: Sequence[tuple[str, str]], token_positions: Callable[[str, str], list[int]]) -> Any:
+    """`lib_loraclr.clora.branch_prompts` with ``concepts`` = ``[(trigger, words)]``.
+
+    TODO(D): bindings locate their words by character span (``Binding.span``); branch_prompts takes the
+    first occurrence of the words, so a repeated word binds its first occurrence.
+    """
+    from lib_loraclr.clora import Concept
+    from lib_loraclr.clora import branch_prompts as _bp
+
+    return _bp(base_prompt, [Concept(t, w) for t, w in concepts], token_positions)
+
+
+def routed_loras(model: Any, branches: Sequence[Sequence[tuple[Any, float]]], prefix: str = "", key_filter: Any = None) -> Any:
+    from lib_loraclr.clora import RoutedLoras
+
+    return RoutedLoras(model, branches, prefix=prefix, key_filter=key_filter)
+
+
+def te_branch_conds(encode: Callable[[list[str]], Any], prompts: Sequence[Sequence[str]], router: Any) -> list[Any]:
+    from lib_loraclr.clora import te_branch_conds as _te
+
+    return _te(encode, prompts, router)
+
+
+def clora_denoiser(**kwargs: Any) -> Any:
+    from lib_loraclr.clora import CloraDenoiser
+
+    return CloraDenoiser(**kwargs)
+
+
+def attention_capture(unet: Any) -> Any:
+    from lib_loraclr.clora import AttentionCapture
+
+    return AttentionCapture(unet)

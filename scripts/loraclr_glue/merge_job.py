@@ -1,0 +1,244 @@
+"""A merge job, shared by the merge tab and ``POST /loraclr/v1/merge``: validate → merge → save → report.
+
+Request (JSON; keys in any order, defaults when omitted, unknown keys refused)::
+
+    {
+      "loras": [{"name": "mycat", "trigger": "sks cat", "te_weight": 1.0, "unet_weight": 1.0}, …],  # 2…N
+      "method": "loraclr" | "lsq" | "linear" | "svd",          default "loraclr"
+      "preset": "recommended" | "official",                    default "recommended"
+      "output": {"kind": "lora" | "checkpoint", "name": "…", "rank": 32, "overwrite": false},
+      "advanced": {"sample_steps": 20, "seed": 0, …}           passed to MergeConfig (validated there)
+    }
+
+Response: ``{"file", "kind", "prompt", "report", "report_rows", "seconds"}``. The output is written
+atomically at the end; an interrupt before that leaves no file. Trigger words default to the LoRA's
+metadata (`engine.trigger_words`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lib_loraclr.errors import LoraclrError
+
+from . import engine
+from .lora_files import LoraNotFoundError, find_lora
+
+METHODS = ("loraclr", "lsq", "linear", "svd")
+PRESETS = ("recommended", "official")
+KINDS = ("lora", "checkpoint")
+REQUEST_KEYS = ("loras", "method", "preset", "output", "advanced")
+LORA_KEYS = ("name", "trigger", "te_weight", "unet_weight", "prompts")
+OUTPUT_KEYS = ("kind", "name", "rank", "overwrite")
+DEFAULT_RANK = 32
+
+
+class MergeRequestError(ValueError):
+    """The request is wrong; the message says what to change (HTTP 400)."""
+
+
+class MergeInterrupted(RuntimeError):
+    """The user pressed Interrupt; nothing was written."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    name: str
+    trigger: str = ""
+    te_weight: float = 1.0
+    unet_weight: float = 1.0
+    prompts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    loras: tuple[LoraSpec, ...]
+    method: str = "loraclr"
+    preset: str = "recommended"
+    kind: str = "lora"
+    name: str = ""
+    rank: int = DEFAULT_RANK
+    overwrite: bool = False
+    advanced: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_keys(d: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
+    for k in d:
+        if k not in known:
+            raise MergeRequestError(f"unknown key {k!r} in {where}; known: {', '.join(known)}")
+
+
+def _num(v: Any, what: str) -> float:
+    if isinstance(v, bool):
+        raise MergeRequestError(f"{what} must be a number, got {v!r}")
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise MergeRequestError(f"{what} must be a number, got {v!r}") from None
+    if not math.isfinite(x):
+        raise MergeRequestError(f"{what} must be finite, got {v!r}")
+    return x
+
+
+def validate_request(data: Any) -> MergeRequest:
+    """JSON-like dict → `MergeRequest`; raises `MergeRequestError` with a message for the user."""
+    if not isinstance(data, Mapping):
+        raise MergeRequestError("the merge request must be a JSON object")
+    _check_keys(data, REQUEST_KEYS, "the merge request")
+    loras_in = data.get("loras")
+    if not isinstance(loras_in, (list, tuple)) or len(loras_in) < 2:
+        raise MergeRequestError("pick at least two LoRAs to merge")
+    loras = []
+    for i, item in enumerate(loras_in):
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, Mapping):
+            raise MergeRequestError(f"LoRA {i + 1} must be a name or an object with a name")
+        _check_keys(item, LORA_KEYS, f"LoRA {i + 1}")
+        name = str(item.get("name") or "").strip()
+        if not name:
+            raise MergeRequestError(f"LoRA {i + 1} has no name")
+        prompts = item.get("prompts") or ()
+        if isinstance(prompts, str) or not all(isinstance(q, str) for q in prompts):
+            raise MergeRequestError(f"LoRA {name!r}: prompts must be a list of strings")
+        loras.append(LoraSpec(
+            name=name, trigger=str(item.get("trigger") or "").strip(),
+            te_weight=_num(item.get("te_weight", 1.0), f"{name}: te_weight"),
+            unet_weight=_num(item.get("unet_weight", 1.0), f"{name}: unet_weight"),
+            prompts=tuple(prompts),
+        ))
+    names = [spec.name for spec in loras]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise MergeRequestError(f"LoRA {dup[0]!r} is listed twice")
+    method = str(data.get("method", "loraclr")).lower()
+    if method not in METHODS:
+        raise MergeRequestError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    preset = str(data.get("preset", "recommended")).lower()
+    if preset not in PRESETS:
+        raise MergeRequestError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    out = data.get("output") or {}
+    if not isinstance(out, Mapping):
+        raise MergeRequestError("output must be an object {kind, name, rank, overwrite}")
+    _check_keys(out, OUTPUT_KEYS, "output")
+    kind = str(out.get("kind", "lora")).lower()
+    if kind not in KINDS:
+        raise MergeRequestError(f"output kind must be 'lora' or 'checkpoint', got {kind!r}")
+    name = str(out.get("name") or "").strip()
+    if not name:
+        raise MergeRequestError("give the output a name")
+    rank_v = _num(out.get("rank", DEFAULT_RANK), "rank")
+    if rank_v != int(rank_v) or not 1 <= rank_v <= 1024:
+        raise MergeRequestError(f"rank must be a whole number from 1 to 1024, got {out.get('rank')!r}")
+    overwrite = out.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise MergeRequestError("overwrite must be true or false")
+    advanced = data.get("advanced") or {}
+    if not isinstance(advanced, Mapping):
+        raise MergeRequestError("advanced must be an object")
+    return MergeRequest(tuple(loras), method, preset, kind, name, int(rank_v), overwrite, dict(advanced))
+
+
+def report_rows(report: Mapping[str, Any]) -> list[list[Any]]:
+    """The fidelity report as table rows ``[concept, group, fidelity error, interference, base change]``."""
+    rows: list[list[Any]] = []
+    for group, info in (report.get("groups") or {}).items():
+        for name, v in (info.get("concepts") or {}).items():
+            rows.append([name, group, _r(v.get("rel_err")), _r(v.get("interference")), _r(info.get("base_change_neutral"))])
+    return rows
+
+
+def _r(x: Any) -> Any:
+    return None if x is None else round(float(x), 4)
+
+
+def ready_prompt(name: str, triggers: list[str]) -> str:
+    """``<lora:NAME:1> trigger1, trigger2`` for txt2img."""
+    words = ", ".join(t for t in triggers if t)
+    return f"<lora:{name}:1> {words}".strip()
+
+
+def run_merge(
+    req: MergeRequest,
+    *,
+    lora_folder: Path | None,
+    checkpoint_folder: Path | None,
+    base_checkpoint: Path | None,
+    progress: Callable[[str, int, int], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict[str, Any]:
+    """Run one merge (see the module docstring). Raises MergeRequestError, MergeInterrupted,
+    engine.EngineUnavailable and lib_loraclr errors (all with user-facing messages)."""
+    t0 = time.perf_counter()
+    if base_checkpoint is None or not Path(base_checkpoint).is_file():
+        raise MergeRequestError("no checkpoint is loaded: the merge needs the base model's file")
+    folder = lora_folder if req.kind == "lora" else checkpoint_folder
+    if folder is None:
+        raise MergeRequestError(f"no {'LoRA' if req.kind == 'lora' else 'checkpoint'} folder is configured")
+    out_path = engine.output_path(req.name, folder)  # BadOutputNameError for path tricks
+    if out_path.exists() and not req.overwrite:
+        raise MergeRequestError(f"{out_path.name} already exists; choose another name or tick overwrite")
+    concepts = []
+    for spec in req.loras:
+        try:
+            path = find_lora(spec.name, lora_folder)
+        except LoraNotFoundError as e:
+            raise MergeRequestError(str(e)) from None
+        trigger = spec.trigger or ", ".join(engine.trigger_words(path)[:1])
+        if not trigger:
+            raise MergeRequestError(f"LoRA {spec.name!r} has no trigger words in its metadata; type them")
+        concepts.append({"name": spec.name, "path": str(path), "trigger": trigger, "te_weight": spec.te_weight,
+                         "unet_weight": spec.unet_weight, "prompts": list(spec.prompts)})
+
+    def tick(stage: str, done: int, total: int) -> None:
+        if should_stop():
+            raise MergeInterrupted("merge interrupted; nothing was written")
+        if progress is not None:
+            progress(stage, done, total)
+
+    tick("reading the base model", 0, 1)
+    try:
+        config = engine.merge_config(req.method, req.preset, req.advanced)
+    except TypeError as e:
+        raise MergeRequestError(f"unknown advanced option: {e}") from None
+    model = engine.load_base_model(Path(base_checkpoint))
+    result = engine.merge_loras(model, engine.merge_concepts(concepts), config, tick)
+    tick("saving", 0, 1)
+    report = dict(result.report)
+    triggers = [c["trigger"] for c in concepts]
+    from lib_loraclr.metadata import recipe_metadata
+
+    meta = recipe_metadata(sources=[{"name": c["name"], "weight_te": c["te_weight"], "weight_unet": c["unet_weight"]}
+                                    for c in concepts], method=req.method, parameters={"preset": req.preset},
+                           trigger=triggers)
+    if req.kind == "lora":
+        arch = getattr(result.deltas, "arch", None) or "sd1"
+        errors = engine.write_lora(result.deltas, out_path, arch, req.rank, meta, req.overwrite)
+        if errors:
+            report["svd_error"] = sum(errors.values()) / len(errors)
+    else:
+        engine.write_checkpoint(Path(base_checkpoint), result.deltas, out_path, req.overwrite)
+    return {
+        "file": str(out_path),
+        "kind": req.kind,
+        "prompt": ready_prompt(out_path.stem, triggers) if req.kind == "lora" else ", ".join(triggers),
+        "report": report,
+        "report_rows": report_rows(report),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def error_status(e: BaseException) -> int:
+    """HTTP status for an error of `run_merge` / `validate_request`."""
+    if isinstance(e, MergeInterrupted):
+        return 409
+    if isinstance(e, engine.EngineUnavailable):
+        return 503
+    if isinstance(e, (MergeRequestError, LoraclrError, ValueError)):
+        return 400
+    return 500

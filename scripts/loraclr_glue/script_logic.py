@@ -1,0 +1,159 @@
+"""What the CLoRA script does in each WebUI hook (the ``Script`` subclass only delegates here).
+
+Errors never stop the user's generation with a stack trace: the WebUI catches exceptions of script
+hooks and prints tracebacks itself, so every hook here catches, prints ``[sd-webui-loraclr] …`` with
+the user-facing message (caret lines for syntax errors), writes ``CLoRA error`` into the infotext,
+removes any hook and lets the image generate without CLoRA.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lib_loraclr import clora_args as ca
+
+from . import clora_run
+from .adapters import pick_adapter
+from .lora_files import lora_dir
+
+INFOTEXT_ERROR_KEY = "CLoRA error"
+
+
+def invalidate_cond_cache(p: Any) -> None:
+    """Give ``p`` fresh conditioning caches (A1111 shares them class-wide between runs), so nothing a
+    CLoRA run encodes can be served to, or from, another run."""
+    for name in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+        if hasattr(p, name):
+            setattr(p, name, [None, None])
+
+
+def batch_prompt(p: Any) -> str:
+    """The original (tag-carrying) first prompt of the current batch."""
+    prompts = list(getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")])
+    i = int(getattr(p, "iteration", 0) or 0) * int(getattr(p, "batch_size", 1) or 1)
+    return prompts[min(i, len(prompts) - 1)] if prompts else ""
+
+
+def fail(p: Any, e: BaseException, what: str = "CLoRA is off for this image") -> str:
+    msg = clora_run.user_message(e)
+    print(f"{clora_run.LOG_PREFIX} {what}:\n{msg}")
+    params = getattr(p, "extra_generation_params", None)
+    if isinstance(params, dict):
+        params[INFOTEXT_ERROR_KEY] = msg.splitlines()[0] if msg else type(e).__name__
+    return msg
+
+
+class CloraScriptLogic:
+    """Hook implementations; ``shared`` is the WebUI's ``modules.shared`` (for the LoRA folder)."""
+
+    def __init__(self, shared: Any = None) -> None:
+        self._shared = shared
+
+    @property
+    def shared(self) -> Any:
+        if self._shared is None:
+            from modules import shared
+
+            self._shared = shared
+        return self._shared
+
+    # ------------------------------------------------------------------ hooks
+    def process(self, p: Any, *script_args: Any) -> clora_run.CloraRun | None:
+        clora_run.finish(p)  # a stale run of the same object (should not happen)
+        try:
+            args = ca.from_script_args(script_args)
+        except ca.CloraArgsError as e:
+            fail(p, e)
+            return None
+        prompts = list(getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")])
+        if not any(ca.is_active(args, q) for q in prompts):
+            return None
+        if getattr(p, "_ad_inner", False):
+            print(f"{clora_run.LOG_PREFIX} ADetailer inpaint pass: CLoRA is not applied to face/region crops")
+            return None
+        run = clora_run.CloraRun(args=args, lora_folder=lora_dir(self.shared))
+        run.infotext = p.extra_generation_params
+        try:
+            run.prepare(prompts)
+        except Exception as e:  # noqa: BLE001
+            fail(p, e)
+            return None
+        clora_run.register(p, run)
+        p.extra_generation_params.update(ca.to_infotext(args, include_table=args.enabled))
+        invalidate_cond_cache(p)
+        return run
+
+    def before_sampling(self, p: Any, *, cfg: Any = None, late: bool = False) -> None:
+        """``process_before_every_sampling`` (or the first CFG-denoiser call on A1111 < 1.10)."""
+        run = clora_run.get(p)
+        if run is None:
+            return
+        masks_only = bool(getattr(p, "is_hr_pass", False))
+        if late:
+            run.notice("A1111 before 1.10: CLoRA starts at the second sampling step")
+        try:
+            run.install(pick_adapter(p), p, batch_prompt(p), masks_only=masks_only)
+        except Exception as e:  # noqa: BLE001
+            run.remove()
+            clora_run.finish(p)
+            fail(p, e)
+
+    def cfg_denoiser(self, params: Any) -> None:
+        """``on_cfg_denoiser`` fallback for A1111 1.8/1.9 (no ``process_before_every_sampling``)."""
+        denoiser = getattr(params, "denoiser", None)
+        p = getattr(denoiser, "p", None)
+        run = clora_run.get(p) if p is not None else None
+        if run is None or (run.installed and run.installed_on is p and run.adapter is not None
+                           and getattr(run.adapter, "_cfg", None) is denoiser):
+            return
+        run.remove()
+        try:
+            run.install(pick_adapter(p), p, batch_prompt(p), masks_only=bool(getattr(p, "is_hr_pass", False)))
+            run.notice("A1111 before 1.10: CLoRA starts at the second sampling step")
+        except Exception as e:  # noqa: BLE001
+            clora_run.finish(p)
+            fail(p, e)
+
+    def postprocess_batch(self, p: Any) -> list[Path]:
+        """Save the fusion masks of this batch when ``show_masks`` is on; returns the written files."""
+        run = clora_run.get(p)
+        if run is None or not run.args.show_masks or run.denoiser is None:
+            return []
+        weights = getattr(run.denoiser, "last_weights", None)
+        if weights is None:
+            return []
+        folder = Path(getattr(p, "outpath_samples", None) or ".")
+        seeds = list(getattr(p, "seeds", None) or [])
+        written = []
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(weights.shape[0]):
+                seed = seeds[i] if i < len(seeds) else i
+                path = folder / f"clora-mask-{seed}-{getattr(p, 'iteration', 0)}-{i}.png"
+                mask_image(weights[i]).save(path)
+                written.append(path)
+        except Exception as e:  # noqa: BLE001
+            fail(p, e, "could not save the CLoRA masks")
+        return written
+
+    def postprocess(self, p: Any) -> None:
+        clora_run.finish(p)
+
+    def unload(self) -> None:
+        clora_run.remove_all()
+
+
+PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+
+
+def mask_image(weights: Any, scale: int = 8) -> Any:
+    """``[K, 1, H, W]`` fusion weights → an RGB image (branch 0 black, concept k a colour), ×``scale``."""
+    import numpy as np
+    from PIL import Image
+
+    w = weights.detach().float().cpu().numpy()[:, 0]  # [K, H, W]
+    colors = np.array([PALETTE[k % len(PALETTE)] for k in range(w.shape[0])], dtype=np.float32)  # [K, 3]
+    rgb = np.einsum("khw,kc->hwc", w, colors).clip(0, 255).astype(np.uint8)
+    img = Image.fromarray(rgb, "RGB")
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)

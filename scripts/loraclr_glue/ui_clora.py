@@ -1,0 +1,132 @@
+"""The CLoRA accordion (txt2img and img2img). gradio is imported inside `build` only.
+
+``ui()`` returns ``[enabled, options]``: the accordion's flag and ONE ``gr.State`` dict holding every
+option and the table rows (validated by `lib_loraclr.clora_args.validate` in the hooks). Each visible
+control writes its key into that dict on change, so API callers send ``[enabled, {dict}]`` and the UI
+sends the same shape; the controls can be reordered without breaking anyone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lib_loraclr import clora_args as ca
+
+HELP = """
+<div class="loraclr-help">
+<b>Bind a LoRA to words of the prompt:</b>
+<code>a cat&lt;clora:mycat:0.9&gt; and a dog&lt;clora:mydog&gt;</code> binds the word right before the tag.
+Several words: <code>&lt;clora:mycat:words=fluffy cat&gt;</code>. Trigger words:
+<code>&lt;clora:mycat:trigger=sks&gt;</code> (default: the LoRA's own). Separate weights:
+<code>&lt;clora:mycat:0.8:0.6&gt;</code> or <code>te=…:unet=…</code>.
+<code>&lt;lora:…&gt;</code> tags keep their global meaning (e.g. a style). Tags in the prompt always run
+CLoRA with the options below; this switch adds the table's rows.
+</div>
+"""
+
+#: option key → (default UI value, UI value → dict value)
+UI_DEFAULTS: dict[str, Any] = {
+    "latent_update": True,
+    "update_steps": 0,  # 0 = recommended (None in the arguments)
+    "mask_threshold": ca.DEFAULTS.mask_threshold,
+    "masks_only": False,
+    "show_masks": False,
+    "step_size": 0,  # 0 = engine default
+    "refinement_steps": "0",
+    "refinement_iters": ca.DEFAULTS.refinement_iters,
+    "loras": [["", 1.0, "", ""]],
+}
+
+
+def ui_to_arg(key: str, value: Any) -> Any:
+    """A control's value → the argument dict's value (0 means "recommended/default" for two sliders)."""
+    if key in ("update_steps", "step_size") and (value in (None, "") or float(value) == 0):
+        return None
+    return value
+
+
+def arg_to_ui(key: str, value: Any) -> Any:
+    """The inverse of `ui_to_arg` (for pasting an infotext into the controls)."""
+    if key in ("update_steps", "step_size") and value is None:
+        return 0
+    if key == "refinement_steps":
+        return ", ".join(str(s) for s in value)
+    if key == "loras":
+        rows = [[r.lora, r.weight, r.words, r.trigger] for r in value]
+        return rows or UI_DEFAULTS["loras"]
+    return value
+
+
+def default_state() -> dict[str, Any]:
+    return {k: ui_to_arg(k, v) for k, v in UI_DEFAULTS.items()}
+
+
+def update_state(state: dict[str, Any] | None, key: str, value: Any) -> dict[str, Any]:
+    """New state dict with ``key`` set from a control's value (used by every control's change event)."""
+    new = dict(state or default_state())
+    new[key] = ui_to_arg(key, value)
+    return new
+
+
+def paste_value(key: str) -> Any:
+    """``infotext_fields`` callable: the control value for ``key`` from parsed infotext (None = unchanged)."""
+
+    def get(params: dict[str, Any]) -> Any:
+        try:
+            args = ca.from_infotext(params)
+        except ca.CloraArgsError as e:
+            print(f"[sd-webui-loraclr] CLoRA infotext not restored: {e}")
+            return None
+        if key == "enabled":
+            return bool(args is not None and args.enabled)
+        if args is None:
+            return None
+        return arg_to_ui(key, getattr(args, key))
+
+    return get
+
+
+def build(script: Any, is_img2img: bool) -> list[Any]:
+    import gradio as gr
+    from modules.ui_components import InputAccordion
+
+    tab = "img2img" if is_img2img else "txt2img"
+    controls: dict[str, Any] = {}
+    with InputAccordion(False, label="CLoRA", elem_id=f"loraclr_{tab}_accordion") as enabled:
+        gr.HTML(HELP, elem_id=f"loraclr_{tab}_help")
+        with gr.Row():
+            controls["latent_update"] = gr.Checkbox(UI_DEFAULTS["latent_update"], label="Latent update",
+                                                    elem_id=f"loraclr_{tab}_latent_update")
+            controls["masks_only"] = gr.Checkbox(UI_DEFAULTS["masks_only"], label="Masks only (fast, no gradients)",
+                                                 elem_id=f"loraclr_{tab}_masks_only")
+            controls["show_masks"] = gr.Checkbox(UI_DEFAULTS["show_masks"], label="Save masks beside the images",
+                                                 elem_id=f"loraclr_{tab}_show_masks")
+        with gr.Row():
+            controls["update_steps"] = gr.Slider(0, 150, value=UI_DEFAULTS["update_steps"], step=1,
+                                                 label="Latent update steps (0 = recommended)",
+                                                 elem_id=f"loraclr_{tab}_update_steps")
+            controls["mask_threshold"] = gr.Slider(0.05, 0.95, value=UI_DEFAULTS["mask_threshold"], step=0.05,
+                                                   label="Mask threshold", elem_id=f"loraclr_{tab}_mask_threshold")
+        with gr.Accordion("Advanced", open=False, elem_id=f"loraclr_{tab}_advanced"), gr.Row():
+            controls["step_size"] = gr.Number(value=UI_DEFAULTS["step_size"], label="Step size (0 = default)",
+                                              elem_id=f"loraclr_{tab}_step_size")
+            controls["refinement_steps"] = gr.Textbox(value=UI_DEFAULTS["refinement_steps"],
+                                                      label="Refinement at steps (comma-separated)",
+                                                      elem_id=f"loraclr_{tab}_refinement_steps")
+            controls["refinement_iters"] = gr.Slider(0, 50, value=UI_DEFAULTS["refinement_iters"], step=1,
+                                                     label="Refinement iterations",
+                                                     elem_id=f"loraclr_{tab}_refinement_iters")
+        controls["loras"] = gr.Dataframe(
+            value=UI_DEFAULTS["loras"], headers=list(ca.TABLE_HEADERS), datatype=["str", "number", "str", "str"],
+            row_count=(1, "dynamic"), col_count=(4, "fixed"), type="array", interactive=True,
+            label="LoRAs bound to words (used when the switch is on)", elem_id=f"loraclr_{tab}_table",
+        )
+    options = gr.State(value=default_state())
+    for key, comp in controls.items():
+        comp.change(fn=lambda state, value, _k=key: update_state(state, _k, value), inputs=[options, comp],
+                    outputs=[options], show_progress="hidden")
+    script.infotext_fields = [(enabled, paste_value("enabled"))] + [
+        (comp, paste_value(key)) for key, comp in controls.items()
+    ]
+    script.paste_field_names = [ca.INFOTEXT_KEY, ca.INFOTEXT_TABLE_KEY]
+    return [enabled, options]

@@ -1,0 +1,149 @@
+"""The "LoRACLR merge" tab (``on_ui_tabs``). gradio and the WebUI modules are imported inside `build`.
+
+The click handler goes through the WebUI's ``call_queue.wrap_gradio_gpu_call`` with the
+``loraclr_merge_submit`` JavaScript (``javascript/loraclr.js``), the Checkpoint Merger's pattern:
+a task id, ``requestProgress`` polling ``shared.state``, the queue lock, and an Interrupt button that
+sets ``shared.state.interrupted`` (checked between merge stages; nothing is written before the end).
+The handler's last output is an HTML status, as ``wrap_gradio_gpu_call`` requires.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from typing import Any
+
+from . import engine, merge_job
+from .api import MergeService, ServiceError
+from .lora_files import list_loras
+
+TABLE_HEADERS = ["LoRA", "trigger words", "TE weight", "UNet weight"]
+REPORT_HEADERS = ["concept", "layers", "fidelity error", "interference", "base change"]
+
+
+def lora_choices(service: MergeService, search: str = "") -> list[str]:
+    return list(list_loras(service.lora_folder(), search))
+
+
+def table_for(service: MergeService, selected: Sequence[str], current: Sequence[Sequence[Any]] | None) -> list[list[Any]]:
+    """Rows for the selected LoRAs: user edits kept for rows already there, new rows prefilled with the
+    file's trigger words (`engine.trigger_words`)."""
+    keep = {str(r[0]): list(r) for r in (current or []) if r and str(r[0]).strip()}
+    folder = list_loras(service.lora_folder())
+    rows = []
+    for name in selected or []:
+        if name in keep:
+            rows.append(keep[name])
+            continue
+        path = folder.get(name)
+        words = engine.trigger_words(path)[:3] if path is not None else []
+        rows.append([name, ", ".join(words), 1.0, 1.0])
+    return rows or [["", "", 1.0, 1.0]]
+
+
+def request_from_ui(table: Sequence[Sequence[Any]], method: str, preset: str, sample_steps: float, seed: float,
+                    kind: str, name: str, rank: float, overwrite: bool) -> dict[str, Any]:
+    """The tab's values → the same JSON request the REST route takes."""
+    loras = []
+    for row in table or []:
+        if not row or not str(row[0] or "").strip():
+            continue
+        loras.append({"name": str(row[0]).strip(), "trigger": str(row[1] or "").strip(),
+                      "te_weight": row[2] if row[2] not in (None, "") else 1.0,
+                      "unet_weight": row[3] if row[3] not in (None, "") else 1.0})
+    return {
+        "loras": loras, "method": method, "preset": preset,
+        "output": {"kind": kind.lower(), "name": name, "rank": int(rank), "overwrite": bool(overwrite)},
+        "advanced": {"sample_steps": int(sample_steps), "seed": int(seed)},
+    }
+
+
+def status_html(text: str, error: bool = False) -> str:
+    cls = "error" if error else "loraclr-status"
+    return f"<div class='{cls}'>{html.escape(text).replace(chr(10), '<br>')}</div>"
+
+
+def merge_click(service: MergeService, id_task: str, table: Any, method: str, preset: str, sample_steps: float,
+                seed: float, kind: str, name: str, rank: float, overwrite: bool) -> list[Any]:
+    """Handler body (inside ``wrap_gradio_gpu_call``): ``[report rows, ready prompt, status html]``."""
+    body = request_from_ui(table, method, preset, sample_steps, seed, kind, name, rank, overwrite)
+    try:
+        result = service.merge(body, locked=False)
+    except ServiceError as e:
+        return [[], "", status_html(e.message, error=True)]
+    rows = [[r[0], r[1], r[2], r[3], r[4]] for r in result["report_rows"]]
+    msg = f"Saved {result['file']} in {result['seconds']:.1f} s."
+    if result["report"].get("svd_error") is not None:
+        msg += f" LoRA rank {int(rank)}: SVD truncation error {result['report']['svd_error']:.4f}."
+    return [rows, result["prompt"], status_html(msg)]
+
+
+def js_kwarg(listener: Any) -> str:
+    """``_js`` (gradio 3, and Forge's shim for gradio 4) or ``js`` (plain gradio 4) for an event listener."""
+    import inspect
+
+    try:
+        params = inspect.signature(listener).parameters
+    except (TypeError, ValueError):
+        return "_js"
+    return "_js" if "_js" in params or "js" not in params else "js"
+
+
+def build(service: MergeService | None = None) -> list[tuple[Any, str, str]]:
+    import gradio as gr
+    from modules import call_queue, shared
+    from modules.ui_components import FormRow, ToolButton
+
+    service = service or MergeService()
+    with gr.Blocks(analytics_enabled=False) as tab:
+        gr.HTML("<p>Merge 2 or more concept LoRAs into one that still draws every concept (LoRACLR), "
+                "on the loaded checkpoint.</p>")
+        with FormRow():
+            search = gr.Textbox(label="Search LoRAs", elem_id="loraclr_merge_search", scale=1)
+            picker = gr.Dropdown(choices=lora_choices(service), multiselect=True, label="LoRAs to merge",
+                                 elem_id="loraclr_merge_loras", scale=3)
+            refresh = ToolButton(value="\U0001f504", elem_id="loraclr_merge_refresh")
+        table = gr.Dataframe(value=[["", "", 1.0, 1.0]], headers=TABLE_HEADERS,
+                             datatype=["str", "str", "number", "number"], col_count=(4, "fixed"),
+                             row_count=(1, "dynamic"), type="array", interactive=True,
+                             label="Trigger words and weights", elem_id="loraclr_merge_table")
+        with FormRow():
+            method = gr.Radio(list(merge_job.METHODS), value="loraclr", label="Method (loraclr recommended)",
+                              elem_id="loraclr_merge_method")
+            preset = gr.Radio(list(merge_job.PRESETS), value="recommended", label="LoRACLR preset",
+                              elem_id="loraclr_merge_preset")
+        with gr.Accordion("Advanced", open=False, elem_id="loraclr_merge_advanced"), FormRow():
+            sample_steps = gr.Slider(1, 100, value=20, step=1, label="Feature sampling steps",
+                                     elem_id="loraclr_merge_steps")
+            seed = gr.Number(value=0, precision=0, label="Seed", elem_id="loraclr_merge_seed")
+        with FormRow():
+            kind = gr.Radio(["LoRA", "checkpoint"], value="LoRA", label="Save as", elem_id="loraclr_merge_kind")
+            out_name = gr.Textbox(label="Output name", placeholder="my_merge", elem_id="loraclr_merge_name")
+            rank = gr.Slider(4, 256, value=merge_job.DEFAULT_RANK, step=4, label="LoRA rank",
+                             elem_id="loraclr_merge_rank")
+            overwrite = gr.Checkbox(False, label="Overwrite", elem_id="loraclr_merge_overwrite")
+        with FormRow():
+            run = gr.Button("Merge", variant="primary", elem_id="loraclr_merge_run")
+            interrupt = gr.Button("Interrupt", elem_id="loraclr_merge_interrupt")
+        progress = gr.HTML(elem_id="loraclr_merge_progress")
+        report = gr.Dataframe(headers=REPORT_HEADERS, label="Fidelity report (lower errors are better)",
+                              interactive=False, elem_id="loraclr_merge_report")
+        with FormRow():
+            prompt = gr.Textbox(label="Ready prompt", elem_id="loraclr_merge_prompt", interactive=True)
+            send = gr.Button("Send to txt2img", elem_id="loraclr_merge_send")
+        status = gr.HTML(elem_id="loraclr_merge_status")
+        dummy_task = gr.Textbox(visible=False, elem_id="loraclr_merge_task")
+
+        search.change(fn=lambda s: gr.update(choices=lora_choices(service, s)), inputs=[search], outputs=[picker])
+        refresh.click(fn=lambda s: gr.update(choices=lora_choices(service, s)), inputs=[search], outputs=[picker])
+        picker.change(fn=lambda sel, cur: table_for(service, sel, cur), inputs=[picker, table], outputs=[table])
+        interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
+        handler = call_queue.wrap_gradio_gpu_call(
+            lambda *a: merge_click(service, *a), extra_outputs=[gr.update(), gr.update()]
+        )
+        js = js_kwarg(run.click)
+        run.click(fn=handler, inputs=[dummy_task, table, method, preset, sample_steps, seed, kind, out_name, rank,
+                                      overwrite], outputs=[report, prompt, status], **{js: "loraclr_merge_submit"})
+        send.click(fn=None, inputs=[prompt], outputs=[], **{js: "loraclr_send_to_txt2img"})
+        _ = progress
+    return [(tab, "LoRACLR merge", "loraclr_merge")]

@@ -1,0 +1,605 @@
+"""The WebUI glue (scripts/) against the stand-in of the WebUI API (tests/webui_stub), with the real
+engines on a tiny SD1-layout model: loading, the ``clora`` extra network, the A1111 adapter end to end,
+the Forge function wrapper, hook removal after postprocess and after an exception, the merge service."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+STUB = ROOT / "tests" / "webui_stub"
+if str(STUB) not in sys.path:
+    sys.path.insert(0, str(STUB))
+
+from lora_factory import attention_keys, random_lora
+from modules import extra_networks, processing, script_callbacks, scripts, shared
+
+from lib_loraclr import clora_args as ca
+from lib_loraclr.clora import count_hooks
+from lib_loraclr.tiny.models import build_tiny_sd1
+from lib_loraclr.writers import write_kohya_lora
+
+PROMPT = "a cat<clora:catlora:trigger=sks> and a dog<clora:doglora:trigger=ohwx>"
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def model():
+    m = build_tiny_sd1(0)
+    enc = m.prompt_encoder
+    # A1111's FrozenCLIPEmbedderWithCustomWords.tokenize_line: (chunks with .tokens, token count)
+    m.cond_stage_model.tokenize_line = lambda text: (enc.chunks(text), len(enc.tokenize(text)))
+    return m
+
+
+@pytest.fixture(scope="module")
+def lora_dir(model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("loras")
+    for i, name in enumerate(["catlora", "doglora"]):
+        write_kohya_lora(random_lora(model, attention_keys(model), seed=i + 1), d / f"{name}.safetensors", arch="sd1",
+                         metadata={"loraclr_trigger": json.dumps([["sks", "ohwx"][i]])})
+    write_kohya_lora(random_lora(model, attention_keys(model), seed=9), d / "notrigger.safetensors", arch="sd1")
+    return d
+
+
+@pytest.fixture(scope="module")
+def loaded(lora_dir):
+    """The extension loaded like the WebUI loads it, callbacks fired as at startup."""
+    script_callbacks.clear_callbacks()
+    extra_networks.initialize()
+    shared.cmd_opts.lora_dir = str(lora_dir)
+    path_before = list(sys.path)
+    module, classes = scripts.load_scripts_from(str(ROOT), str(ROOT / "scripts" / "loraclr_script.py"))
+    assert sys.path == path_before
+    script_callbacks.before_ui_callback()
+    return SimpleNamespace(module=module, classes=classes, script=classes[0]())
+
+
+def run_job(model, script, prompt, args=None, steps=3, runner_cls=processing.ScriptRunner, **kw):
+    p = processing.StableDiffusionProcessing(sd_model=model, prompt=prompt, steps=steps,
+                                             scripts=runner_cls([(script, list(args or [False, {}]))]), **kw)
+    return p, processing.process_images(p)
+
+
+def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+def test_library_never_imports_the_webui():
+    code = ("import sys, lib_loraclr.prompt_syntax, lib_loraclr.clora_args, lib_loraclr.clora, lib_loraclr.merge; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('modules', 'backend', 'modules_forge')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_script_loads_like_the_webui(loaded):
+    assert [c.__name__ for c in loaded.classes] == ["LoraclrScript"]  # exactly one Script subclass
+    s = loaded.script
+    assert s.title() == "CLoRA" and s.show(False) is scripts.AlwaysVisible and s.show(True) is scripts.AlwaysVisible
+    counts = {k: len(v) for k, v in script_callbacks.callback_map.items() if v}
+    assert counts == {"before_ui": 1, "ui_tabs": 1, "app_started": 1, "script_unloaded": 1}
+    assert "loraclr_glue" in sys.modules
+    assert not any(p.endswith("scripts") and "loraclr" in p for p in sys.path if Path(p).parent == ROOT)
+
+
+def test_old_a1111_registers_the_cfg_denoiser_fallback(monkeypatch, lora_dir):
+    monkeypatch.delattr(scripts.Script, "process_before_every_sampling")
+    saved = {k: list(v) for k, v in script_callbacks.callback_map.items()}
+    try:
+        script_callbacks.clear_callbacks()
+        scripts.load_scripts_from(str(ROOT), str(ROOT / "scripts" / "loraclr_script.py"))
+        assert len(script_callbacks.callback_map["cfg_denoiser"]) == 1
+    finally:
+        script_callbacks.clear_callbacks()
+        script_callbacks.callback_map.update(saved)
+
+
+def test_clora_network_registered_and_receives_params(loaded):
+    net = extra_networks.extra_network_registry["clora"]
+    assert net.name == "clora" and isinstance(net, extra_networks.ExtraNetwork)
+    prompts, data = extra_networks.parse_prompts(["a cat<clora:mycat:0.9> <lora:style:1> and a dog<clora:mydog>"])
+    assert prompts == ["a cat  and a dog"]
+    p = SimpleNamespace()
+    extra_networks.activate(p, data)
+    assert [x.items for x in net.last_params] == [["mycat", "0.9"], ["mydog"]]
+    extra_networks.activate(p, {})  # unmentioned network: empty list = off
+    assert net.last_params == []
+
+
+def test_ui_components_when_gradio_is_available(loaded):
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    with gr.Blocks():
+        comps = loaded.script.ui(False)
+    assert len(comps) == 2 and comps[1].value == loaded.module.ui_clora.default_state()
+    assert loaded.script.infotext_fields and loaded.script.paste_field_names == [ca.INFOTEXT_KEY, ca.INFOTEXT_TABLE_KEY]
+
+
+def test_ui_state_and_paste_helpers(loaded):
+    ui = loaded.module.ui_clora
+    assert ca.validate(ui.default_state()) == ca.CloraArgs()
+    st = ui.update_state(None, "update_steps", 0)
+    assert st["update_steps"] is None
+    st = ui.update_state(st, "update_steps", 7)
+    st = ui.update_state(st, "loras", [["catlora", 0.5, "cat", "sks"], ["", "", "", ""]])
+    assert ca.from_script_args([True, st]) == ca.validate({"enabled": True, "update_steps": 7,
+                                                           "loras": [["catlora", 0.5, "cat", "sks"]]})
+    params = ca.to_infotext(ca.validate({"enabled": True, "update_steps": 4, "refinement_steps": [0, 3],
+                                         "loras": [["catlora", 0.5, "cat", "sks"]]}))
+    assert ui.paste_value("enabled")(params) is True
+    assert ui.paste_value("update_steps")(params) == 4
+    assert ui.paste_value("refinement_steps")(params) == "0, 3"
+    assert ui.paste_value("loras")(params) == [["catlora", 0.5, "cat", "sks"]]
+    assert ui.paste_value("enabled")({"Steps": "20"}) is False  # no CLoRA in the infotext: switch off
+    assert ui.paste_value("update_steps")({"Steps": "20"}) is None  # leave the control unchanged
+    assert ui.paste_value("enabled")({ca.INFOTEXT_KEY: "bogus=1"}) is None  # a broken entry never raises
+
+
+# ------------------------------------------------------------------------------------------ capability
+
+class StubUnetPatcher:
+    """Forge's ``UnetPatcher`` surface the adapter uses (``clone`` deep-copies ``model_options``)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.model_options = {"transformer_options": {}}
+
+    def clone(self):
+        n = StubUnetPatcher(self.model)
+        n.model_options = copy.deepcopy(self.model_options)
+        return n
+
+    def set_model_unet_function_wrapper(self, fn):
+        self.model_options["model_function_wrapper"] = fn
+
+    def set_model_attn2_replace(self, patch, block_name, number, transformer_index=None):
+        self.model_options["transformer_options"].setdefault("patches_replace", {})[(block_name, number)] = patch
+
+
+def test_adapter_picked_by_capability(loaded):
+    glue = loaded.module
+    from loraclr_glue import adapters, host
+
+    forge_model = SimpleNamespace(forge_objects=SimpleNamespace(unet=StubUnetPatcher(SimpleNamespace())))
+    half_forge = SimpleNamespace(forge_objects=SimpleNamespace(unet=SimpleNamespace(clone=lambda: None)))
+    assert host.is_forge(SimpleNamespace(sd_model=forge_model))
+    assert isinstance(adapters.pick_adapter(SimpleNamespace(sd_model=forge_model)), adapters.ForgeAdapter)
+    assert not host.is_forge(half_forge)  # forge_objects alone (a fork without the patcher API) is not enough
+    assert isinstance(adapters.pick_adapter(SimpleNamespace(sd_model=half_forge)), adapters.A1111Adapter)
+    assert isinstance(adapters.pick_adapter(SimpleNamespace(sd_model=object())), adapters.A1111Adapter)
+    assert glue.HAS_BEFORE_EVERY_SAMPLING is True
+
+
+# ------------------------------------------------------------------------------------------ A1111 end to end
+
+def test_a1111_clora_end_to_end(loaded, model, monkeypatch):
+    from loraclr_glue import clora_run
+
+    seen = {}
+    install = clora_run.CloraRun.install
+
+    def spy(self, *a, **k):
+        install(self, *a, **k)
+        seen["run"] = self
+
+    monkeypatch.setattr(clora_run.CloraRun, "install", spy)
+    before = state_of(model)
+    p, res = run_job(model, loaded.script, PROMPT)
+    run = seen["run"]
+    # infotext: every option written; no error
+    assert res.extra_generation_params[ca.INFOTEXT_KEY].startswith("latent=1 steps=auto")
+    assert "CLoRA error" not in res.extra_generation_params
+    # the engine ran: three branches, the latent update lowered the loss at step 0, masks sum to 1
+    hist = [h for h in run.denoiser.history if h["step"] == 0]
+    assert len(hist) >= 2 and hist[-1]["loss"] < hist[0]["loss"]
+    w = run.denoiser.last_weights
+    assert w.shape[1] == 3 and torch.allclose(w.sum(dim=1), torch.ones_like(w.sum(dim=1)))
+    # the extra network got this batch's tags
+    assert [x.items[0] for x in run.network_params] == ["catlora", "doglora"]
+    # CLoRA changed the image vs the same prompt without it
+    _, plain = run_job(model, loaded.script, "a cat and a dog")
+    assert (res.images[0] - plain.images[0]).abs().max() > 1e-3
+    # everything removed: no hooks, weights bit-identical, the sampler's forward restored, no run left
+    assert count_hooks(model) == 0
+    assert same_state(before, state_of(model))
+    assert "forward" not in p.sampler.model_wrap_cfg.__dict__
+    assert clora_run.active_count() == 0
+    # the conditioning cache of this run is its own (class-wide cache untouched by CLoRA runs)
+    assert p.cached_c is not processing.StableDiffusionProcessing.cached_c
+
+
+def test_table_rows_give_the_same_image_as_tags(loaded, model):
+    _, tags = run_job(model, loaded.script, PROMPT, steps=2)
+    table = {"loras": [["catlora", 1.0, "cat", "sks"], ["doglora", 1.0, "dog", "ohwx"]]}
+    _, rows = run_job(model, loaded.script, "a cat and a dog", args=[True, table], steps=2)
+    assert torch.equal(tags.images[0], rows.images[0])
+    assert json.loads(rows.extra_generation_params[ca.INFOTEXT_TABLE_KEY]) == [
+        ["catlora", 1.0, "cat", "sks"], ["doglora", 1.0, "dog", "ohwx"]]
+    assert ca.INFOTEXT_TABLE_KEY not in tags.extra_generation_params
+
+
+def test_trigger_words_from_metadata(loaded, model):
+    _, explicit = run_job(model, loaded.script, PROMPT, steps=2)
+    _, from_meta = run_job(model, loaded.script, "a cat<clora:catlora> and a dog<clora:doglora>", steps=2)
+    assert torch.equal(explicit.images[0], from_meta.images[0])
+
+
+@pytest.mark.parametrize(
+    ("prompt", "args", "message"),
+    [
+        ("a cat<clora:catlora:oops>", None, "the weight must be a number"),
+        ("a cat<clora:nosuchlora>", None, "LoRA 'nosuchlora' not found"),
+        ("a cat<clora:notrigger>", None, "has no trigger words"),
+        ("a cat", [True, {"loras": [["catlora", 1, "horse", "sks"]]}], "not in the prompt"),
+        ("a cat<clora:catlora>", [True, {"threshhold": 0.2}], "did you mean 'mask_threshold'"),
+    ],
+)
+def test_user_errors_are_reported_not_raised(loaded, model, capsys, prompt, args, message):
+    from loraclr_glue import clora_run
+
+    _, res = run_job(model, loaded.script, prompt, args=args, steps=1)
+    assert message in res.extra_generation_params["CLoRA error"]
+    out = capsys.readouterr().out
+    assert message in out and "Traceback" not in out
+    assert count_hooks(model) == 0 and clora_run.active_count() == 0
+
+
+def test_syntax_error_shows_caret(loaded, model, capsys):
+    run_job(model, loaded.script, "a cat<clora:catlora:oops>", steps=1)
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    i = lines.index("a cat<clora:catlora:oops>")
+    assert lines[i + 1] == " " * 20 + "^"
+
+
+def test_hooks_removed_after_an_exception_mid_sampling(loaded, model, monkeypatch):
+    from loraclr_glue import clora_run
+
+    before = state_of(model)
+    calls = {"n": 0}
+    real = type(model).apply_model
+
+    def failing(self, x, t, cond):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated out of memory")
+        return real(self, x, t, cond)
+
+    monkeypatch.setattr(type(model), "apply_model", failing)
+    p = processing.StableDiffusionProcessing(sd_model=model, prompt=PROMPT, steps=3,
+                                             scripts=processing.ScriptRunner([(loaded.script, [False, {}])]))
+    with pytest.raises(RuntimeError, match="simulated"):
+        processing.process_images(p)
+    monkeypatch.setattr(type(model), "apply_model", real)
+    assert count_hooks(model) == 0  # the engine's per-call hooks are gone even though postprocess never ran
+    assert same_state(before, state_of(model))
+    assert clora_run.active_count() == 1  # A1111 skips postprocess on errors …
+    script_callbacks.script_unloaded_callback()  # … the next unload (or job) cleans up
+    assert clora_run.active_count() == 0
+    assert "forward" not in p.sampler.model_wrap_cfg.__dict__
+
+
+def test_old_a1111_installs_from_the_cfg_denoiser_callback(loaded, model):
+    class OldRunner(processing.ScriptRunner):  # A1111 1.8/1.9: no process_before_every_sampling
+        def process_before_every_sampling(self, p, **kwargs):
+            pass
+
+    logic = loaded.module.LOGIC
+    script_callbacks.on_cfg_denoiser(logic.cfg_denoiser)
+    try:
+        _, res = run_job(model, loaded.script, PROMPT, steps=3, runner_cls=OldRunner)
+    finally:
+        script_callbacks.callback_map["cfg_denoiser"].remove(logic.cfg_denoiser)
+    assert "starts at the second sampling step" in res.extra_generation_params[ca.INFOTEXT_NOTICE_KEY]
+    assert count_hooks(model) == 0
+
+
+def test_masks_saved_when_asked(loaded, model, tmp_path):
+    _, res = run_job(model, loaded.script, PROMPT, args=[False, {"show_masks": True}], steps=2,
+                     outpath_samples=str(tmp_path))
+    files = sorted(tmp_path.glob("clora-mask-*.png"))
+    assert len(files) == 1
+    from PIL import Image
+
+    img = Image.open(files[0])
+    assert img.size == (8 * res.images[0].shape[-1], 8 * res.images[0].shape[-2])
+
+
+def test_hires_pass_runs_masks_only(loaded, model, monkeypatch):
+    from loraclr_glue import clora_run
+
+    seen = {}
+    install = clora_run.CloraRun.install
+
+    def spy(self, adapter, p, prompt, *, masks_only=False):
+        seen["masks_only"] = masks_only
+        install(self, adapter, p, prompt, masks_only=masks_only)
+        seen["options"] = self.denoiser.options
+
+    monkeypatch.setattr(clora_run.CloraRun, "install", spy)
+
+    class HiresRunner(processing.ScriptRunner):
+        def process_before_every_sampling(self, p, **kwargs):
+            p.is_hr_pass = True
+            super().process_before_every_sampling(p, **kwargs)
+
+    run_job(model, loaded.script, PROMPT, steps=2, runner_cls=HiresRunner)
+    assert seen["masks_only"] is True and seen["options"].masks_only is True
+
+
+def test_adetailer_inner_pass_is_left_alone(loaded, model):
+    p = processing.StableDiffusionProcessing(sd_model=model, prompt=PROMPT, steps=1)
+    p._ad_inner = True
+    p.setup_prompts()
+    assert loaded.module.LOGIC.process(p, False, {}) is None
+    assert ca.INFOTEXT_KEY not in p.extra_generation_params
+
+
+# ------------------------------------------------------------------------------------------ Forge
+
+def forge_model_of(model):
+    unet = model.model.diffusion_model
+    kmodel = SimpleNamespace(diffusion_model=unet)
+    enc = model.prompt_encoder
+    return SimpleNamespace(
+        forge_objects=SimpleNamespace(unet=StubUnetPatcher(kmodel),
+                                      clip=SimpleNamespace(cond_stage_model=model.cond_stage_model)),
+        get_learned_conditioning=lambda prompts: model.get_learned_conditioning(list(prompts)),
+        text_processing_engine=SimpleNamespace(tokenize_line=lambda t: (enc.chunks(t), len(enc.tokenize(t)))),
+        is_sdxl=False,
+    )
+
+
+def forge_call(model, wrapper, x, t, cond, uncond):
+    """What Forge's ``calc_cond_uncond_batch`` passes to a UNet function wrapper (cond chunk, uncond chunk)."""
+    unet = model.model.diffusion_model
+
+    def apply_model(xx, tt, c_crossattn, transformer_options=None, **kw):
+        return unet(xx, timesteps=tt, context=c_crossattn)
+
+    args = {"input": torch.cat([x, x]), "timestep": torch.cat([t, t]),
+            "c": {"c_crossattn": torch.cat([cond, uncond]), "transformer_options": {"cond_or_uncond": [0, 1]}},
+            "cond_or_uncond": [0, 1]}
+    return wrapper(apply_model, args), apply_model(args["input"], args["timestep"], args["c"]["c_crossattn"])
+
+
+def test_forge_adapter_installs_a_function_wrapper_and_removes_it(loaded, model, lora_dir):
+    from loraclr_glue import adapters, clora_run
+
+    fm = forge_model_of(model)
+    original = fm.forge_objects.unet
+    p = SimpleNamespace(sd_model=fm, steps=4, width=64, height=64, extra_generation_params={})
+    run = clora_run.CloraRun(args=ca.CloraArgs(), lora_folder=lora_dir)
+    run.infotext = p.extra_generation_params
+    run.prepare([PROMPT])
+    adapter = adapters.pick_adapter(p)
+    assert isinstance(adapter, adapters.ForgeAdapter)
+    run.install(adapter, p, PROMPT)
+    patched = fm.forge_objects.unet
+    assert patched is not original and "model_function_wrapper" not in original.model_options
+    fusion = patched.model_options["model_function_wrapper"]
+    assert "masks-only" in p.extra_generation_params[ca.INFOTEXT_NOTICE_KEY]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    t = torch.tensor([500.0])
+    cond = model.get_learned_conditioning(["a cat and a dog"])
+    uncond = model.get_learned_conditioning([""])
+    with torch.inference_mode():  # Forge samples in inference mode
+        out, plain = forge_call(model, fusion, x, t, cond, uncond)
+    assert out.shape == plain.shape and torch.isfinite(out).all()
+    assert (out - plain).abs().max() > 1e-4  # the LoRA branches changed the prediction
+    w = fusion.last_weights
+    assert w.shape == (1, 3, 1, 16, 16) and torch.allclose(w.sum(dim=1), torch.ones(1, 1, 16, 16))
+    assert count_hooks(model) == 0
+    run.remove()
+    assert fm.forge_objects.unet is original
+
+
+def test_forge_fusion_with_zero_weight_loras_equals_plain(loaded, model, lora_dir):
+    from loraclr_glue import adapters, engine
+
+    unet = model.model.diffusion_model
+    spec = SimpleNamespace(deltas=engine.read_lora(lora_dir / "catlora.safetensors"), te_weight=0.0, unet_weight=0.0)
+    cond = model.get_learned_conditioning(["a cat and a dog"])
+    uncond = model.get_learned_conditioning([""])
+    opts = engine.clora_options(ca.CloraArgs(masks_only=True), 4)
+    fusion = adapters.ForgeFusion(unet, adapters.unet_router(unet, [spec, spec]), engine.attention_capture(unet),
+                                  groups=[[[2], [2], [2]], [[5], [5], [5]]], mask_tokens=[[], [2], [5]],
+                                  branch_conds=[cond, cond], options=opts)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([300.0, 300.0])
+    with torch.no_grad():
+        out, plain = forge_call(model, fusion, x, t, cond.expand(2, -1, -1), uncond.expand(2, -1, -1))
+    assert torch.allclose(out, plain, atol=1e-5, rtol=1e-5)
+    assert count_hooks(model) == 0
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def test_token_positions_match_the_engine_tokenizer(model):
+    from loraclr_glue import engine
+
+    enc = model.prompt_encoder
+    pos = engine.token_positions_from(model.cond_stage_model.tokenize_line)
+    for prompt, words in [("a photo of a cat", "cat"), ("a sks cat and a dog, a cat", "cat"),
+                          ("a <d8> dog", "<d8>"), ("x " * 80 + "cat", "cat")]:
+        assert pos(prompt, words) == enc.token_positions(prompt, words)
+    with pytest.raises(ValueError):
+        pos("a dog", "cat")
+
+
+def test_mask_image_colours(loaded):
+    from loraclr_glue.script_logic import PALETTE, mask_image
+
+    w = torch.zeros(3, 1, 2, 2)
+    w[0, 0, 0, 0] = 1
+    w[1, 0, 0, 1] = 1
+    w[2, 0, 1, :] = 1
+    img = mask_image(w, scale=2)
+    assert img.size == (4, 4)
+    assert img.getpixel((0, 0)) == PALETTE[0] and img.getpixel((2, 0)) == PALETTE[1]
+    assert img.getpixel((0, 2)) == PALETTE[2]
+
+
+# ------------------------------------------------------------------------------------------ merge service
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"loras": ["a"], "output": {"name": "x"}}, "at least two"),
+        ({"loras": ["a", "b"], "output": {"name": "x"}, "methd": "lsq"}, "unknown key 'methd'"),
+        ({"loras": ["a", "b"], "output": {"name": "x"}, "method": "average"}, "unknown method"),
+        ({"loras": ["a", "a"], "output": {"name": "x"}}, "listed twice"),
+        ({"loras": ["a", "b"], "output": {"name": ""}}, "give the output a name"),
+        ({"loras": ["a", "b"], "output": {"name": "x", "rank": 0}}, "rank must be"),
+        ({"loras": ["a", "b"], "output": {"name": "x", "kind": "ckpt"}}, "output kind"),
+        ({"loras": [{"name": "a", "te_weight": "x"}, "b"], "output": {"name": "x"}}, "te_weight must be a number"),
+        ("nope", "JSON object"),
+    ],
+)
+def test_merge_request_validation(loaded, body, message):
+    from loraclr_glue import merge_job
+
+    with pytest.raises(merge_job.MergeRequestError, match=message):
+        merge_job.validate_request(body)
+
+
+def test_merge_request_defaults(loaded):
+    from loraclr_glue import merge_job
+
+    r = merge_job.validate_request({"output": {"name": "m"}, "loras": ["a", {"name": "b", "trigger": "sks"}]})
+    assert (r.method, r.preset, r.kind, r.rank, r.overwrite) == ("loraclr", "recommended", "lora", 32, False)
+    assert r.loras[1].trigger == "sks" and r.loras[0].te_weight == 1.0
+
+
+def make_service(lora_dir, ckpt=None):
+    from loraclr_glue.api import MergeService
+
+    sh = SimpleNamespace(cmd_opts=SimpleNamespace(lora_dir=str(lora_dir), ckpt_dir=str(lora_dir)),
+                         state=shared.state,
+                         sd_model=SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename=ckpt)))
+    return MergeService(shared=sh, runner=lambda fn: fn())
+
+
+def test_merge_service_errors(loaded, lora_dir, tmp_path):
+    from loraclr_glue.api import ServiceError
+
+    ckpt = tmp_path / "base.safetensors"
+    ckpt.write_bytes(b"")
+    svc = make_service(lora_dir, str(ckpt))
+    base = {"loras": ["catlora", "doglora"], "output": {"name": "merged"}}
+    for body, status, message in [
+        ({**base, "output": {"name": "../evil"}}, 400, "path separator"),
+        ({**base, "output": {"name": "catlora"}}, 400, "already exists"),
+        ({**base, "loras": ["catlora", "ghost"]}, 400, "'ghost' not found"),
+        ({**base, "loras": ["catlora", "notrigger"]}, 400, "no trigger words"),
+        (base, 400, "the file is empty"),  # an empty checkpoint file: a clear 400, nothing written
+    ]:
+        with pytest.raises(ServiceError) as ei:
+            svc.merge(body, locked=False)
+        assert ei.value.status == status and message in ei.value.message, ei.value.message
+    assert not (lora_dir / "merged.safetensors").exists()
+    with pytest.raises(ServiceError) as ei:
+        make_service(lora_dir, None).merge(base, locked=False)
+    assert ei.value.status == 400 and "no checkpoint is loaded" in ei.value.message
+
+
+def test_merge_service_interrupt_leaves_no_file(loaded, lora_dir, tmp_path, monkeypatch):
+    from loraclr_glue import engine
+    from loraclr_glue.api import ServiceError
+
+    ckpt = tmp_path / "base.safetensors"
+    ckpt.write_bytes(b"")
+    svc = make_service(lora_dir, str(ckpt))
+    monkeypatch.setattr(engine, "load_base_model", lambda path: object())
+
+    def fake_merge(model, concepts, config, progress):
+        assert [c.trigger for c in concepts] == ["sks", "ohwx"]  # from the files' metadata
+        progress("collecting features", 1, 4)
+        shared.state.interrupt()
+        progress("solving", 2, 4)
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(engine, "merge_loras", fake_merge)
+    with pytest.raises(ServiceError) as ei:
+        svc.merge({"loras": ["catlora", "doglora"], "output": {"name": "merged"}}, locked=True)
+    assert ei.value.status == 409 and "nothing was written" in ei.value.message
+    assert not (lora_dir / "merged.safetensors").exists()
+    assert shared.state.job == ""  # state ended
+
+
+def test_merge_service_success_writes_and_reports(loaded, model, lora_dir, tmp_path, monkeypatch):
+    from loraclr_glue import engine, ui_merge
+
+    from lib_loraclr.merge.pipeline import MergeResult
+    from lib_loraclr.readers import read_lora
+
+    ckpt = tmp_path / "base.safetensors"
+    ckpt.write_bytes(b"")
+    svc = make_service(lora_dir, str(ckpt))
+    monkeypatch.setattr(engine, "load_base_model", lambda path: object())
+    merged = random_lora(model, attention_keys(model, te=False, other=False), seed=5)
+    report = {"groups": {"kv": {"concepts": {"catlora": {"rel_err": 0.01, "interference": 0.2},
+                                             "doglora": {"rel_err": 0.02, "interference": 0.1}},
+                                "base_change_neutral": 0.05}}}
+    monkeypatch.setattr(engine, "merge_loras", lambda m, c, cfg, progress: MergeResult(merged, report))
+    table = [["catlora", "sks", 1.0, 1.0], ["doglora", "", 0.8, 1.0], ["", "", 1.0, 1.0]]
+    rows, prompt, status = ui_merge.merge_click(svc, "task(x)", table, "lsq", "recommended", 5, 0, "LoRA",
+                                                "merged_pair", 8, False)
+    out = lora_dir / "merged_pair.safetensors"
+    assert out.is_file() and "Saved" in status, status
+    assert prompt == "<lora:merged_pair:1> sks, ohwx"
+    assert rows == [["catlora", "kv", 0.01, 0.2, 0.05], ["doglora", "kv", 0.02, 0.1, 0.05]]
+    back = read_lora(out)
+    assert len(back) == len(merged) and json.loads(back.metadata["loraclr_trigger"]) == ["sks", "ohwx"]
+    rows, prompt, status = ui_merge.merge_click(svc, "task(y)", table, "lsq", "recommended", 5, 0, "LoRA",
+                                                "merged_pair", 8, False)
+    assert rows == [] and "already exists" in status and "class='error'" in status
+    out.unlink()
+
+
+def test_inspect_and_list(loaded, lora_dir):
+    from loraclr_glue.api import ServiceError
+
+    svc = make_service(lora_dir)
+    listed = svc.loras()["loras"]
+    assert [x["name"] for x in listed] == ["catlora", "doglora", "notrigger"]
+    assert listed[0]["trigger_words"] == ["sks"] and listed[2]["trigger_words"] == []
+    assert [x["name"] for x in svc.loras("DOG")["loras"]] == ["doglora"]
+    info = svc.inspect({"names": ["catlora"]})["loras"][0]
+    assert info["name"] == "catlora" and info["modules"] > 0 and info["trigger_words"] == ["sks"]
+    for body, status in [({"name": "ghost"}, 404), ({"nam": "x"}, 400), ({"names": []}, 400)]:
+        with pytest.raises(ServiceError) as ei:
+            svc.inspect(body)
+        assert ei.value.status == status
+
+
+def test_routes_registered_with_fastapi(loaded, lora_dir):
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from loraclr_glue import api
+
+    app = FastAPI()
+    api.register_routes(app, make_service(lora_dir))
+    client = TestClient(app)
+    assert client.get("/loraclr/v1/loras").json()["loras"][0]["name"] == "catlora"
+    r = client.post("/loraclr/v1/inspect", json={"name": "ghost"})
+    assert r.status_code == 404 and "not found" in r.json()["error"]
