@@ -57,7 +57,7 @@ def load_base(path: str | os.PathLike[str], tokenizer: Any = None) -> torch.nn.M
         # converted tensor by tensor): about 4 GB for SD1.5 instead of three copies.
         with torch.device("meta"):
             model = TinySD(cfg, tokenizer=tokenizer)
-        sd = {n: f.get_tensor(n).float() for n in names}
+        sd = {n: _as_float(f.get_tensor(n)) for n in names}
     missing, _ = model.load_state_dict(sd, strict=False, assign=True)
     del sd
     missing = [m for m in missing if not m.endswith("position_ids")]
@@ -74,7 +74,16 @@ def load_base(path: str | os.PathLike[str], tokenizer: Any = None) -> torch.nn.M
                 else:
                     raise BaseModelError(f"internal: buffer {full} was not initialised")
                 mod.register_buffer(b_name, value.to(buf.dtype), persistent=False)
+    for mod in model.modules():  # files store position_ids as int64, some as float: assign=True keeps theirs
+        ids = getattr(mod, "position_ids", None)
+        if isinstance(ids, torch.Tensor) and ids.is_floating_point():
+            mod.position_ids = ids.round().long()  # stays a (persistent or not) buffer
     return model.eval()
+
+
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    """Weights to fp32; integer tensors (``position_ids``) keep their dtype (an embedding needs int64)."""
+    return t.float() if t.is_floating_point() else t
 
 
 def sd1_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:

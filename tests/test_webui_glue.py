@@ -225,6 +225,37 @@ def test_a1111_clora_end_to_end(loaded, model, monkeypatch):
     assert p.cached_c is not processing.StableDiffusionProcessing.cached_c
 
 
+def test_a1111_weights_patched_in_place_inside_the_forward(loaded, model):
+    """Real A1111 1.10.1: UNet weights keep ``requires_grad=True`` and the built-in Lora restores / patches them
+    in place lazily inside each layer's first forward (``networks.network_apply_weights`` → ``weight.copy_``),
+    which then runs inside CLoRA's gradient pass too ("a leaf Variable that requires grad is being used in
+    an in-place operation" before the adapter froze the UNet's parameters)."""
+    unet = model.model.diffusion_model
+    params = list(unet.parameters())
+    flags = [q.requires_grad for q in params]
+    backup: dict[torch.nn.Module, torch.Tensor] = {}
+
+    def restore_from_backup(mod, _inputs):
+        mod.weight.copy_(backup.setdefault(mod, mod.weight.detach().clone()))
+
+    handles = [m.register_forward_pre_hook(restore_from_backup) for m in unet.modules()
+               if isinstance(m, torch.nn.Linear)]
+    try:
+        for q in params:
+            q.requires_grad_(True)
+        before = state_of(model)
+        _, res = run_job(model, loaded.script, PROMPT, steps=2)
+        assert "CLoRA error" not in res.extra_generation_params, res.extra_generation_params
+        assert res.extra_generation_params[ca.INFOTEXT_KEY].startswith("latent=1")
+        assert all(q.requires_grad for q in params)  # the flags are given back
+        assert same_state(before, state_of(model))
+    finally:
+        for h in handles:
+            h.remove()
+        for q, f in zip(params, flags):
+            q.requires_grad_(f)
+
+
 def test_table_rows_give_the_same_image_as_tags(loaded, model):
     _, tags = run_job(model, loaded.script, PROMPT, steps=2)
     table = {"loras": [["catlora", 1.0, "cat", "sks"], ["doglora", 1.0, "dog", "ohwx"]]}
@@ -573,6 +604,29 @@ def test_merge_service_success_writes_and_reports(loaded, model, lora_dir, tmp_p
                                                 "merged_pair", 8, False)
     assert rows == [] and "already exists" in status and "class='error'" in status
     out.unlink()
+
+
+def test_merge_result_is_strict_json(loaded, model, lora_dir, tmp_path, monkeypatch):
+    """Real A1111 1.10.1: FastAPI's JSONResponse refuses NaN/inf (HTTP 500 after the file was written); the
+    report's per-layer ratios can be non-finite (e.g. a concept's leak onto itself), so they become null."""
+    from loraclr_glue import engine
+
+    from lib_loraclr.merge.pipeline import MergeResult
+
+    ckpt = tmp_path / "base.safetensors"
+    ckpt.write_bytes(b"")
+    svc = make_service(lora_dir, str(ckpt))
+    monkeypatch.setattr(engine, "load_base_model", lambda path: object())
+    merged = random_lora(model, attention_keys(model, te=False, other=False), seed=6)
+    report = {"groups": {"kv": {"concepts": {"catlora": {"rel_err": float("inf"), "interference": 0.2}},
+                                "base_change_neutral": float("nan")}},
+              "per_layer": {"k": {"fidelity": {"leak": [[float("nan"), 0.5], [0.25, float("nan")]]}}}}
+    monkeypatch.setattr(engine, "merge_loras", lambda m, c, cfg, progress: MergeResult(merged, report))
+    res = svc.merge({"loras": ["catlora", "doglora"], "output": {"name": "strict_json"}}, locked=False)
+    text = json.dumps(res, allow_nan=False)  # raises on NaN / inf
+    assert json.loads(text)["report"]["per_layer"]["k"]["fidelity"]["leak"] == [[None, 0.5], [0.25, None]]
+    assert res["report_rows"] == [["catlora", "kv", None, 0.2, None]]
+    (lora_dir / "strict_json.safetensors").unlink()
 
 
 def test_inspect_and_list(loaded, lora_dir):

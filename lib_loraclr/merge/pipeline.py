@@ -83,6 +83,7 @@ class MergeConfig:
     preserve_base: bool | None = None  # add neutral prompts as a zero-delta concept; None = by preset
     max_stats_bytes: int = 4 << 30  # budget of one sampling pass's statistics
     report_features: bool = False  # collect features for the report even for linear / svd
+    loraclr_overrides: dict[str, Any] = field(default_factory=dict)  # LoraclrParams fields, e.g. {"iters": 20}
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -107,7 +108,13 @@ class MergeConfig:
         return (not self.official) if self.preserve_base is None else self.preserve_base
 
     def loraclr_params(self) -> LoraclrParams:
-        return LoraclrParams.official() if self.official else LoraclrParams.recommended()
+        from dataclasses import replace
+
+        base = LoraclrParams.official() if self.official else LoraclrParams.recommended()
+        try:
+            return replace(base, **self.loraclr_overrides)
+        except TypeError as e:
+            raise MergeInputError(f"unknown LoRACLR parameter in {sorted(self.loraclr_overrides)}: {e}") from None
 
 
 @dataclass
@@ -306,7 +313,7 @@ def merge_loras(
         stats = [
             ConceptStats(
                 f if f is not None else FeatureStats(w0.shape[1]),
-                scaled[i][key].delta_2d() if i < n and key in scaled[i] else None,
+                _concept_delta(scaled[i][key]) if i < n and key in scaled[i] else None,
                 name=concepts[i].label if i < n else "base",
             )
             for i, f in enumerate(feats)
@@ -404,6 +411,14 @@ def merge_loras(
     )
     report = build_report(concepts, config, layer_info, time.perf_counter() - t_start)
     return MergeResult(deltas=out, report=report)
+
+
+def _concept_delta(mod: LoraModule) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A concept's ΔW for the solvers: the low-rank pair ``(up·m·scale, down)`` flattened to 2-D when the
+    module has factors (cheaper cross-concept terms), else the dense ``[d_out, d_in]`` delta."""
+    if mod.dense is not None or mod.up is None or mod.down is None:
+        return mod.delta_2d()
+    return (mod.up.float().flatten(1) * (mod.multiplier * mod.scale), mod.down.float().flatten(1))
 
 
 def _first_key(keys: Sequence[str], group: str) -> str:

@@ -8,8 +8,12 @@ fuses the predictions with the attention masks. Inpainting blends and the live p
 
 Forge (`ForgeAdapter`): the UNet patcher is cloned (``p.sd_model.forge_objects.unet.clone()``), and
 `ForgeFusion` is set as its UNet function wrapper: each UNet call of Forge's sampler runs all branches
-at once and returns the mask-fused prediction per row. Forge samples under ``torch.inference_mode``, so
-the latent update cannot take gradients there: Forge runs masks-only and says so in the infotext.
+at once and returns the mask-fused prediction per row. Forge samples under ``torch.inference_mode``; the
+latent update (`forge_latent_update`) runs inside ``torch.inference_mode(False)`` + ``enable_grad`` with
+cloned inputs, a router built outside inference mode, and `InferenceWeightClones` (normal clones of the
+inference-tensor weights on the gradient path; cloned LayerNorm inputs against Forge's in-place adds);
+an instance ``forward`` on the CFG denoiser writes the new latent into the sampler's ``x``. Verified on
+real Forge (dfdcbab6, CPU). If autograd still fails, the run goes on masks-only with a ``CLoRA notice``.
 Attention is captured by forward hooks on ``attn2.to_q``/``to_k`` of the few lowest-resolution layers,
 installed for the duration of each call only, which works identically on both hosts.
 """
@@ -119,6 +123,26 @@ def unet_router(unet: Any, specs: Sequence[Any]) -> Any:
     return engine.routed_loras(unet, branches, prefix=UNET_PREFIX, key_filter=is_unet_key)
 
 
+def freeze_parameters(module: Any) -> list[Any]:
+    """Set ``requires_grad=False`` on every parameter of ``module`` that had it; returns those (for `unfreeze`).
+
+    The latent update differentiates only with respect to the latent. A1111's weights keep
+    ``requires_grad=True``, and its built-in Lora patches them in place (``weight.copy_`` /
+    ``weight +=``) lazily inside the first forward of each layer, which autograd refuses on a leaf that
+    requires grad once the forward runs under ``enable_grad`` ("a leaf Variable that requires grad is
+    being used in an in-place operation", seen in A1111 1.10.1). Frozen weights also spare autograd
+    from tracking ~860 M parameters."""
+    frozen = [q for q in module.parameters() if q.requires_grad]
+    for q in frozen:
+        q.requires_grad_(False)
+    return frozen
+
+
+def unfreeze(params: Sequence[Any]) -> None:
+    for q in params:
+        q.requires_grad_(True)
+
+
 def has_te_parts(specs: Sequence[Any]) -> bool:
     return any(any(is_te_key(k) for k in getattr(s.deltas, "modules", {})) for s in specs)
 
@@ -146,6 +170,7 @@ class A1111Adapter:
     def __init__(self, host: A1111Host | None = None) -> None:
         self._host = host
         self._cfg: Any = None
+        self._frozen: list[Any] = []
 
     @property
     def host(self) -> A1111Host:
@@ -188,6 +213,8 @@ class A1111Adapter:
 
         forward._loraclr = True  # type: ignore[attr-defined]
         forward._loraclr_original = original  # type: ignore[attr-defined]
+        unfreeze(self._frozen)  # a previous install of this adapter that was not removed
+        self._frozen = freeze_parameters(unet)
         cfg.forward = forward
         self._cfg = cfg
         return denoiser
@@ -232,6 +259,8 @@ class A1111Adapter:
         return denoised
 
     def remove(self, p: Any) -> None:
+        frozen, self._frozen = self._frozen, []
+        unfreeze(frozen)
         cfg, self._cfg = self._cfg, None
         if cfg is None:
             return
@@ -261,7 +290,8 @@ class ForgeFusion:
     """
 
     def __init__(self, unet: Any, router: Any, capture: Any, groups: Any, mask_tokens: Sequence[Sequence[int]],
-                 branch_conds: Sequence[Any], options: Any, previous: Callable[..., Any] | None = None) -> None:
+                 branch_conds: Sequence[Any], options: Any, previous: Callable[..., Any] | None = None,
+                 input_scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
         self.unet = unet
         self.router = router
         self.capture = capture
@@ -272,6 +302,33 @@ class ForgeFusion:
         self.options = options
         self.previous = previous
         self.last_weights: torch.Tensor | None = None
+        # latent update (see `forge_latent_update`): on only when the adapter can write x back
+        self.input_scale = input_scale  # c_in(σ, x) of Forge's predictor; None = no latent update
+        self.grad_router: Any = None  # a router built outside inference mode (its cached factors are normal tensors)
+        self.fallback_reason: str | None = None
+        self.x_new: torch.Tensor | None = None  # updated latent of the current step (sampler writes it back)
+        self.history: list[dict[str, float]] = []
+        self.step = -1
+        self._last_sigma: float | None = None
+        self._updated_step = -1
+
+    def _advance(self, sigma: torch.Tensor) -> int:
+        """Sampler step from the σ sequence (a larger σ than the last starts a new run); a new σ drops
+        the previous step's updated latent."""
+        s = float(sigma.flatten()[0])
+        if self._last_sigma is None or s > self._last_sigma:
+            self.step, self._updated_step, self.x_new = 0, -1, None
+            self.history.clear()
+        elif s < self._last_sigma:
+            self.step += 1
+            self.x_new = None
+        self._last_sigma = s
+        return self.step
+
+    def take_update(self) -> torch.Tensor | None:
+        """The updated latent of the call that just ended (None when none), for the sampler's ``x``."""
+        x_new, self.x_new = self.x_new, None
+        return x_new
 
     def _branch_c(self, k: int, ref: torch.Tensor, ref_y: Any) -> tuple[torch.Tensor, Any]:
         c = self.branch_conds[k - 1]
@@ -323,6 +380,29 @@ class ForgeFusion:
                 return self.previous(apply_model, {"input": xx, "timestep": tt, "c": cc, "cond_or_uncond": rows})
             return apply_model(xx, tt, **cc)
 
+        def kwargs_for(blocks: list[tuple[int, int]]) -> dict[str, Any]:
+            kw: dict[str, Any] = dict(static)
+            kw["c_crossattn"] = torch.cat([block_c[blk][0] for blk in blocks])
+            if ys[0] is not None:
+                kw["y"] = torch.cat([block_c[blk][1] for blk in blocks])
+            for name, chunks in per_row.items():
+                kw[name] = torch.cat([chunks[j] for j, _ in blocks])
+            if topt is not None:
+                kw["transformer_options"] = {**topt, "cond_or_uncond": [cou[j] for j, _ in blocks]}
+            return kw
+
+        cond_chunks = [j for j in range(n) if cou[j] == COND]
+        if cond_chunks and self.input_scale is not None and self.fallback_reason is None:
+            j0 = cond_chunks[0]
+            step = self._advance(ts[j0])
+            n_upd = self.options.updates_at(step) if kk > 1 and len(self.groups) > 1 else 0
+            if n_upd and step != self._updated_step:
+                self._updated_step = step
+                self.x_new = forge_latent_update(self, call, kwargs_for, xs[j0], ts[j0], j0, n_upd, step)
+            if self.x_new is not None and self._last_sigma is not None:
+                # every chunk of this step (cond, uncond, a later split call) runs at the updated latent
+                xs = tuple(self.x_new.to(xj) if xj.shape == self.x_new.shape else xj for xj in xs)
+
         outs: dict[tuple[int, int], torch.Tensor] = {}
         maps: dict[tuple[int, int], torch.Tensor] = {}
         self.router.install()
@@ -372,6 +452,121 @@ class ForgeFusion:
         return torch.cat(fused)
 
 
+class InferenceWeightClones:
+    """While active, every parameter of ``root`` that is an inference tensor (Forge loads and LoRA-patches
+    its weights under ``torch.inference_mode``) is replaced, lazily on its module's first forward, by a
+    normal clone, so that autograd can save it for backward; on exit the original ``Parameter`` objects
+    are put back (never written: bit-for-bit the same). Only the modules the gradient pass runs are
+    cloned (with `StopForward`: the down path up to the capture layers).
+
+    Also gives every ``LayerNorm`` a cloned input: Forge's transformer block adds in place
+    (``x += attn1(norm1(x))``) to the tensor its norm saved for backward, which autograd refuses."""
+
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self._saved: list[tuple[Any, str, Any]] = []
+        self._handles: list[Any] = []
+        self.n_cloned = 0
+
+    def _swap(self, module: Any, _inputs: Any) -> None:
+        for name, prm in list(module._parameters.items()):
+            if prm is not None and torch.is_inference(prm):
+                module._parameters[name] = torch.nn.Parameter(prm.detach().clone(), requires_grad=False)
+                self._saved.append((module, name, prm))
+                self.n_cloned += prm.numel()
+
+    @staticmethod
+    def _clone_inputs(_module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(a.clone() if isinstance(a, torch.Tensor) and a.requires_grad else a for a in inputs)
+
+    def __enter__(self) -> InferenceWeightClones:  # noqa: PYI034 - returns the instance
+        try:
+            for m in self.root.modules():
+                if isinstance(m, torch.nn.LayerNorm):
+                    self._handles.append(m.register_forward_pre_hook(self._clone_inputs))
+                if any(p is not None and torch.is_inference(p) for p in m._parameters.values()):
+                    self._handles.append(m.register_forward_pre_hook(self._swap))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for module, name, prm in reversed(self._saved):
+            module._parameters[name] = prm
+        self._saved.clear()
+
+
+def forge_latent_update(fusion: ForgeFusion, call: Callable[..., Any], kwargs_for: Callable[..., dict[str, Any]],
+                        x: torch.Tensor, sigma: torch.Tensor, j: int, n_updates: int, step: int) -> torch.Tensor | None:
+    """CLoRA's latent update for Forge: ``n_updates`` gradient steps ``x ← x − s/c_in²·∇ₓL`` on chunk ``j``
+    (the cond rows, every branch in one call), run under ``torch.inference_mode(False)`` + ``enable_grad``
+    with cloned inputs and `InferenceWeightClones`. Returns the new latent, or None after setting
+    ``fusion.fallback_reason`` when autograd cannot run (then the run goes on masks-only)."""
+    from lib_loraclr.clora import clora_loss
+    from lib_loraclr.clora.attention import StopForward
+
+    opts, kk, capture = fusion.options, fusion.n_branches, fusion.capture
+    router = fusion.grad_router if fusion.grad_router is not None else fusion.router
+    blocks = [(j, k) for k in range(kk)]
+    b = x.shape[0]
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), InferenceWeightClones(fusion.unet):
+            xv = x.detach().clone()
+            sig = sigma.detach().clone()
+            c_in = fusion.input_scale(sig, xv).detach().clone()  # type: ignore[misc]
+            scale = opts.step_size / c_in**2
+            by_len: dict[int, list[tuple[int, int]]] = {}
+            for blk in blocks:
+                by_len.setdefault(int(kwargs_for([blk])["c_crossattn"].shape[1]), []).append(blk)
+            for it in range(n_updates):
+                xv.requires_grad_(True)
+                maps: dict[tuple[int, int], torch.Tensor] = {}
+                router.install()
+                capture.install()
+                try:
+                    for group in by_len.values():
+                        kw = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+                              for k, v in kwargs_for(group).items()}
+                        router.set_rows([k for _, k in group for _ in range(b)])
+                        capture.reset()
+                        capture.enabled = True
+                        capture.stop_after_last = bool(opts.stop_early)
+                        try:
+                            call(torch.cat([xv] * len(group)), torch.cat([sig] * len(group)), **kw)
+                        except StopForward:
+                            pass
+                        m = capture.maps()
+                        for i, blk in enumerate(group):
+                            maps[blk] = m[i * b:(i + 1) * b]
+                finally:
+                    capture.stop_after_last = False
+                    capture.remove()
+                    router.remove()
+                loss = clora_loss(torch.stack([maps[blk] for blk in blocks], dim=1), fusion.groups, opts.tau)
+                if not loss.requires_grad:
+                    fusion.fallback_reason = "the attention maps carry no gradient on this Forge build"
+                    return None
+                (grad,) = torch.autograd.grad(loss, xv)
+                fusion.history.append({"step": float(step), "iter": float(it), "loss": float(loss)})
+                xv = (xv - scale * grad).detach()
+            return xv
+    except (RuntimeError, TypeError, ValueError) as e:
+        fusion.fallback_reason = f"Forge: no latent gradient ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        return None
+
+
+def forge_input_scale(kmodel: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``c_in(σ, x)`` ``[B, 1, 1, 1]`` of Forge's ``KModel.predictor`` (``calculate_input`` on ones), else VP."""
+    predictor = getattr(kmodel, "predictor", None)
+    if callable(getattr(predictor, "calculate_input", None)):
+        return lambda sigma, x: predictor.calculate_input(sigma, torch.ones_like(x[:, :1, :1, :1]))
+    return lambda sigma, x: (sigma.reshape(-1, 1, 1, 1) ** 2 + 1.0) ** -0.5
+
+
 class ForgeAdapter:
     """CLoRA on Forge through a cloned UNet patcher's function wrapper (see the module docstring)."""
 
@@ -381,6 +576,7 @@ class ForgeAdapter:
         self._original_unet: Any = None
         self._patched_unet: Any = None
         self._model: Any = None
+        self._cfg: Any = None
 
     def install(self, p: Any, run: Any, base: str, specs: Sequence[Any], *, masks_only: bool = True,
                 cfg: Any = None) -> Any:
@@ -389,9 +585,13 @@ class ForgeAdapter:
         patcher = original.clone()
         unet = patcher.model.diffusion_model
         options = engine.clora_options(run.args, int(getattr(p, "steps", 20)))
-        if not options.masks_only and options.latent_update:
-            run.notice("Forge samples under torch.inference_mode: CLoRA runs masks-only here (no latent update)")
-        options = replace(options, masks_only=True)
+        cfg = cfg if cfg is not None else getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
+        wants_update = not (masks_only or options.masks_only) and options.latent_update
+        if wants_update and not callable(getattr(cfg, "forward", None)):
+            run.notice("Forge: no sampler to write the latent update into: CLoRA runs masks-only here")
+            wants_update = False
+        if not wants_update:
+            options = replace(options, masks_only=True)
         tokenize = engine.host_tokenize_line(sd_model)
         bp = engine.branch_prompts(base, [(s.trigger, s.words) for s in specs], engine.token_positions_from(tokenize))
         router_te = te_router(sd_model, specs)
@@ -401,15 +601,53 @@ class ForgeAdapter:
                                               [[q] for q in bp.prompts[1:]], router_te)
         previous = patcher.model_options.get("model_function_wrapper") if hasattr(patcher, "model_options") else None
         fusion = ForgeFusion(unet, unet_router(unet, specs), engine.attention_capture(unet), bp.groups,
-                             bp.mask_tokens, branch_conds, options, previous=previous)
+                             bp.mask_tokens, branch_conds, options, previous=previous,
+                             input_scale=forge_input_scale(patcher.model) if wants_update else None)
         patcher.set_model_unet_function_wrapper(fusion)
         sd_model.forge_objects.unet = patcher
         self._original_unet, self._patched_unet, self._model = original, patcher, sd_model
+        if wants_update:
+            with torch.inference_mode(False):  # Forge calls us under inference_mode: build normal tensors
+                fusion.grad_router = unet_router(unet, specs)
+            self._wrap_cfg(cfg, fusion, run)
         return fusion
+
+    def _wrap_cfg(self, cfg: Any, fusion: ForgeFusion, run: Any) -> None:
+        """An instance ``forward`` on Forge's CFG denoiser: after each call, the latent update that the
+        function wrapper computed is written into the sampler's own ``x`` (k-diffusion's one-evaluation
+        samplers step from that tensor after the call, and the prediction returned was made at it)."""
+        original = cfg.__dict__.get("forward")
+        bound = cfg.forward
+
+        def forward(x, sigma, *args, **kwargs):
+            if fusion.input_scale is not None and (getattr(cfg, "mask", None) is not None
+                                                   or getattr(cfg, "classic_ddim_eps_estimation", False)):
+                fusion.input_scale = None
+                run.notice("Forge: no latent update with an inpainting mask or classic DDIM: CLoRA runs masks-only")
+            out = bound(x, sigma, *args, **kwargs)
+            x_new = fusion.take_update()
+            if fusion.fallback_reason:
+                run.notice(f"{fusion.fallback_reason}; CLoRA runs masks-only")
+            if x_new is not None and x_new.shape == x.shape:
+                with torch.inference_mode(torch.is_inference(x)):
+                    x.copy_(x_new.to(device=x.device, dtype=x.dtype))
+            return out
+
+        forward._loraclr = True  # type: ignore[attr-defined]
+        forward._loraclr_original = original  # type: ignore[attr-defined]
+        cfg.forward = forward
+        self._cfg = cfg
 
     def remove(self, p: Any) -> None:
         model, original, patched = self._model, self._original_unet, self._patched_unet
         self._model = self._original_unet = self._patched_unet = None
+        cfg, self._cfg = self._cfg, None
+        fwd = cfg.__dict__.get("forward") if cfg is not None else None
+        if fwd is not None and getattr(fwd, "_loraclr", False):
+            if fwd._loraclr_original is None:
+                del cfg.__dict__["forward"]
+            else:
+                cfg.__dict__["forward"] = fwd._loraclr_original
         if model is None:
             return
         objs = getattr(model, "forge_objects", None)

@@ -223,6 +223,11 @@ def run_merge(
             report["svd_error"] = sum(errors.values()) / len(errors)
     else:
         engine.write_checkpoint(Path(base_checkpoint), result.deltas, out_path, req.overwrite)
+    replaced: list[str] = []
+    report = json_safe(report, "report", replaced)
+    if replaced:
+        print(f"[sd-webui-loraclr] merge report: {len(replaced)} non-finite values written as null "
+              f"(first: {', '.join(replaced[:3])})")
     return {
         "file": str(out_path),
         "kind": req.kind,
@@ -231,6 +236,31 @@ def run_merge(
         "report_rows": report_rows(report),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def json_safe(obj: Any, path: str = "", replaced: list[str] | None = None) -> Any:
+    """A copy of ``obj`` that strict JSON can encode: non-finite floats (the report's per-layer ratios can be
+    inf/nan, e.g. a LoRA with no effect on a layer) become None; their paths are appended to ``replaced``.
+    FastAPI's JSONResponse refuses NaN/inf with a 500 (seen in A1111 1.10.1)."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        if replaced is not None:
+            replaced.append(path)
+        return None
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v, f"{path}.{k}" if path else str(k), replaced) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v, f"{path}[{i}]", replaced) for i, v in enumerate(obj)]
+    item = getattr(obj, "item", None)  # numpy / torch scalars
+    if callable(item) and getattr(obj, "ndim", 1) == 0:
+        return json_safe(item(), path, replaced)
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist):
+        return json_safe(tolist(), path, replaced)
+    return str(obj)
 
 
 def error_status(e: BaseException) -> int:

@@ -1,0 +1,365 @@
+"""Per-branch LoRA application by forward hooks, with per-sample (per batch row) routing.
+
+A *branch* is a list of ``(lora, weight)`` pairs; ``lora`` is a `DeltaSet`, a mapping of canonical keys
+to `LoraModule`, or an iterable of `LoraModule`. `RoutedLoras` installs one forward hook on every targeted
+``nn.Linear`` / ``nn.Conv2d`` and adds, for every batch row ``r`` that belongs to branch ``b``::
+
+    out[r] += Σ_{(lora, w) in branch b}  w · m · scale · up(down(x[r]))        (low rank)
+    out[r] += Σ                          w · m · (x[r] · ΔWᵀ)                   (dense deltas)
+
+(conv: a conv with the ``down`` kernel, the module's stride/padding/dilation, then a 1×1 ``up`` conv).
+Weights are never written. The row → branch assignment is set per UNet call with `RoutedLoras.set_rows`
+(a ``[R]`` integer tensor), so all branches × CFG halves run in ONE batched call; `RoutedLoras.select`
+routes every row to one branch (e.g. while encoding that branch's prompt with its text-encoder LoRA).
+LoRAs that every branch holds with the same weight (a style LoRA) are applied once to all rows.
+
+Use as a context manager: every hook is removed on exit, also on exceptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..deltas import DeltaSet, LoraModule, is_unet_key
+from .errors import RoutingError
+
+LoraLike = DeltaSet | Mapping[str, LoraModule] | Iterable[LoraModule]
+Branch = Sequence[tuple[LoraLike, float]]
+
+UNET_PREFIX = "model.diffusion_model."
+
+
+def _modules_of(lora: LoraLike) -> list[LoraModule]:
+    if isinstance(lora, DeltaSet):
+        return list(lora.modules.values())
+    if isinstance(lora, Mapping):
+        return list(lora.values())
+    mods = list(lora)
+    for m in mods:
+        if not isinstance(m, LoraModule):
+            raise RoutingError(f"expected LoraModule entries, got {type(m).__name__}")
+    return mods
+
+
+@dataclass
+class _Term:
+    """One LoRA term on one module, factors pre-multiplied by weight · multiplier · scale (float32)."""
+
+    down: torch.Tensor | None  # [r, in] or [r, in, kh, kw]
+    up: torch.Tensor | None  # [out, r] or [out, r, 1, 1]
+    dense: torch.Tensor | None  # ΔW shaped like the weight (already scaled)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a host's linear layer that does not subclass it (Forge's
+    ``ForgeOperations.Linear`` is a plain ``nn.Module`` with a 2-D ``weight`` and an ``F.linear`` forward)."""
+    w = getattr(module, "weight", None)
+    return isinstance(module, nn.Linear) or (
+        isinstance(w, torch.Tensor) and w.dim() == 2 and hasattr(module, "in_features") and hasattr(module, "out_features")
+    )
+
+
+def _make_term(module: nn.Module, lm: LoraModule, weight: float) -> _Term:
+    factor = float(weight) * lm.multiplier * lm.scale
+    w = module.weight
+    is_conv = isinstance(module, nn.Conv2d)
+    if lm.dense is not None:
+        dense = lm.dense.detach().to(torch.float32) * factor
+        if is_conv and dense.dim() == 2:
+            dense = dense.reshape(*dense.shape, 1, 1)
+        if not is_conv and dense.dim() == 4:
+            dense = dense.flatten(1)
+        if tuple(dense.shape) != tuple(w.shape):
+            raise RoutingError(f"{lm.key}: delta shape {tuple(dense.shape)} does not match the weight {tuple(w.shape)}")
+        return _Term(None, None, dense)
+    assert lm.down is not None and lm.up is not None
+    down = lm.down.detach().to(torch.float32)
+    up = lm.up.detach().to(torch.float32).flatten(1) * factor  # [out, r]
+    if is_conv:
+        if module.groups != 1:
+            raise RoutingError(f"{lm.key}: low-rank LoRAs on grouped convolutions are not supported")
+        if down.dim() == 2:
+            down = down.reshape(*down.shape, 1, 1)
+        up = up.reshape(*up.shape, 1, 1)
+        expect = (up.shape[0], down.shape[1], down.shape[2], down.shape[3])
+        if expect != tuple(w.shape):
+            raise RoutingError(f"{lm.key}: LoRA shape {expect} does not match the conv weight {tuple(w.shape)}")
+    else:
+        if down.dim() == 4:
+            if down.shape[2:] != (1, 1):
+                raise RoutingError(f"{lm.key}: a {tuple(down.shape[2:])} conv LoRA cannot apply to a Linear layer")
+            down = down.flatten(1)
+        if (up.shape[0], down.shape[1]) != tuple(w.shape):
+            raise RoutingError(
+                f"{lm.key}: LoRA shape {(up.shape[0], down.shape[1])} does not match the weight {tuple(w.shape)}"
+            )
+    return _Term(down, up, None)
+
+
+class _LowRank:
+    """Several low-rank terms concatenated along the rank: ``up_all(mask ⊙ down_all(x))``.
+
+    ``col_branch[j]`` = the branch owning rank column j (-1: every row); the per-row column mask makes
+    each row see only its branch's columns, so all branches cost two matmuls per module."""
+
+    def __init__(self, terms: list[tuple[int, _Term]]) -> None:
+        self.down = torch.cat([t.down for _, t in terms], dim=0)  # type: ignore[misc]
+        self.up = torch.cat([t.up for _, t in terms], dim=1)  # type: ignore[misc]
+        self.col_branch = torch.cat(
+            [torch.full((t.down.shape[0],), b, dtype=torch.long) for b, t in terms]  # type: ignore[union-attr]
+        )
+        self._cast: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def factors(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        got = self._cast.get((dtype, device))
+        if got is None:
+            got = (self.down.to(device=device, dtype=dtype), self.up.to(device=device, dtype=dtype))
+            self._cast[(dtype, device)] = got
+        return got
+
+    def row_mask(self, version: int, rows: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``[R, Σr]`` 0/1: row r uses column j iff col_branch[j] is r's branch (or -1)."""
+        key = (version, dtype, device)
+        m = self._masks.get(key)
+        if m is None:
+            cb = self.col_branch
+            m = ((rows[:, None] == cb[None, :]) | (cb[None, :] < 0)).to(device=device, dtype=dtype)
+            self._masks = {key: m}
+        return m
+
+    def apply(self, module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        down, up = self.factors(x.dtype, x.device)
+        if isinstance(module, nn.Conv2d):
+            h = F.conv2d(x, down, stride=module.stride, padding=module.padding, dilation=module.dilation)
+            if mask is not None:
+                h = h * mask.reshape(*mask.shape, 1, 1)
+            return F.conv2d(h, up)
+        h = F.linear(x, down)
+        if mask is not None:
+            h = h * mask.reshape(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
+        return F.linear(h, up)
+
+
+def _apply_dense(module: nn.Module, x: torch.Tensor, dense: list[torch.Tensor]) -> torch.Tensor:
+    total = sum(dense[1:], dense[0]).to(device=x.device, dtype=x.dtype)
+    if isinstance(module, nn.Conv2d):
+        return F.conv2d(x, total, stride=module.stride, padding=module.padding, dilation=module.dilation,
+                        groups=module.groups)
+    return F.linear(x, total)
+
+
+class _Plan:
+    """Everything one hooked module adds: shared terms (all rows) and per-branch terms."""
+
+    def __init__(self, module: nn.Module, shared: list[_Term], per_branch: dict[int, list[_Term]]) -> None:
+        self.module = module
+        low = [(-1, t) for t in shared if t.dense is None]
+        self.shared_dense = [t.dense for t in shared if t.dense is not None]
+        branch_low = [(b, t) for b, ts in sorted(per_branch.items()) for t in ts if t.dense is None]
+        self.shared_low = _LowRank(low) if low else None
+        self.branch_low = _LowRank(branch_low) if branch_low else None
+        self.single_low = {
+            b: _LowRank([(b, t) for t in ts if t.dense is None])
+            for b, ts in per_branch.items() if any(t.dense is None for t in ts)
+        }
+        self.branch_dense = {
+            b: [t.dense for t in ts if t.dense is not None]
+            for b, ts in per_branch.items() if any(t.dense is not None for t in ts)
+        }
+
+
+class RoutedLoras:
+    """Forward hooks that apply each branch's LoRAs to the batch rows of that branch.
+
+    Args:
+        model: the module the keys resolve in: the WebUI/Tiny model object (canonical keys) or a bare
+            sub-model, with ``prefix`` stripped from the keys (e.g. the ldm UNet alone:
+            ``prefix="model.diffusion_model."``). Keys that do not start with ``prefix`` are skipped
+            (listed in `skipped`), e.g. text-encoder keys when ``model`` is the UNet.
+        branches: ``branches[b]`` = list of ``(lora, weight)`` of branch ``b`` (may be empty: no LoRA).
+        key_filter: optional predicate on canonical keys (e.g. `is_unet_key`) to restrict the hooks.
+
+    Raises `RoutingError` for keys whose module does not exist, fused OpenCLIP ``:q/:k/:v`` keys
+    (not supported by per-branch routing yet) and shape mismatches — before installing any hook.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        branches: Sequence[Branch],
+        prefix: str = "",
+        key_filter: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.model = model
+        self.n_branches = len(branches)
+        self.skipped: list[str] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._rows: torch.Tensor | None = None
+        self._row_index: dict[int, torch.Tensor] = {}
+        self._all_rows_branch: int | None = None
+        self._version = 0
+        self._routes: dict[str, _Plan] = {}
+        entries: dict[str, list[tuple[int, LoraModule, float]]] = {}
+        for b, branch in enumerate(branches):
+            for lora, weight in branch:
+                for lm in _modules_of(lora):
+                    key = lm.key
+                    if key_filter is not None and not key_filter(key):
+                        continue
+                    if prefix and not key.startswith(prefix):
+                        self.skipped.append(key)
+                        continue
+                    if ":" in key:
+                        raise RoutingError(
+                            f"{key}: LoRAs on the fused OpenCLIP attention (in_proj :q/:k/:v) cannot be routed per "
+                            "branch yet; disable the text-encoder part of this LoRA for CLoRA"
+                        )
+                    entries.setdefault(key[len(prefix):], []).append((b, lm, float(weight)))
+        for path, items in entries.items():
+            try:
+                module = model.get_submodule(path)
+            except AttributeError as e:
+                raise RoutingError(f"LoRA key {prefix + path!r} names no module of this model") from e
+            if not (isinstance(module, nn.Conv2d) or _is_linear(module)):
+                raise RoutingError(
+                    f"LoRA key {prefix + path!r} targets a {type(module).__name__}; only Linear and Conv2d are supported"
+                )
+            # terms present in every branch with the same weight are applied to all rows at once
+            per_branch_ids: list[set[tuple[int, float]]] = [set() for _ in range(self.n_branches)]
+            for b, lm, w in items:
+                per_branch_ids[b].add((id(lm), w))
+            common = set.intersection(*per_branch_ids) if self.n_branches > 0 else set()
+            shared: list[_Term] = []
+            per_branch: dict[int, list[_Term]] = {}
+            done_shared: set[tuple[int, float]] = set()
+            for b, lm, w in items:
+                ident = (id(lm), w)
+                if ident in common:
+                    if ident not in done_shared:
+                        shared.append(_make_term(module, lm, w))
+                        done_shared.add(ident)
+                    continue
+                per_branch.setdefault(b, []).append(_make_term(module, lm, w))
+            self._routes[path] = _Plan(module, shared, per_branch)
+
+    # ------------------------------------------------------------------ hooks
+    @property
+    def n_modules(self) -> int:
+        """Number of hooked modules."""
+        return len(self._routes)
+
+    def install(self) -> RoutedLoras:
+        if self._handles:
+            return self
+        try:
+            for plan in self._routes.values():
+                self._handles.append(plan.module.register_forward_hook(self._make_hook(plan)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> RoutedLoras:  # noqa: PYI034
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # ------------------------------------------------------------------ routing state
+    def set_rows(self, branch_of_row: torch.Tensor | Sequence[int]) -> None:
+        """Route batch row ``r`` of the next calls to branch ``branch_of_row[r]`` (``[R]`` integers)."""
+        rows = torch.as_tensor(branch_of_row, dtype=torch.long).flatten().cpu()
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.n_branches):
+            raise RoutingError(f"branch index out of range 0..{self.n_branches - 1}: {rows.tolist()}")
+        if self._rows is not None and torch.equal(rows, self._rows):
+            return  # same layout as the last call (select() clears _rows): cached row masks stay valid
+        self._rows = rows
+        self._version += 1
+        self._all_rows_branch = None
+        self._row_index = {int(b): torch.nonzero(rows == b).flatten() for b in rows.unique().tolist()}
+        if len(self._row_index) == 1:
+            self._all_rows_branch = int(rows[0])
+
+    def select(self, branch: int) -> None:
+        """Route every row of the next calls to ``branch`` (whatever the batch size)."""
+        if not 0 <= branch < self.n_branches:
+            raise RoutingError(f"branch {branch} out of range 0..{self.n_branches - 1}")
+        self._rows = None
+        self._row_index = {}
+        self._all_rows_branch = int(branch)
+
+    def _make_hook(self, plan: _Plan) -> Callable[..., Any]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+            x = inputs[0]
+            out = output
+            if plan.shared_low is not None:
+                out = out + plan.shared_low.apply(module, x, None).to(out.dtype)
+            if plan.shared_dense:
+                out = out + _apply_dense(module, x, plan.shared_dense).to(out.dtype)
+            if plan.branch_low is None and not plan.branch_dense:
+                return out
+            if self._all_rows_branch is not None:
+                k = self._all_rows_branch
+                if k in plan.single_low:
+                    out = out + plan.single_low[k].apply(module, x, None).to(out.dtype)
+                if k in plan.branch_dense:
+                    out = out + _apply_dense(module, x, plan.branch_dense[k]).to(out.dtype)
+                return out
+            if self._rows is None:
+                raise RoutingError("RoutedLoras: no rows set; call set_rows() or select() before the model call")
+            if self._rows.numel() != x.shape[0]:
+                raise RoutingError(
+                    f"RoutedLoras: the batch has {x.shape[0]} rows but the routing covers {self._rows.numel()}"
+                )
+            if plan.branch_low is not None:
+                mask = plan.branch_low.row_mask(self._version, self._rows, x.dtype, x.device)
+                out = out + plan.branch_low.apply(module, x, mask).to(out.dtype)
+            for b, dense in plan.branch_dense.items():
+                idx = self._row_index.get(b)
+                if idx is None:
+                    continue
+                idx = idx.to(x.device)
+                out = out.index_add(0, idx, _apply_dense(module, x.index_select(0, idx), dense).to(out.dtype))
+            return out
+
+        return hook
+
+
+def te_branch_conds(
+    encode: Callable[[list[str]], Any],
+    prompts: Sequence[Sequence[str]],
+    router: RoutedLoras | None = None,
+) -> list[Any]:
+    """Encode each branch's prompts with that branch's text-encoder LoRAs active.
+
+    ``prompts[b]`` = the prompts (one per image, or cond + uncond) of branch ``b``; ``encode`` is the
+    model's prompt encoder (e.g. ``TinySD.get_learned_conditioning``); ``router`` holds hooks on the text
+    encoder (a `RoutedLoras` built with ``key_filter=lambda k: not is_unet_key(k)``), or None.
+    Returns ``[encode(prompts[b]) for b]``. Hooks are installed only for the duration of the call.
+    """
+    out = []
+    if router is None:
+        return [encode(list(p)) for p in prompts]
+    with router:
+        for b, p in enumerate(prompts):
+            router.select(b)
+            out.append(encode(list(p)))
+    return out
+
+
+def te_key(key: str) -> bool:
+    """Key filter: text-encoder keys."""
+    return not is_unet_key(key)
