@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from lib_loraclr.errors import LoraclrError
-from torch import nn
 
 BOS_ID = 49406
 EOS_ID = 49407

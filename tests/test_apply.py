@@ -55,16 +55,14 @@ def test_patched_restores_after_exception_and_unknown_key() -> None:
     m = _model()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     ds = DeltaSet({"model.diffusion_model.0": _lora("model.diffusion_model.0", 5, 6)})
-    with pytest.raises(RuntimeError):
-        with patched(m, ds):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), patched(m, ds):
+        raise RuntimeError("boom")
     bad = DeltaSet({
         "model.diffusion_model.0": _lora("model.diffusion_model.0", 5, 6),
         "model.diffusion_model.9": _lora("model.diffusion_model.9", 5, 6),
     })
-    with pytest.raises(KeyError, match="diffusion_model.9"):
-        with patched(m, bad):
-            pass
+    with pytest.raises(KeyError, match="diffusion_model.9"), patched(m, bad):
+        pass
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
 

@@ -1,0 +1,49 @@
+"""CLoRA engine: compose several LoRAs at sampling time (Meral et al., ICCV 2025), as a pure library.
+
+- `routing`    — `RoutedLoras`: per-branch LoRA forward hooks with per-row routing (one batched UNet call).
+- `attention`  — `AttentionCapture`: cross-attention probabilities at the lowest-resolution layers only.
+- `tokens`     — `Concept`, `branch_prompts`: branch prompts, token groups and mask tokens.
+- `loss`       — `nt_xent`, `clora_loss`: NT-Xent (pytorch-metric-learning semantics) on min–max maps.
+- `masks`      — `concept_masks`, `fusion_weights`, `fuse`.
+- `options`    — `CloraOptions` (paper / recommended schedules).
+- `denoiser`   — `CloraDenoiser`: the CLoRA step as a k-diffusion denoiser wrapper.
+- `builder`    — `build_clora_denoiser`: prompts + concepts + LoRAs → a ready `CloraDenoiser`.
+- `official`   — `OfficialCloraLoop`: faithful per-branch re-implementation of the official loop (benchmarks).
+"""
+
+from .attention import AttentionCapture, count_hooks, efficient_attention, lowest_resolution_layers
+from .builder import build_clora_denoiser
+from .denoiser import CloraDenoiser
+from .errors import CaptureError, CloraError, ConceptNotFoundError, ConditioningMismatchError, RoutingError
+from .loss import clora_loss, nt_xent
+from .masks import concept_masks, fuse, fusion_weights
+from .options import CloraOptions
+from .routing import UNET_PREFIX, RoutedLoras, te_branch_conds, te_key
+from .tokens import BranchPrompts, Concept, branch_prompts
+
+__all__ = [
+    "UNET_PREFIX",
+    "AttentionCapture",
+    "BranchPrompts",
+    "CaptureError",
+    "CloraDenoiser",
+    "CloraError",
+    "CloraOptions",
+    "Concept",
+    "ConceptNotFoundError",
+    "ConditioningMismatchError",
+    "RoutedLoras",
+    "RoutingError",
+    "branch_prompts",
+    "build_clora_denoiser",
+    "clora_loss",
+    "concept_masks",
+    "count_hooks",
+    "efficient_attention",
+    "fuse",
+    "fusion_weights",
+    "lowest_resolution_layers",
+    "nt_xent",
+    "te_branch_conds",
+    "te_key",
+]

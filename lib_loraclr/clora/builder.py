@@ -1,0 +1,55 @@
+"""One call that assembles a `CloraDenoiser` from prompts, concepts and LoRAs (for hosts and scripts)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from .denoiser import CloraDenoiser
+from .options import CloraOptions
+from .routing import UNET_PREFIX, Branch, RoutedLoras, te_branch_conds, te_key
+from .tokens import BranchPrompts, Concept, TokenPositions, branch_prompts
+
+
+def build_clora_denoiser(
+    inner_model: Callable[..., Any],
+    unet: nn.Module,
+    encode: Callable[[list[str]], Any],
+    token_positions: TokenPositions,
+    base_prompt: str,
+    concepts: Sequence[Concept],
+    concept_loras: Sequence[Branch],
+    negative_prompt: str = "",
+    style: Branch = (),
+    options: CloraOptions | None = None,
+    te_model: nn.Module | None = None,
+    batch_size: int = 1,
+    unet_prefix: str = UNET_PREFIX,
+    mode: str = "insert",
+    capture_layers: Sequence[str] | None = None,
+) -> tuple[CloraDenoiser, BranchPrompts]:
+    """Branch 0 = ``base_prompt`` without concept LoRA; branch k = concept k's prompt with
+    ``concept_loras[k-1]`` (a list of ``(lora, weight)``); ``style`` LoRAs are active in every branch.
+
+    ``encode(prompts)`` is the host's prompt encoder (``get_learned_conditioning``); with ``te_model``
+    (the module the text-encoder keys resolve in, e.g. the whole model object) each branch's prompt and
+    negative prompt are encoded with that branch's text-encoder LoRAs active, else text-encoder keys
+    are ignored. ``unet`` is the UNet module; UNet keys are resolved below ``unet_prefix``.
+    """
+    if len(concept_loras) != len(concepts):
+        raise ValueError(f"{len(concept_loras)} LoRA lists for {len(concepts)} concepts")
+    bp = branch_prompts(base_prompt, concepts, token_positions, mode=mode)
+    branches = [list(style)] + [list(loras) + list(style) for loras in concept_loras]
+    router = RoutedLoras(unet, branches, prefix=unet_prefix)
+    te_router = RoutedLoras(te_model, branches, key_filter=te_key) if te_model is not None else None
+    if te_router is not None and te_router.n_modules == 0:
+        te_router = None
+    conds = te_branch_conds(encode, [[p] * batch_size for p in bp.prompts], te_router)
+    unconds = te_branch_conds(encode, [[negative_prompt] * batch_size for _ in bp.prompts], te_router)
+    den = CloraDenoiser(
+        inner_model, unet, conds, bp.groups, bp.mask_tokens, options, unconds=unconds, router=router,
+        capture_layers=capture_layers,
+    )
+    return den, bp

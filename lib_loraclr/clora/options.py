@@ -1,0 +1,92 @@
+"""`CloraOptions`: every knob of the CLoRA step, with the paper's and the recommended schedules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass
+class CloraOptions:
+    """Options of `CloraDenoiser` (step indices count sampler steps from 0).
+
+    - ``latent_update``: take gradient steps on the latent at steps ``update_from ≤ i < update_until``
+      (every ``update_every``-th step); at ``refinement_steps`` take ``refinement_iters`` more steps;
+    - ``step_size``: the official DDIM step size ``s`` on ``z_t`` (20); see `CloraDenoiser` for its
+      mapping to k-diffusion's σ-scaled ``x``;
+    - ``mask_threshold``: α in ``A > α·max A`` (official default 0.3, notebook 0.4);
+      ``dilate`` / ``erode``: 3×3 max-pool passes applied to each LoRA mask;
+    - ``masks_only``: no gradients at all (mask fusion only; also the automatic fallback where autograd
+      is impossible, e.g. under ``torch.inference_mode``);
+    - ``tau``: NT-Xent temperature;
+    - ``maps_from``: ``"cond"`` (attention of the conditional half only; cheaper: the gradient pass runs
+      half the rows) or ``"both"`` (official: mean of the uncond and cond halves);
+    - ``stop_early``: end the gradient pass's forward after the last capture layer.
+    """
+
+    enabled: bool = True
+    latent_update: bool = True
+    update_from: int = 0
+    update_until: int = 25
+    update_every: int = 1
+    step_size: float = 20.0
+    refinement_steps: tuple[int, ...] = (0, 10, 20)
+    refinement_iters: int = 20
+    mask_threshold: float = 0.3
+    dilate: int = 0
+    erode: int = 0
+    masks_only: bool = False
+    tau: float = 0.5
+    maps_from: str = "cond"
+    stop_early: bool = True
+
+    def __post_init__(self) -> None:
+        if self.maps_from not in ("cond", "both"):
+            raise ValueError(f"maps_from must be 'cond' or 'both', got {self.maps_from!r}")
+        if self.update_every < 1:
+            raise ValueError("update_every must be >= 1")
+        if self.refinement_iters < 0 or self.dilate < 0 or self.erode < 0:
+            raise ValueError("refinement_iters, dilate and erode must be >= 0")
+        if not 0.0 <= self.mask_threshold <= 1.0:
+            raise ValueError(f"mask_threshold must lie in [0, 1], got {self.mask_threshold}")
+        if self.tau <= 0:
+            raise ValueError("tau must be > 0")
+        self.refinement_steps = tuple(int(s) for s in self.refinement_steps)
+
+    def updates_at(self, step: int) -> int:
+        """Number of latent updates at sampler step ``step`` (0 = none)."""
+        if not (self.enabled and self.latent_update) or self.masks_only:
+            return 0
+        if not (self.update_from <= step < self.update_until) or (step - self.update_from) % self.update_every:
+            return 0
+        return 1 + (self.refinement_iters if step in self.refinement_steps else 0)
+
+    def total_updates(self, steps: int) -> int:
+        return sum(self.updates_at(i) for i in range(steps))
+
+    @classmethod
+    def paper(cls, steps: int = 50, **kw: object) -> CloraOptions:
+        """The paper's schedule scaled to ``steps`` (50 steps: update until 25, 20 extra iterations at
+        steps 0, 10, 20), official loss on both CFG halves, s = 20."""
+        f = steps / 50.0
+        base = cls(
+            update_until=max(1, round(25 * f)),
+            refinement_steps=tuple(sorted({round(s * f) for s in (0, 10, 20)})),
+            refinement_iters=20,
+            maps_from="both",
+        )
+        return replace(base, **kw)  # type: ignore[arg-type]
+
+    @classmethod
+    def recommended(cls, steps: int = 50, **kw: object) -> CloraOptions:
+        """Cheaper schedule: one update per step for the first 30 % of the steps, 10 extra iterations at
+        step 0, loss on the cond half's maps (25 updates at 50 steps instead of the paper's 85; see
+        bench/clora_speed.py for its cost and loss reduction)."""
+        f = steps / 50.0
+        base = cls(
+            update_until=max(1, round(15 * f)),
+            update_every=1,
+            refinement_steps=(0,),
+            refinement_iters=10,
+            maps_from="cond",
+        )
+        return replace(base, **kw)  # type: ignore[arg-type]

@@ -1,0 +1,141 @@
+"""Branch prompts and token groups for CLoRA, from the real tokenizer.
+
+Given a base prompt ("a cat and a dog") and concepts (trigger words + the words of the base prompt they
+bind to: ``Concept("sks", "cat")``, ``Concept("<d8>", "dog")``):
+
+- branch 0 = the base prompt (no LoRA);
+- branch k (k = 1…K) = the base prompt with concept k's trigger inserted before its words
+  ("a sks cat and a dog"), or replacing them (``mode="replace"``: "a sks and a dog");
+- ``groups[g][b]`` = token positions of concept g in branch b's prompt: its words, plus its trigger in its
+  own branch (official CLoRA: ``important_token_indices``). Every position is an embedding with label g
+  in the contrastive loss;
+- ``mask_tokens[b]`` = the positions of branch b's own concept (trigger + words) in branch b's prompt;
+  empty for branch 0 (official: ``mask_indices``).
+
+Positions index the flattened ``77·k`` conditioning (BOS at 0), as ``PromptEncoder.token_positions``
+returns them; multi-token triggers give several positions.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .errors import ConceptNotFoundError
+
+TokenPositions = Callable[[str, str], list[int]]
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A concept LoRA's trigger words and the words of the base prompt they bind to."""
+
+    trigger: str
+    words: str
+
+
+@dataclass
+class BranchPrompts:
+    """Prompts and token groups of all branches (branch 0 = base)."""
+
+    prompts: list[str]
+    groups: list[list[list[int]]]
+    mask_tokens: list[list[int]]
+    concepts: list[Concept] = field(default_factory=list)
+
+    @property
+    def n_branches(self) -> int:
+        return len(self.prompts)
+
+
+def _find_word(text: str, words: str) -> re.Match[str] | None:
+    pattern = r"(?<![\w<])" + r"\s+".join(re.escape(w) for w in words.split()) + r"(?![\w>])"
+    return re.search(pattern, text, flags=re.IGNORECASE)
+
+
+def _occurrence(text: str, start: int, words: str) -> int:
+    """How many occurrences of ``words`` come before character ``start``."""
+    n = 0
+    pos = 0
+    while True:
+        m = _find_word(text[pos:], words)
+        if m is None or pos + m.start() >= start:
+            return n
+        n += 1
+        pos += m.end()
+
+
+def _positions_of(token_positions: TokenPositions, prompt: str, words: str, occurrence: int) -> list[int]:
+    try:
+        found = token_positions(prompt, words)
+    except ValueError as e:  # PromptEncoder raises TriggerNotFoundError(ValueError)
+        raise ConceptNotFoundError(f"{words!r} does not occur in the prompt {prompt!r}") from e
+    n_tok = max(1, len(token_positions(words, words)))  # tokens per occurrence (BOS excluded)
+    occurrences = [found[i : i + n_tok] for i in range(0, len(found), n_tok)]
+    if occurrence >= len(occurrences):
+        raise ConceptNotFoundError(f"{words!r} does not occur {occurrence + 1} times in the prompt {prompt!r}")
+    return occurrences[occurrence]
+
+
+def branch_prompts(
+    base_prompt: str,
+    concepts: Sequence[Concept],
+    token_positions: TokenPositions,
+    mode: str = "insert",
+) -> BranchPrompts:
+    """Build the branch prompts, ``groups[g][b]`` and ``mask_tokens[b]`` (see the module docstring).
+
+    ``token_positions(prompt, words)`` returns the positions of every occurrence of ``words``' token
+    sequence in ``prompt`` (``PromptEncoder.token_positions``). Raises `ConceptNotFoundError` when a
+    concept's words are not in the base prompt, or two concepts bind to the same words.
+    """
+    if mode not in ("insert", "replace"):
+        raise ValueError(f"mode must be 'insert' or 'replace', got {mode!r}")
+    if not concepts:
+        raise ValueError("CLoRA needs at least one concept")
+    spans: list[tuple[int, int]] = []
+    for c in concepts:
+        if not c.words.strip() or not c.trigger.strip():
+            raise ConceptNotFoundError(f"concept {c}: trigger and words must not be empty")
+        m = _find_word(base_prompt, c.words)
+        if m is None:
+            raise ConceptNotFoundError(
+                f"the words {c.words!r} of trigger {c.trigger!r} do not occur in the prompt {base_prompt!r}"
+            )
+        for s, e in spans:
+            if m.start() < e and s < m.end():
+                raise ConceptNotFoundError(f"two concepts bind to overlapping words at {base_prompt[s:e]!r}")
+        spans.append((m.start(), m.end()))
+
+    prompts = [base_prompt]
+    # per branch: character span of each concept's words, and of the own trigger
+    for k, c in enumerate(concepts):
+        s, e = spans[k]
+        if mode == "insert":
+            prompts.append(base_prompt[:s] + c.trigger + " " + base_prompt[s:])
+        else:
+            prompts.append(base_prompt[:s] + c.trigger + base_prompt[e:])
+
+    n_branches = len(prompts)
+    groups: list[list[list[int]]] = [[[] for _ in range(n_branches)] for _ in concepts]
+    mask_tokens: list[list[int]] = [[] for _ in range(n_branches)]
+    for b, prompt in enumerate(prompts):
+        for g, c in enumerate(concepts):
+            if b == g + 1:
+                phrase = c.trigger + " " + c.words if mode == "insert" else c.trigger
+                start = spans[g][0]
+            else:
+                phrase = c.words
+                start = spans[g][0]
+                if b >= 1 and spans[b - 1][0] < start:  # text shifted by branch b's edit
+                    own = concepts[b - 1]
+                    shift = len(own.trigger) + 1 if mode == "insert" else len(own.trigger) - (
+                        spans[b - 1][1] - spans[b - 1][0]
+                    )
+                    start += shift
+            occ = _occurrence(prompt, start, phrase)
+            groups[g][b] = _positions_of(token_positions, prompt, phrase, occ)
+            if b == g + 1:
+                mask_tokens[b] = list(groups[g][b])
+    return BranchPrompts(prompts=prompts, groups=groups, mask_tokens=mask_tokens, concepts=list(concepts))
