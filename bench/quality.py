@@ -1,0 +1,474 @@
+"""Quality benchmark in the measuring world: do merged concepts survive, compose, and stay apart?
+
+    python bench/quality.py --n 2,4 --methods base,single,linear,lsq,loraclr --samples 96 --seeds 0,1 \\
+        --cfg 1.5,3 --out out/quality
+    python bench/quality.py --smoke --out out/quality_smoke       # CI-sized (one seed, few samples)
+
+Per method and number of merged concepts N (the first N of ``--concepts``, or a seeded random subset with
+``--subset-seed``), at each CFG and sampling seed (``seed`` = the noise seed; prompts are fixed by
+``--prompt-seed``), over ``--samples`` images per cell:
+
+- ``fidelity``: "a {trigger}" shows that concept (classifier on the slot + identity judge); the mean over
+  the N concepts, and ``fidelity_ratio`` = merged fidelity / the single LoRA's own fidelity;
+- ``leakage``: in those single-concept images, how often another merged concept j appears instead;
+- ``multi``: "a {ti} and a {tj}" (i ≠ j, all pairs round-robin) shows both, each once (order-free);
+- ``compose``: "a {ti} and a 7" / "a 7 and a {ti}" with a random known digit shows both;
+- ``base``: known digits without triggers (singles and pairs) are drawn correctly.
+
+Methods (``METHODS``; add more with `register_method`): ``base`` (no LoRA), ``single`` (each request with
+its own concept's LoRA only; multi-concept prompts are not applicable), ``linear`` (sum of the LoRAs,
+multiplier 1), and merges through `lib_loraclr.merge.pipeline.merge_loras`: ``lsq``, ``loraclr``
+(recommended preset), ``loraclr_official``, ``svd``, and ``lsq_np`` / ``loraclr_np`` (recommended, without
+the neutral-prompt base-preservation rows). Output: a table on stdout, ``results.json`` and one PNG
+grid per method and N in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib_loraclr.world import data as wdata
+from lib_loraclr.world.assets import BASE_FILE, LORA_DIR, load_base
+from lib_loraclr.world.concepts import Concept, load_concepts
+from lib_loraclr.world.evaluate import SceneJudge, make_identity_judge
+from lib_loraclr.world.judges import load_judges
+
+Request = list[str]  # slot words left to right: ["sks", "7"]
+
+
+@dataclass
+class World:
+    """The loaded world: model (`TinySD`), concepts, LoRAs (name → DeltaSet), scene judge."""
+
+    model: torch.nn.Module
+    concepts: dict[str, Concept]
+    loras: dict[str, object]
+    judge: SceneJudge
+    steps: int = 20
+    sampler: str = "dpmpp_2m"
+    batch: int = 96
+
+    def sample(self, prompts: list[str], width: int, cfg: float, seed: int, denoiser=None) -> torch.Tensor:
+        """Images ``[n, 1, 8, 8·width]``; image i of the whole list uses noise seed ``seed + i``."""
+        from lib_loraclr.tiny.sampling import sample
+
+        out = []
+        for s in range(0, len(prompts), self.batch):
+            kw = {"denoiser": denoiser} if denoiser is not None else {}
+            out.append(
+                sample(
+                    self.model,
+                    prompts[s : s + self.batch],
+                    cfg_scale=cfg,
+                    seed=seed + s,
+                    steps=self.steps,
+                    sampler=self.sampler,
+                    shape=(1, 8, 8 * width),
+                    **kw,
+                )
+            )
+        return torch.cat(out) if out else torch.zeros(0, 1, 8, 8 * width)
+
+
+class Method:
+    """A way to generate with a set of concepts. Subclasses override `setup` and `context`."""
+
+    name = "method"
+    multi_concept = True  # can it be asked for two concepts in one prompt?
+
+    def setup(self, world: World, names: Sequence[str]) -> None:
+        self.names = list(names)
+
+    def context(self, world: World, concepts_in_request: Sequence[str]) -> AbstractContextManager:
+        return nullcontext()
+
+    def generate(self, world: World, requests: Sequence[Request], cfg: float, seed: int) -> torch.Tensor:
+        """Images for requests of one width; requests are grouped by the set of concepts they use."""
+        width = len(requests[0])
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(tuple(sorted({w for w in r if w in world.concepts})), []).append(i)
+        out = torch.zeros(len(requests), 1, 8, 8 * width)
+        for key, idx in groups.items():
+            with self.context(world, key):
+                imgs = world.sample(
+                    [wdata.canonical_prompt(requests[i]) for i in idx], width, cfg, seed + idx[0]
+                )
+            out[idx] = imgs
+        return out
+
+
+class BaseMethod(Method):
+    name = "base"
+
+
+class SingleMethod(Method):
+    """Each request with the LoRA of the one concept it names (none: base)."""
+
+    name = "single"
+    multi_concept = False
+
+    def context(self, world, concepts_in_request):
+        from lib_loraclr.apply import patched
+
+        if not concepts_in_request:
+            return nullcontext()
+        if len(concepts_in_request) > 1:
+            raise ValueError("a single LoRA cannot be asked for two concepts")
+        return patched(world.model, world.loras[concepts_in_request[0]])
+
+
+class LinearMethod(Method):
+    """Sum of the N LoRAs (multiplier 1 each), patched into the weights."""
+
+    name = "linear"
+
+    def context(self, world, concepts_in_request):
+        from lib_loraclr.apply import patched
+
+        return patched(world.model, [(world.loras[n], 1.0) for n in self.names])
+
+
+class MergeMethod(Method):
+    """A merge from `lib_loraclr.merge.pipeline.merge_loras`, with prompts in the world's vocabulary."""
+
+    def __init__(
+        self,
+        method: str,
+        preset: str = "recommended",
+        name: str | None = None,
+        preserve_base: bool | None = None,
+    ) -> None:
+        self.method, self.preset, self.preserve_base = method, preset, preserve_base
+        self.name = name or method
+        self.report: dict = {}
+        self.seconds = 0.0
+
+    def setup(self, world, names):
+        from lib_loraclr.merge.pipeline import Concept as MergeConcept
+        from lib_loraclr.merge.pipeline import MergeConfig, merge_loras
+
+        super().setup(world, names)
+        cfg = MergeConfig(
+            method=self.method,
+            preset=self.preset,
+            templates=("a {}", "{}", "a {} and a 3"),
+            neutral_prompts=("a 0", "a 4 and a 7", "a 1, a 6 and a 9", ""),
+            shape=(1, 8, 8),
+            preserve_base=self.preserve_base,
+        )
+        concepts = [
+            MergeConcept(deltas=world.loras[n], trigger=world.concepts[n].trigger, name=n) for n in names
+        ]
+        t0 = time.time()
+        res = merge_loras(world.model, concepts, cfg)
+        self.seconds = time.time() - t0
+        self.deltas, self.report = res.deltas, res.report
+
+    def context(self, world, concepts_in_request):
+        from lib_loraclr.apply import patched
+
+        return patched(world.model, self.deltas)
+
+
+METHODS: dict[str, Callable[[], Method]] = {
+    "base": BaseMethod,
+    "single": SingleMethod,
+    "linear": LinearMethod,
+    "lsq": lambda: MergeMethod("lsq"),
+    "loraclr": lambda: MergeMethod("loraclr", "recommended", "loraclr"),
+    "loraclr_official": lambda: MergeMethod("loraclr", "official", "loraclr_official"),
+    "svd": lambda: MergeMethod("svd"),
+    # without the neutral-prompt "base" concept (preserve_base=False), which the recommended preset adds
+    "lsq_np": lambda: MergeMethod("lsq", "recommended", "lsq_np", preserve_base=False),
+    "loraclr_np": lambda: MergeMethod("loraclr", "recommended", "loraclr_np", preserve_base=False),
+}
+
+
+def register_method(name: str, factory: Callable[[], Method]) -> None:
+    """Add a method (e.g. CLoRA) to the benchmark's choices."""
+    METHODS[name] = factory
+
+
+# ------------------------------------------------------------------------------------------ requests
+@dataclass
+class Cells:
+    """The requests of one N (fixed by the prompt seed, shared by every method)."""
+
+    fidelity: list[Request] = field(default_factory=list)
+    multi: list[Request] = field(default_factory=list)
+    compose: list[Request] = field(default_factory=list)
+    base: list[Request] = field(default_factory=list)
+
+
+def make_cells(names: Sequence[str], samples: int, prompt_seed: int) -> Cells:
+    rng = random.Random(prompt_seed)
+    c = Cells()
+    c.fidelity = [[names[i % len(names)]] for i in range(samples)]
+    pairs = [(a, b) for a in names for b in names if a != b]
+    rng.shuffle(pairs)
+    c.multi = [list(pairs[i % len(pairs)]) for i in range(samples)] if pairs else []
+    for i in range(samples):
+        d = str(rng.choice(wdata.KNOWN))
+        n = names[i % len(names)]
+        c.compose.append([n, d] if i % 2 == 0 else [d, n])
+    for i in range(samples):
+        k = 1 if i % 2 == 0 else 2
+        c.base.append([str(rng.choice(wdata.KNOWN)) for _ in range(k)])
+    return c
+
+
+def _run_cell(world: World, method: Method, requests: list[Request], cfg: float, seed: int):
+    """(images by width, readings, requests in the same order)."""
+    by_w: dict[int, list[Request]] = {}
+    for r in requests:
+        by_w.setdefault(len(r), []).append(r)
+    imgs, reads, reqs = {}, [], []
+    for w, rs in sorted(by_w.items()):
+        x = method.generate(world, rs, cfg, seed)
+        imgs[w] = x
+        reads.extend(world.judge.read(x))
+        reqs.extend(rs)
+    return imgs, reads, reqs
+
+
+def evaluate(world: World, method: Method, names: Sequence[str], cells: Cells, cfg: float, seed: int) -> dict:
+    """All metrics of one (method, N, CFG, seed) cell; raw images of each metric under ``"_images"``."""
+    res: dict = {"_images": {}}
+    judge = world.judge
+    imgs, reads, reqs = _run_cell(world, method, cells.fidelity, cfg, seed)
+    res["_images"]["fidelity"] = imgs[1]
+    per = {n: [] for n in names}
+    leak = {n: {m: 0 for m in names if m != n} for n in names}
+    for r, rd in zip(reqs, reads):
+        per[r[0]].append(judge.success(r, rd))
+        for m in leak[r[0]]:
+            leak[r[0]][m] += int(judge.present(m, rd))
+    res["fidelity_per_concept"] = {n: sum(v) / len(v) if v else None for n, v in per.items()}
+    res["fidelity"] = statistics.fmean([v for v in res["fidelity_per_concept"].values() if v is not None])
+    cnt = {n: len(v) for n, v in per.items()}
+    res["leakage_matrix"] = {n: {m: leak[n][m] / max(1, cnt[n]) for m in leak[n]} for n in names}
+    anyleak = {n: 0 for n in names}
+    for r, rd in zip(reqs, reads):
+        anyleak[r[0]] += int(any(judge.present(m, rd) for m in names if m != r[0]))
+    res["leakage"] = statistics.fmean([anyleak[n] / max(1, cnt[n]) for n in names]) if len(names) > 1 else 0.0
+    for key in ("multi", "compose", "base"):
+        rq = getattr(cells, key)
+        if not rq or (key == "multi" and not method.multi_concept):
+            res[key] = None
+            continue
+        imgs, reads, reqs = _run_cell(
+            world, method, rq, cfg, seed + 7919 * (1 + ["multi", "compose", "base"].index(key))
+        )
+        res["_images"][key] = imgs[max(imgs)]
+        res[key] = sum(judge.success(r, rd) for r, rd in zip(reqs, reads)) / len(reqs)
+    return res
+
+
+def save_grid(images: dict[str, torch.Tensor], path: Path, per_row: int = 16) -> None:
+    """One row block per metric: up to ``per_row`` images each, scaled ×4, grey separators."""
+    from PIL import Image
+
+    rows = []
+    for x in images.values():
+        x = x[:per_row].clamp(-1, 1)
+        if x.shape[0] == 0:
+            continue
+        pad = torch.full((x.shape[0], 1, 8, 24 - x.shape[-1] + 2), 0.0)
+        rows.append(torch.cat([torch.cat([x, pad], -1)[i] for i in range(x.shape[0])], -1))
+    if not rows:
+        return
+    w = max(r.shape[-1] for r in rows)
+    rows = [torch.nn.functional.pad(r, (0, w - r.shape[-1], 0, 2), value=0.0) for r in rows]
+    img = ((torch.cat(rows, 1)[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    pil = Image.fromarray(img, mode="L").resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pil.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def load_world(
+    base: Path | str = BASE_FILE,
+    lora_dir: Path | str = LORA_DIR,
+    names: Sequence[str] | None = None,
+    steps: int = 20,
+    sampler: str = "dpmpp_2m",
+) -> World:
+    from lib_loraclr.world.assets import load_lora
+
+    concepts = load_concepts()
+    model = load_base(base)
+    clf, mean, comps = load_judges()
+    judge = SceneJudge(clf, make_identity_judge(mean, comps, concepts), concepts)
+    loras = {n: load_lora(n, lora_dir) for n in (names or concepts)}
+    return World(model, concepts, loras, judge, steps, sampler)
+
+
+def _fmt(x) -> str:
+    return "   —  " if x is None else f"{100 * x:5.1f}%"
+
+
+def summarize(rows: list[dict]) -> str:
+    """Table: one line per (method, N, CFG), mean over seeds and (± half the spread) when 2+ seeds."""
+    keys = ("fidelity", "fidelity_ratio", "multi", "compose", "leakage", "base")
+    lines = [f"{'method':18s} {'N':>2s} {'cfg':>4s} " + " ".join(f"{k:>14s}" for k in keys)]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["n"], r["cfg"]), []).append(r)
+    for (m, n, cfg), rs in groups.items():
+        cols = []
+        for k in keys:
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            if not vals:
+                cols.append(f"{'—':>14s}")
+                continue
+            mean = statistics.fmean(vals)
+            spread = (max(vals) - min(vals)) / 2
+            cols.append(
+                f"{100 * mean:6.1f}±{100 * spread:4.1f}%  " if len(vals) > 1 else f"{100 * mean:12.1f}% "
+            )
+        lines.append(f"{m:18s} {n:2d} {cfg:4.1f} " + " ".join(cols))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    all_names = list(load_concepts())
+    names = args.concepts.split(",") if args.concepts else all_names
+    unknown = [n for n in names if n not in all_names]
+    if unknown:
+        raise SystemExit(f"unknown concepts: {unknown}; known: {all_names}")
+    ns = [int(v) for v in args.n.split(",")]
+    if max(ns) > len(names):
+        raise SystemExit(f"N={max(ns)} but only {len(names)} concepts were chosen")
+    world = load_world(args.base, args.lora_dir, names, args.steps, args.sampler)
+    world.batch = args.batch
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfgs = [float(v) for v in args.cfg.split(",")]
+    seeds = [int(v) for v in args.seeds.split(",")]
+    methods = args.methods.split(",")
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    rows: list[dict] = []
+    merge_reports: dict = {}
+    single_fid: dict[tuple[float, int], dict[str, float]] = {}
+    for n in ns:
+        if args.subset_seed is None:
+            subset = names[:n]
+        else:
+            subset = sorted(random.Random(args.subset_seed + n).sample(names, n), key=names.index)
+        cells = make_cells(subset, args.samples, args.prompt_seed)
+        order = ["single"] + [m for m in methods if m != "single"]  # single first: fidelity ratios
+        for mname in order:
+            method = METHODS[mname]()
+            t0 = time.time()
+            method.setup(world, subset)
+            setup_s = time.time() - t0
+            if isinstance(method, MergeMethod):
+                merge_reports[f"{mname}/N{n}"] = {
+                    "seconds": method.seconds,
+                    "summary": method.report.get("summary"),
+                }
+            for cfg in cfgs:
+                for seed in seeds:
+                    t1 = time.time()
+                    res = evaluate(world, method, subset, cells, cfg, seed * 1_000_003)
+                    imgs = res.pop("_images")
+                    if mname == "single":
+                        single_fid[(cfg, seed)] = res["fidelity_per_concept"]
+                    own = single_fid.get((cfg, seed), {})
+                    ratios = [res["fidelity_per_concept"][c] / own[c] for c in subset if own.get(c)]
+                    res["fidelity_ratio"] = statistics.fmean(ratios) if ratios else None
+                    row = {
+                        "method": mname,
+                        "n": n,
+                        "cfg": cfg,
+                        "seed": seed,
+                        "concepts": subset,
+                        "setup_seconds": setup_s,
+                        "seconds": time.time() - t1,
+                        **res,
+                    }
+                    if mname in methods:
+                        rows.append(row)
+                        if seed == seeds[0]:
+                            save_grid(imgs, out / f"grid_{mname}_N{n}_cfg{cfg:g}.png")
+                    print(
+                        f"[{time.time() - t_start:6.0f}s] {mname} N={n} cfg={cfg:g} seed={seed}: "
+                        f"fid {_fmt(res['fidelity'])} multi {_fmt(res['multi'])} compose {_fmt(res['compose'])} "
+                        f"leak {_fmt(res['leakage'])} base {_fmt(res['base'])}",
+                        flush=True,
+                    )
+    table = summarize(rows)
+    print(table)
+    result = {
+        "args": vars(args),
+        "table": table,
+        "rows": rows,
+        "merge_reports": merge_reports,
+        "seconds": time.time() - t_start,
+    }
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, out / "results.json")
+    return result
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concepts", default="", help="comma-separated concept names (default: all, in order)")
+    ap.add_argument("--n", default="2,4", help="numbers of merged concepts, e.g. 2,4,8,12")
+    ap.add_argument(
+        "--subset-seed", type=int, default=None, help="random concept subsets instead of the first N"
+    )
+    ap.add_argument("--methods", default="base,single,linear")
+    ap.add_argument("--samples", type=int, default=96, help="images per cell")
+    ap.add_argument("--seeds", default="0,1", help="sampling (noise) seeds")
+    ap.add_argument("--prompt-seed", type=int, default=0)
+    ap.add_argument("--cfg", default="1.5,3")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sampler", default="dpmpp_2m")
+    ap.add_argument("--batch", type=int, default=96)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--base", default=str(BASE_FILE))
+    ap.add_argument("--lora-dir", default=str(LORA_DIR))
+    ap.add_argument("--out", default="out/quality")
+    ap.add_argument(
+        "--smoke", action="store_true", help="CI size: N=2, base,single,linear, 8 samples, 1 seed"
+    )
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.n, args.methods, args.samples, args.seeds, args.cfg, args.steps = (
+            "2",
+            "base,single,linear",
+            8,
+            "0",
+            "3",
+            12,
+        )
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
