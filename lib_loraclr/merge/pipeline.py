@@ -76,7 +76,10 @@ class MergeConfig:
     sampler: str = "dpmpp_2m"
     seed: int = 0
     shape: tuple[int, int, int] | None = None  # latent [C, H, W]; None = model.latent_shape
-    ridge: float = 1e-6
+    # ridge of lsq / recommended loraclr, relative to the mean Gram eigenvalue. 1e-2: in the measuring world
+    # 1e-6 let nearly collinear rows of different concepts (end tokens after different triggers) blow ΔW up
+    # to 10–50× the LoRAs' norms (noise images); 1e-2 kept the concepts and most of the base (lib_loraclr demo).
+    ridge: float = 1e-2
     svd_rank: int = 64  # for method="svd"
     sketch_rows: int = 512
     kv_rows: str | None = None  # "trigger" (official) | "prompt"; None = by preset
@@ -110,7 +113,10 @@ class MergeConfig:
     def loraclr_params(self) -> LoraclrParams:
         from dataclasses import replace
 
-        base = LoraclrParams.official() if self.official else LoraclrParams.recommended()
+        if self.official:
+            base = LoraclrParams.official()
+        else:
+            base = replace(LoraclrParams.recommended(), ridge=self.ridge)
         try:
             return replace(base, **self.loraclr_overrides)
         except TypeError as e:
