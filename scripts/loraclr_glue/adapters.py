@@ -410,14 +410,7 @@ class ForgeFusion:
             self.capture.install()
         try:
             for blocks in by_len.values():
-                kw: dict[str, Any] = dict(static)
-                kw["c_crossattn"] = torch.cat([block_c[blk][0] for blk in blocks])
-                if ys[0] is not None:
-                    kw["y"] = torch.cat([block_c[blk][1] for blk in blocks])
-                for name, chunks in per_row.items():
-                    kw[name] = torch.cat([chunks[j] for j, _ in blocks])
-                if topt is not None:
-                    kw["transformer_options"] = {**topt, "cond_or_uncond": [cou[j] for j, _ in blocks]}
+                kw = kwargs_for(blocks)
                 self.router.set_rows([k for _, k in blocks for _ in range(b)])
                 want_maps = self.capture is not None and any(cou[j] == COND for j, _ in blocks)
                 if self.capture is not None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from webui_client import TEST_PREFIX, URL_ENV, WebUI
+from webui_client import TEST_PREFIX, URL_ENV, WebUI, pick_loras
 
 
 @pytest.fixture(scope="session")
@@ -42,18 +42,7 @@ def webui() -> WebUI:
 @pytest.fixture(scope="session")
 def lora_names(webui: WebUI) -> list[str]:
     """Two LoRAs with trigger words (``LORACLR_WEBUI_LORAS`` or the first two the extension lists)."""
-    r = webui.get("/loraclr/v1/loras")
-    assert r.status == 200, f"/loraclr/v1/loras → {r.status}: {r.text[:500]}"
-    listed = {x["name"]: x for x in r.body["loras"]}
-    wanted = [n.strip() for n in os.environ.get("LORACLR_WEBUI_LORAS", "").split(",") if n.strip()]
-    if wanted:
-        missing = [n for n in wanted if n not in listed]
-        assert not missing, f"LORACLR_WEBUI_LORAS names {missing}, not in the WebUI's LoRA folder: {sorted(listed)}"
-        return wanted
-    usable = [n for n, x in listed.items() if x["trigger_words"] and not n.startswith(TEST_PREFIX)]
-    if len(usable) < 2:
-        pytest.skip(f"need two LoRAs with trigger words in the WebUI's LoRA folder; found {usable}")
-    return usable[:2]
+    return pick_loras(webui)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from webui_client import TEST_PREFIX, WebUI, infotext_params
+from webui_client import TEST_PREFIX, WebUI, infotext_params, pick_loras
 
 FORGE_URL_ENV = "LORACLR_FORGE_URL"
 #: a short CLoRA run for a CPU host: one latent-update step, no refinement iterations
@@ -58,17 +58,7 @@ def forge() -> WebUI:
 
 @pytest.fixture(scope="module")
 def forge_loras(forge: WebUI) -> list[str]:
-    r = forge.get("/loraclr/v1/loras")
-    assert r.status == 200, f"/loraclr/v1/loras → {r.status}: {r.text[:500]}"
-    listed = {x["name"]: x for x in r.body["loras"]}
-    wanted = [n.strip() for n in os.environ.get("LORACLR_WEBUI_LORAS", "").split(",") if n.strip()]
-    if wanted:
-        assert all(n in listed for n in wanted), (wanted, sorted(listed))
-        return wanted
-    usable = [n for n, x in listed.items() if x["trigger_words"] and not n.startswith(TEST_PREFIX)]
-    if len(usable) < 2:
-        pytest.skip(f"need two LoRAs with trigger words in Forge's LoRA folder; found {usable}")
-    return usable[:2]
+    return pick_loras(forge, "Forge")
 
 
 def test_forge_is_the_host(forge):

@@ -101,3 +101,24 @@ def infotext_params(infotext: str) -> dict[str, str]:
     return out
 
 
+
+
+def pick_loras(client: WebUI, host: str = "the WebUI") -> list[str]:
+    """Two LoRAs with trigger words: ``LORACLR_WEBUI_LORAS`` (comma separated) or the first two the
+    extension lists (not our own test outputs). Skips the test when there are fewer than two."""
+    import os
+
+    import pytest
+
+    r = client.get("/loraclr/v1/loras")
+    assert r.status == 200, f"/loraclr/v1/loras → {r.status}: {r.text[:500]}"
+    listed = {x["name"]: x for x in r.body["loras"]}
+    wanted = [n.strip() for n in os.environ.get("LORACLR_WEBUI_LORAS", "").split(",") if n.strip()]
+    if wanted:
+        missing = [n for n in wanted if n not in listed]
+        assert not missing, f"LORACLR_WEBUI_LORAS names {missing}, not in {host}'s LoRA folder: {sorted(listed)}"
+        return wanted
+    usable = [n for n, x in listed.items() if x["trigger_words"] and not n.startswith(TEST_PREFIX)]
+    if len(usable) < 2:
+        pytest.skip(f"need two LoRAs with trigger words in {host}'s LoRA folder; found {usable}")
+    return usable[:2]
