@@ -108,14 +108,16 @@ def _own_rows(cs: ConceptStats, d_out: int) -> torch.Tensor:
 def _lsq_core(
     stats: Sequence[ConceptStats], d_out: int, coef: Sequence[float], ridge: float,
     own_rows: Sequence[torch.Tensor] | None = None, grams: Sequence[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float, tuple | None]:
+    want_delta: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, float, tuple | None]:
     """Minimiser of ``Σ_i c_i ‖X_i(Δ − ΔW_i)ᵀ‖² + λ‖Δ‖²``, ``λ = ridge·tr(Σ c_i G_i)/d_in``.
 
     Returns ``(Δ float64, H, R, λ, None)`` with ``H = Σ c_i G_i``, ``R = Σ c_i ΔW_i G_i``; or, on the row path
     (all concepts raw and ``Σ n_i < d_in``), ``(Δ, None, None, λ, (Z, T̃, e, T̃ᵀU, UᵀZ))`` from the push-through
     identity ``Δ = T̃ᵀ(λI + ZZᵀ)^-1 Z`` (``ZZᵀ = U diag(e) Uᵀ``) with weighted rows ``Z = √c_i X_i`` and targets
     ``T̃ = √c_i X_iΔW_iᵀ`` (an ``n × n`` problem instead of ``d_in × d_in``; without ridge the pseudo-inverse,
-    i.e. the minimum-norm solution). ``own_rows``: precomputed ``X_iΔW_iᵀ`` (row path).
+    i.e. the minimum-norm solution). ``own_rows``: precomputed ``X_iΔW_iᵀ`` (row path). ``want_delta=False``
+    (row path only): return ``Δ = None`` and let the caller form it from the factors when needed.
     """
     d_in = stats[0].features.d_in
     feats = [cs.features for cs in stats]
@@ -135,7 +137,8 @@ def _lsq_core(
         uz = u.T @ z  # [n, d_in]
         el = e + lam
         inv = torch.where(el > 1e-12 * max(float(el[-1]), 1e-300), 1.0 / el, torch.zeros_like(el))
-        return (tu * inv) @ uz, None, None, lam, (z, t, e, tu, uz)
+        delta = (tu * inv) @ uz if want_delta else None
+        return delta, None, None, lam, (z, t, e, tu, uz)
     h = torch.zeros(d_in, d_in, dtype=torch.float64)
     rr = torch.zeros(d_out, d_in, dtype=torch.float64)
     for k, (c, cs) in enumerate(zip(coef, stats)):
@@ -174,6 +177,7 @@ def solve_lsq(
     w0 = _check_stats(W0, stats)
     coef = [cs.weight * (1.0 if weights is None else float(weights[k])) for k, cs in enumerate(stats)]
     delta, _, _, _, _ = _lsq_core(stats, w0.shape[0], coef, ridge)
+    assert delta is not None
     return delta.float()
 
 
@@ -381,17 +385,29 @@ class _Objective:
         self.c = [w * base / s**2 for w, s in zip(self.w, self.s)]
         self.hinge_w = [w * params.lambda_con * params.hinge_weight / self.N for w in self.w]
         own = self._Tii if self._rows_mode else None
+        lazy = self._rows_mode and params.init == "lsq_reg" and bool(params.lambda_reg)  # start = lsq_shrunk
         lsq, h, rr, lam, zt = _lsq_core(stats, self.d_out, self.c, params.ridge, own_rows=own,
-                                        grams=None if self._rows_mode else self._grams)
+                                        grams=None if self._rows_mode else self._grams, want_delta=not lazy)
         self._zt = zt
         self.lam = lam
-        self.lsq = lsq.float()
+        self._lsq = None if lsq is None else lsq.float()
         self._h, self._r = h, rr
         if self._rows_mode:
             assert zt is not None
             self._z = zt[0].float()
         self.ref: torch.Tensor | None = None
         self._setup_hinge()
+
+    @property
+    def lsq(self) -> torch.Tensor:
+        """The minimiser of the quadratic part, float32 ``[d_out, d_in]`` (formed on first use, row path)."""
+        if self._lsq is None:
+            assert self._zt is not None
+            _, _, e, tu, uz = self._zt
+            el = e + self.lam
+            inv = torch.where(el > 1e-12 * max(float(el[-1]), 1e-300), 1.0 / el, torch.zeros_like(el))
+            self._lsq = ((tu * inv) @ uz).float()
+        return self._lsq
 
     @property
     def deltas(self) -> list[torch.Tensor]:
@@ -443,7 +459,7 @@ class _Objective:
             return math.sqrt(float((num_np / (e_np + lam + nu) ** 2).sum()))
 
         if mu >= 2 * math.sqrt(float(num_np.sum())):  # lim_{ν→∞} 2ν‖Δ(ν)‖; beyond it Δ = 0 is optimal
-            return torch.zeros_like(self.lsq)
+            return torch.zeros(self.d_out, self.d_in)
         lo, hi = 0.0, 1.0
         while 2 * hi * norm(hi) < mu:
             hi *= 4.0
@@ -456,12 +472,23 @@ class _Objective:
             if hi - lo <= 1e-15 * hi:
                 break
         nu = 0.5 * (lo + hi)
-        return ((left / (e + lam + nu)) @ right).float()
+        return (left / (e + lam + nu)).float() @ right.float()  # factors in float64, the product in float32
+
+    def _rows_times(self, delta: torch.Tensor) -> torch.Tensor:
+        """``X Δᵀ`` over all raw rows ``[Σn_i, d_out]`` (row path), remembered for the last ``delta`` seen without
+        grad, so that the errors and the paired distances of one evaluation share the product."""
+        memo = getattr(self, "_xd_memo", None)
+        if memo is not None and memo[0] is delta and memo[1] == delta._version:
+            return memo[2]
+        out = self._Xcat @ delta.T
+        if not delta.requires_grad:
+            self._xd_memo = (delta, delta._version, out)
+        return out
 
     def sq_errors(self, delta: torch.Tensor) -> list[float]:
         """``‖X_i(Δ − ΔW_i)ᵀ‖²`` per concept, float64 (no cancellation)."""
         if self._rows_mode:
-            r = (self._Xcat @ delta.float().T - self._Tcat).pow(2).sum(1).double()
+            r = (self._rows_times(delta.float()) - self._Tcat).pow(2).sum(1).double()
             return [max(v, 0.0) for v in torch.segment_reduce(r, "sum", lengths=self._lengths).tolist()]
         if not hasattr(self, "_grams32"):  # float32 copies: the errors are formed first, so no cancellation
             self._grams32 = [g.float() for g in self._grams]
@@ -513,8 +540,10 @@ class _Objective:
         self._sk_x = [x.float().cpu() for _, x in sk]
         self._sk_idx = [idx for idx, _ in sk]
         full = self._rows_mode and all(int(ix.numel()) == n for ix, n in zip(self._sk_idx, self.n))
-        if full:  # the sketches are all the rows: reuse X_iΔW_iᵀ
-            y = torch.cat(self._sk_x) @ self.w0.T + self._Tcat
+        self._xw0: torch.Tensor | None = None
+        if full:  # the sketches are all the rows: reuse X_iΔW_iᵀ (and X W0ᵀ, see _rows_times)
+            self._xw0 = torch.cat(self._sk_x) @ self.w0.T
+            y = self._xw0 + self._Tcat
             self._sk_y = list(torch.split(y, self.n))
         else:
             base = list(torch.split(torch.cat(self._sk_x) @ self.w0.T, [int(x.shape[0]) for x in self._sk_x]))
@@ -555,15 +584,18 @@ class _Objective:
 
     def _dist_paired(self, delta: torch.Tensor) -> torch.Tensor:
         """``[N, N]`` matrix of (normalised) D_ij, j ≠ i; diagonal and unknown pairs = +inf."""
-        a_w = self.w0 + delta
+        if self._aligned and self._xw0 is not None and not delta.requires_grad:
+            yh = (self._xw0 + self._rows_times(delta)).reshape(self.N, -1, self.d_out)  # shares X Δᵀ
+        elif self._aligned:
+            yh = self._xs @ (self.w0 + delta).T  # [N, k, d_out]
         if self._aligned:
-            yh = self._xs @ a_w.T  # [N, k, d_out]
             a = yh.reshape(self.N, -1)
             v = self._ys.reshape(self.N, -1)
             d2 = a.pow(2).sum(1, keepdim=True) + v.pow(2).sum(1, keepdim=True).T - 2 * a @ v.T
             dist = torch.sqrt(torch.clamp(self._scale * d2, min=1e-12))
             dist = dist.masked_fill(torch.eye(self.N, dtype=torch.bool), float("inf"))
         else:
+            a_w = self.w0 + delta
             yh = [x @ a_w.T for x in self._sk_x]
             rows = []
             for i in range(self.N):
