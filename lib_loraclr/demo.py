@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lib_loraclr.merge.pipeline import Concept, MergeConfig, format_report, merge_loras
     from lib_loraclr.world.assets import load_base, load_lora
     from lib_loraclr.world.concepts import load_concepts
+    from lib_loraclr.world.data import canvas_for
     from lib_loraclr.world.evaluate import SceneJudge, make_identity_judge
     from lib_loraclr.world.judges import load_judges
     from lib_loraclr.writers import write_kohya_lora
@@ -86,6 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"[1/4] merging {', '.join(names)} with LoRACLR (recommended preset)…", flush=True)
     cfg = MergeConfig(method="loraclr", preset="recommended", templates=("a {}", "{}", "a {} and a 3"),
                       neutral_prompts=("a 0", "a 4 and a 7", "a 1, a 6 and a 9", ""), shape=(1, 8, 8),
+                      shape_for=canvas_for,
                       seed=args.seed, ridge=args.ridge,
                       loraclr_overrides={"iters": args.loraclr_iters, "ridge": args.ridge})
     res = merge_loras(model, [Concept(loras[n], concepts[n].trigger, name=n) for n in names], cfg)

@@ -117,3 +117,32 @@ def test_merge_on_tiny_sdxl_layout_and_save(tmp_path) -> None:
     back = read_lora(tmp_path / "xl.safetensors")
     assert back.arch == "sdxl" and set(back.modules) == set(keys)
     assert max(errs.values()) < 1e-5
+
+
+def test_mean_prior_single_concept_and_all_prompts(model, concepts) -> None:
+    """prior="mean" solves for Δ − Δ̄: with one concept Δ̄ is its own ΔW, so the merge is that LoRA exactly;
+    sample_prompts="all" samples every template (with ``shape_for``'s canvas) and still fits each concept."""
+    res = merge_loras(model, concepts[:1], _fast(method="lsq", prior="mean"))
+    for k, m in res.deltas.modules.items():
+        torch.testing.assert_close(m.delta(), concepts[0].deltas[k].delta(), rtol=1e-4, atol=1e-6)
+    shapes: list[tuple[int, int, int]] = []
+
+    c, h, w = model.latent_shape
+
+    def shape_for(prompt: str) -> tuple[int, int, int]:
+        shapes.append((c, h, w if " and " not in prompt else 2 * w))
+        return shapes[-1]
+
+    cfg = _fast(method="lsq", prior="mean", sample_prompts="all", shape_for=shape_for,
+                templates=("photo of a {}", "a {} and a dog"))
+    res = merge_loras(model, concepts, cfg)
+    assert (c, h, 2 * w) in shapes and (c, h, w) in shapes
+    for name in ("a", "b"):
+        assert res.report["groups"]["unet"]["concepts"][name]["rel_err"] < 1.0
+    assert res.report["config"]["shape_for"] == "custom"
+
+
+def test_feature_options_are_validated(model, concepts) -> None:
+    for bad in ({"prior": "median"}, {"sample_prompts": "some"}, {"sample_images": 0}):
+        with pytest.raises(MergeInputError):
+            merge_loras(model, concepts, _fast(method="lsq", **bad))

@@ -249,7 +249,8 @@ class LoraclrParams:
         in Δ (the objective stays convex), and its hinge gap is scaled by ``sep_ij / σ_i`` (pos units) and
         capped at ``m``, so near-duplicate concepts (tiny separation) are not pushed apart.
     normalize: ``"none"`` (official units) or ``"concept"``: ``pos_i`` divided by ``σ_i = ‖X_iΔW_iᵀ‖``
-        (so ``pos_i`` is concept i's relative error; floored at ``sigma_floor`` × the RMS per-row effect);
+        (so ``pos_i`` is concept i's relative error; floored at ``sigma_floor`` × the RMS per-row effect; a
+        concept with ΔW_i = 0, such as the neutral base rows, uses the RMS per-row effect itself);
         "own"/"paired" distances divided by the distance between the two targets.
     init: ``"zero"`` (official), ``"lsq"``: the exact minimiser of the quadratic part (pos + MSE + ridge), or
         ``"lsq_reg"``: the exact minimiser of the quadratic part plus ``λ_reg‖Δ‖_F`` (the lsq solution shrunk
@@ -377,7 +378,9 @@ class _Objective:
         if params.normalize == "concept":
             per_row = [o / n for o, n in zip(self.own_sq, self.n) if o > 0]
             rms = math.sqrt(sum(per_row) / len(per_row)) if per_row else 1.0
-            self.s = [max(math.sqrt(o), params.sigma_floor * rms * math.sqrt(n)) for o, n in zip(self.own_sq, self.n)]
+            # a concept without an effect here (ΔW_i = 0, e.g. the neutral "base" rows) counts like a typical one
+            self.s = [max(math.sqrt(o), params.sigma_floor * rms * math.sqrt(n)) if o > 0 else rms * math.sqrt(n)
+                      for o, n in zip(self.own_sq, self.n)]
         else:
             self.s = [1.0] * self.N
         self.w = [cs.weight for cs in stats]

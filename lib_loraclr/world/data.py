@@ -103,6 +103,13 @@ def canonical_prompt(words: Sequence[str]) -> str:
     return caption(words, template=0)
 
 
+def canvas_for(prompt: str) -> tuple[int, int, int]:
+    """Image shape ``(1, 8, 8·k)`` for a caption of k digits ("a 3 and a 7" → 16 wide; "" and "a 3" → 8): the
+    merge's feature runs draw each prompt on the canvas the world samples it at."""
+    k = 1 + prompt.count(" and ") + prompt.count(", ")
+    return (1, SLOT, SLOT * min(k, 3))
+
+
 def compose(slots: Sequence[torch.Tensor]) -> torch.Tensor:
     """Put 8×8 digit images ``[1, 8, 8]`` side by side → ``[1, 8, 8·len(slots)]``."""
     return torch.cat(list(slots), dim=-1)
