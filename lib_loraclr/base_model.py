@@ -5,6 +5,7 @@ classes (ldm UNet, transformers CLIP-L)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,23 @@ class BaseModelError(LoraclrError):
     """The base checkpoint cannot be used for a merge."""
 
 
-def load_base(path: str | os.PathLike[str], tokenizer: Any = None) -> torch.nn.Module:
+#: Builds an SD1 UNet from its sizes: ``factory(TinyUNetConfig) -> nn.Module`` whose module names follow
+#: ldm's layout (``input_blocks`` / ``middle_block`` / ``output_blocks`` / ``out``, ``attn1``/``attn2`` with
+#: ``to_q``/``to_k``/``to_v``/``to_out.0``) and whose ``forward(x, timesteps=…, context=…)`` returns ε.
+UNetFactory = Callable[[Any], torch.nn.Module]
+
+
+def load_base(path: str | os.PathLike[str], tokenizer: Any = None,
+              unet_factory: UNetFactory | None = None) -> torch.nn.Module:
     """A base model the pipeline can drive: a tiny reference checkpoint, or a full SD1.x checkpoint.
 
     Full SD1 checkpoints are rebuilt from the real classes (ldm UNet, transformers CLIP-L) on the CPU;
     the VAE is not needed. Other architectures raise BaseModelError with what to do instead.
     ``tokenizer``: a CLIP tokenizer to use (the WebUI's own); default: generated offline from open_clip's BPE.
+    ``unet_factory``: builds the UNet of a full SD1 checkpoint instead of ldm's ``UNetModel`` (a host
+    without the ``ldm`` package passes its own class, see `UNetFactory`); it is called on the meta device
+    and every UNet weight of the file must fit it exactly (missing or extra keys raise BaseModelError).
+    Tiny reference checkpoints always use their own classes.
     """
     from safetensors import safe_open
 
@@ -56,13 +68,17 @@ def load_base(path: str | os.PathLike[str], tokenizer: Any = None) -> torch.nn.M
         # Build on the meta device and assign the file's tensors (one fp32 copy of the weights in memory,
         # converted tensor by tensor): about 4 GB for SD1.5 instead of three copies.
         with torch.device("meta"):
-            model = TinySD(cfg, tokenizer=tokenizer)
+            model = TinySD(cfg, tokenizer=tokenizer, unet_factory=unet_factory)
         sd = {n: _as_float(f.get_tensor(n)) for n in names}
-    missing, _ = model.load_state_dict(sd, strict=False, assign=True)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     del sd
     missing = [m for m in missing if not m.endswith("position_ids")]
     if missing:
         raise BaseModelError(f"{p.name} lacks {len(missing)} weights of an SD1 model, e.g. {missing[:3]}")
+    unexpected = [u for u in unexpected if not u.endswith("position_ids")]
+    if unet_factory is not None and unexpected:
+        raise BaseModelError(f"the host's UNet does not fit {p.name}: {len(unexpected)} weights have no place "
+                             f"in it, e.g. {unexpected[:3]}")
     for mod_name, mod in model.named_modules():  # non-persistent buffers are not in the file
         for b_name, buf in list(mod.named_buffers(recurse=False)):
             if buf.is_meta:

@@ -5,6 +5,7 @@ the Forge function wrapper, hook removal after postprocess and after an exceptio
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -559,7 +560,7 @@ def test_merge_service_interrupt_leaves_no_file(loaded, lora_dir, tmp_path, monk
     ckpt = tmp_path / "base.safetensors"
     ckpt.write_bytes(b"")
     svc = make_service(lora_dir, str(ckpt))
-    monkeypatch.setattr(engine, "load_base_model", lambda path: object())
+    monkeypatch.setattr(engine, "load_base_model", lambda path, unet_factory=None: object())
 
     def fake_merge(model, concepts, config, progress):
         assert [c.trigger for c in concepts] == ["sks", "ohwx"]  # from the files' metadata
@@ -576,6 +577,20 @@ def test_merge_service_interrupt_leaves_no_file(loaded, lora_dir, tmp_path, monk
     assert shared.state.job == ""  # state ended
 
 
+class RecordingLora(extra_networks.ExtraNetwork):
+    """The built-in Lora's place in the registry: records what each txt2img batch activates."""
+
+    def __init__(self):
+        super().__init__("lora")
+        self.calls = []
+
+    def activate(self, p, params_list):
+        self.calls.append(([x.items for x in params_list], [q.strip() for q in p.prompts], list(p.seeds), p.steps, p.width))
+
+    def deactivate(self, p):
+        pass
+
+
 def test_merge_service_success_writes_and_reports(loaded, model, lora_dir, tmp_path, monkeypatch):
     from loraclr_glue import engine, ui_merge
 
@@ -585,25 +600,88 @@ def test_merge_service_success_writes_and_reports(loaded, model, lora_dir, tmp_p
     ckpt = tmp_path / "base.safetensors"
     ckpt.write_bytes(b"")
     svc = make_service(lora_dir, str(ckpt))
-    monkeypatch.setattr(engine, "load_base_model", lambda path: object())
+    svc.shared.sd_model = model  # the WebUI's loaded model: the preview's txt2img runs on it
+    monkeypatch.setattr(model, "sd_checkpoint_info", SimpleNamespace(filename=str(ckpt)), raising=False)
+    seen = {}
+
+    def fake_load(path, unet_factory=None):
+        seen["factory"] = unet_factory
+        return object()
+
+    monkeypatch.setattr(engine, "load_base_model", fake_load)
     merged = random_lora(model, attention_keys(model, te=False, other=False), seed=5)
     report = {"groups": {"kv": {"concepts": {"catlora": {"rel_err": 0.01, "interference": 0.2},
                                              "doglora": {"rel_err": 0.02, "interference": 0.1}},
                                 "base_change_neutral": 0.05}}}
     monkeypatch.setattr(engine, "merge_loras", lambda m, c, cfg, progress: MergeResult(merged, report))
-    table = [["catlora", "sks", 1.0, 1.0], ["doglora", "", 0.8, 1.0], ["", "", 1.0, 1.0]]
-    rows, prompt, status = ui_merge.merge_click(svc, "task(x)", table, "lsq", "recommended", 5, 0, "LoRA",
-                                                "merged_pair", 8, False)
-    out = lora_dir / "merged_pair.safetensors"
-    assert out.is_file() and "Saved" in status, status
-    assert prompt == "<lora:merged_pair:1> sks, ohwx"
-    assert rows == [["catlora", "kv", 0.01, 0.2, 0.05], ["doglora", "kv", 0.02, 0.1, 0.05]]
-    back = read_lora(out)
-    assert len(back) == len(merged) and json.loads(back.metadata["loraclr_trigger"]) == ["sks", "ohwx"]
-    rows, prompt, status = ui_merge.merge_click(svc, "task(y)", table, "lsq", "recommended", 5, 0, "LoRA",
-                                                "merged_pair", 8, False)
-    assert rows == [] and "already exists" in status and "class='error'" in status
+    lora_net = RecordingLora()
+    extra_networks.register_extra_network(lora_net)
+    try:
+        table = [["catlora", "sks", 1.0, 1.0], ["doglora", "", 0.8, 1.0], ["", "", 1.0, 1.0]]
+        rows, prompt, images, status = ui_merge.merge_click(svc, "task(x)", table, "lsq", "recommended", 5, 7, "LoRA",
+                                                            "merged_pair", 8, False, True, 128, 2)
+        out = lora_dir / "merged_pair.safetensors"
+        assert out.is_file() and "Saved" in status and "Preview failed" not in status, status
+        assert seen["factory"] is None  # ldm is importable here: load_base's own UNet
+        assert prompt == "<lora:merged_pair:1> sks, ohwx"
+        assert rows == [["catlora", "kv", 0.01, 0.2, 0.05], ["doglora", "kv", 0.02, 0.1, 0.05]]
+        # preview: one txt2img job, one image per concept + all concepts, same seed, the merged LoRA at weight 1
+        assert [c for _, c in images] == ["catlora", "doglora", "all concepts"]
+        assert [call[0] for call in lora_net.calls] == [[["merged_pair", "1"]]] * 3
+        assert [call[1] for call in lora_net.calls] == [["photo of sks"], ["photo of ohwx"], ["photo of sks and ohwx"]]
+        assert {tuple(call[2]) for call in lora_net.calls} == {(7,)} and {c[3:] for c in lora_net.calls} == {(2, 128)}
+        lat = [img for img, _ in images]
+        assert all(bool(torch.isfinite(x).all()) for x in lat) and not torch.equal(lat[0], lat[1])
+        back = read_lora(out)
+        assert len(back) == len(merged) and json.loads(back.metadata["loraclr_trigger"]) == ["sks", "ohwx"]
+        lora_net.calls.clear()
+        rows, prompt, images, status = ui_merge.merge_click(svc, "task(y)", table, "lsq", "recommended", 5, 0, "LoRA",
+                                                            "merged_pair", 8, False, True, 128, 2)
+        assert rows == [] and images == [] and "already exists" in status and "class='error'" in status
+        assert lora_net.calls == []
+        # preview off: no txt2img; a failing preview keeps the saved file and says why
+        rows, _, images, status = ui_merge.merge_click(svc, "task(z)", table, "lsq", "recommended", 5, 0, "LoRA",
+                                                       "merged_pair", 8, True, False, 128, 2)
+        assert images == [] and lora_net.calls == [] and "Saved" in status
+        monkeypatch.setattr(processing, "process_images", lambda p: (_ for _ in ()).throw(RuntimeError("no VRAM")))
+        rows, _, images, status = ui_merge.merge_click(svc, "task(w)", table, "lsq", "recommended", 5, 0, "LoRA",
+                                                       "merged_pair", 8, True, True, 128, 2)
+        assert images == [] and "Saved" in status and "Preview failed: RuntimeError: no VRAM" in status
+        assert out.is_file() and len(rows) == 2
+    finally:
+        extra_networks.extra_network_registry.pop("lora", None)
     out.unlink()
+
+
+def test_preview_prompts_and_render_arguments(loaded):
+    from loraclr_glue import preview
+
+    assert preview.preview_prompts("m", [("a", "sks cat"), ("b", "ohwx dog")]) == [
+        ("a", "<lora:m:1> photo of sks cat"), ("b", "<lora:m:1> photo of ohwx dog"),
+        ("all concepts", "<lora:m:1> photo of sks cat and ohwx dog")]
+    assert preview.preview_prompts("m", [("a", "sks")]) == [("a", "<lora:m:1> photo of sks")]
+    made = []
+
+    class Txt2Img(processing.StableDiffusionProcessingTxt2Img):
+        def __init__(self, **kw):
+            made.append(kw)
+            super().__init__(**kw)
+
+    fake = SimpleNamespace(StableDiffusionProcessingTxt2Img=Txt2Img,
+                           process_images=lambda p: SimpleNamespace(images=["grid"] + [f"img{i}" for i in range(3)]))
+    got = preview.render(fake, SimpleNamespace(sd_model="M"), [("a", "x"), ("b", "y"), ("all", "z")],
+                         preview.PreviewSettings(size=200, steps=3, seed=5))
+    assert got == [("img0", "a"), ("img1", "b"), ("img2", "all")]  # a leading grid image is dropped
+    kw = made[0]
+    assert kw["width"] == kw["height"] == 192 and kw["n_iter"] == 3 and kw["batch_size"] == 1
+    assert kw["seed"] == [5, 5, 5] and kw["do_not_save_samples"] and kw["do_not_save_grid"] and kw["sd_model"] == "M"
+    assert kw["scheduler"] == "Automatic" and kw["sampler_name"] == "Euler"
+
+    @dataclasses.dataclass
+    class OldTxt2Img:  # A1111 1.8: a dataclass without ``scheduler``
+        sampler_name: str = None
+
+    assert not preview._accepts(OldTxt2Img, "scheduler") and preview._accepts(OldTxt2Img, "sampler_name")
 
 
 def test_merge_result_is_strict_json(loaded, model, lora_dir, tmp_path, monkeypatch):
@@ -616,7 +694,7 @@ def test_merge_result_is_strict_json(loaded, model, lora_dir, tmp_path, monkeypa
     ckpt = tmp_path / "base.safetensors"
     ckpt.write_bytes(b"")
     svc = make_service(lora_dir, str(ckpt))
-    monkeypatch.setattr(engine, "load_base_model", lambda path: object())
+    monkeypatch.setattr(engine, "load_base_model", lambda path, unet_factory=None: object())
     merged = random_lora(model, attention_keys(model, te=False, other=False), seed=6)
     report = {"groups": {"kv": {"concepts": {"catlora": {"rel_err": float("inf"), "interference": 0.2}},
                                 "base_change_neutral": float("nan")}},

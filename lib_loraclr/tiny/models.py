@@ -195,7 +195,10 @@ class TinySD(nn.Module):
 
     parameterization = "eps"
 
-    def __init__(self, config: TinySDConfig | None = None, tokenizer: Any = None) -> None:
+    def __init__(self, config: TinySDConfig | None = None, tokenizer: Any = None,
+                 unet_factory: Any = None) -> None:
+        """``unet_factory(TinyUNetConfig) -> nn.Module``: another UNet class with ldm's module names and
+        ``forward(x, timesteps=…, context=…)`` (e.g. a host's own), instead of ldm's ``UNetModel``."""
         super().__init__()
         from .tokenizer import clip_tokenizer
 
@@ -205,7 +208,8 @@ class TinySD(nn.Module):
                 f"text hidden_size {self.config.text.hidden_size} != UNet context_dim {self.config.unet.context_dim}"
             )
         self.tokenizer = tokenizer if tokenizer is not None else clip_tokenizer()
-        self.model = DiffusionWrapper(_build_ldm_unet(self.config.unet))
+        build = unet_factory if unet_factory is not None else _build_ldm_unet
+        self.model = DiffusionWrapper(build(self.config.unet))
         text_model = CLIPTextModel(self.config.text.to_clip_config())
         self.cond_stage_model = CondStage(text_model, self.tokenizer)
         self.register_buffer("alphas_cumprod", sd_alphas_cumprod(), persistent=False)

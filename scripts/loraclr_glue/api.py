@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from . import engine, merge_job
-from .host import is_forge
 from .lora_files import LoraNotFoundError, find_lora, list_loras, lora_dir
 
 
@@ -61,9 +60,34 @@ class MergeService:
             return None
 
     def base_checkpoint(self) -> Path | None:
+        """The file of the loaded checkpoint; before the first generation (Forge loads lazily and holds a
+        placeholder model until then) the selected one: Forge's loading parameters, else the
+        ``sd_model_checkpoint`` option matched against the WebUI's checkpoint list."""
         info = getattr(getattr(self.shared, "sd_model", None), "sd_checkpoint_info", None)
         filename = getattr(info, "filename", None)
+        if filename:
+            return Path(filename)
+        return self.selected_checkpoint()
+
+    def selected_checkpoint(self) -> Path | None:
+        try:
+            from modules import sd_models
+        except ImportError:
+            return None
+        params = getattr(getattr(sd_models, "model_data", None), "forge_loading_parameters", None)
+        info = params.get("checkpoint_info") if isinstance(params, dict) else None
+        if info is None:
+            title = getattr(getattr(self.shared, "opts", None), "sd_model_checkpoint", None)
+            match = getattr(sd_models, "get_closet_checkpoint_match", None)
+            info = match(title) if title and callable(match) else None
+        filename = getattr(info, "filename", None)
         return Path(filename) if filename else None
+
+    def unet_factory(self) -> Any:
+        """The base model's UNet builder for this host (`host_models.merge_unet_factory`; None = ldm's)."""
+        from .host_models import merge_unet_factory
+
+        return merge_unet_factory()
 
     # ------------------------------------------------------------------ progress / interrupt
     def progress(self, stage: str, done: int, total: int) -> None:
@@ -84,8 +108,8 @@ class MergeService:
         """Run ``fn`` like the WebUI runs generation jobs (see the module docstring)."""
         if self._runner is not None:
             return self._runner(fn)
-        if is_forge(getattr(self.shared, "sd_model", None)):
-            from modules_forge import main_thread
+        main_thread = forge_main_thread()
+        if main_thread is not None:
 
             box: dict[str, Any] = {}
 
@@ -138,6 +162,7 @@ class MergeService:
                 return merge_job.run_merge(
                     req, lora_folder=self.lora_folder(), checkpoint_folder=self.checkpoint_folder(),
                     base_checkpoint=self.base_checkpoint(), progress=self.progress, should_stop=self.should_stop,
+                    unet_factory=self.unet_factory(),
                 )
 
         try:
@@ -153,6 +178,16 @@ class MergeService:
             release_memory()
         self.refresh_loras()
         return result
+
+    def preview(self, result: dict[str, Any], settings: Any) -> list[tuple[Any, str]]:
+        """Preview images of a merged LoRA (`preview`): ``[(image, caption)]``, made by the WebUI's txt2img."""
+        from modules import processing
+
+        from . import preview
+
+        prompts = preview.preview_prompts(Path(result["file"]).stem,
+                                          [(c["name"], c["trigger"]) for c in result.get("concepts", [])])
+        return self.run_heavy(lambda: preview.render(processing, self.shared, prompts, settings))
 
     def refresh_loras(self) -> None:
         """Let the built-in Lora extension see a new file (its ``networks`` module, when loaded)."""
@@ -192,6 +227,20 @@ class MergeService:
         found = list_loras(self.lora_folder(), search)
         return {"loras": [{"name": k, "file": os.fspath(v), "trigger_words": engine.trigger_words(v)}
                           for k, v in found.items()]}
+
+
+def forge_main_thread() -> Any:
+    """Forge's ``modules_forge.main_thread`` (heavy jobs run there), or None on A1111 (capability: the module
+    exists; the model object cannot tell, Forge holds a placeholder until the first generation)."""
+    import importlib.util
+
+    if importlib.util.find_spec("modules_forge") is None:
+        return None
+    try:
+        from modules_forge import main_thread
+    except ImportError:
+        return None
+    return main_thread if callable(getattr(main_thread, "run_and_wait_result", None)) else None
 
 
 def release_memory() -> None:

@@ -121,23 +121,24 @@ def merge_concepts(concepts: Sequence[dict[str, Any]]) -> list[Any]:
     ]
 
 
-def load_base_model(checkpoint: Path) -> Any:
+def load_base_model(checkpoint: Path, unet_factory: Callable[[Any], Any] | None = None) -> Any:
     """The base model for the merge, built from the checkpoint FILE (A1111 keeps LoRA deltas patched into
     the live model between generations, so the live model is not a clean base).
 
-    Uses `lib_loraclr.base_model.load_base` (SD1.x and the bundled tiny models). It builds the UNet from
-    the `ldm` classes, which A1111 ships and Forge does not: there it raises EngineUnavailable (503).
+    Uses `lib_loraclr.base_model.load_base` (SD1.x and the bundled tiny models). Its UNet is ldm's, which
+    A1111 ships; a host without ldm passes ``unet_factory`` (Forge: `host_models.forge_unet_factory`).
+    Without either, raises EngineUnavailable (HTTP 503) with what to do instead.
     """
     try:
         from lib_loraclr.base_model import load_base
     except ImportError as e:
         raise EngineUnavailable(f"lib_loraclr.base_model is not available in this build ({e})") from None
     try:
-        return load_base(checkpoint)
+        return load_base(checkpoint, unet_factory=unet_factory)
     except ModuleNotFoundError as e:
         raise EngineUnavailable(
             f"merging needs the '{e.name}' package to rebuild the base model, and this WebUI does not have it "
-            "(Forge ships no ldm); run `python -m lib_loraclr merge` in a venv made by .ci/venv.sh instead"
+            "(nor Forge's UNet class); run `python -m lib_loraclr merge` in a venv made by .ci/venv.sh instead"
         ) from None
 
 

@@ -10,7 +10,7 @@ Request (JSON; keys in any order, defaults when omitted, unknown keys refused)::
       "advanced": {"sample_steps": 20, "seed": 0, …}           passed to MergeConfig (validated there)
     }
 
-Response: ``{"file", "kind", "prompt", "report", "report_rows", "seconds"}``. The output is written
+Response: ``{"file", "kind", "prompt", "concepts": [{"name", "trigger"}], "report", "report_rows", "seconds"}``. The output is written
 atomically at the end; an interrupt before that leaves no file. Trigger words default to the LoRA's
 metadata (`engine.trigger_words`).
 """
@@ -171,9 +171,11 @@ def run_merge(
     base_checkpoint: Path | None,
     progress: Callable[[str, int, int], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    unet_factory: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
     """Run one merge (see the module docstring). Raises MergeRequestError, MergeInterrupted,
-    engine.EngineUnavailable and lib_loraclr errors (all with user-facing messages)."""
+    engine.EngineUnavailable and lib_loraclr errors (all with user-facing messages).
+    ``unet_factory``: builds the base model's UNet on hosts without ldm (`host_models.merge_unet_factory`)."""
     t0 = time.perf_counter()
     if base_checkpoint is None or not Path(base_checkpoint).is_file():
         raise MergeRequestError("no checkpoint is loaded: the merge needs the base model's file")
@@ -206,7 +208,7 @@ def run_merge(
         config = engine.merge_config(req.method, req.preset, req.advanced)
     except TypeError as e:
         raise MergeRequestError(f"unknown advanced option: {e}") from None
-    model = engine.load_base_model(Path(base_checkpoint))
+    model = engine.load_base_model(Path(base_checkpoint), unet_factory)
     result = engine.merge_loras(model, engine.merge_concepts(concepts), config, tick)
     tick("saving", 0, 1)
     report = dict(result.report)
@@ -232,6 +234,7 @@ def run_merge(
         "file": str(out_path),
         "kind": req.kind,
         "prompt": ready_prompt(out_path.stem, triggers) if req.kind == "lora" else ", ".join(triggers),
+        "concepts": [{"name": c["name"], "trigger": c["trigger"]} for c in concepts],
         "report": report,
         "report_rows": report_rows(report),
         "seconds": time.perf_counter() - t0,

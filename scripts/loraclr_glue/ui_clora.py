@@ -86,6 +86,19 @@ def paste_value(key: str) -> Any:
     return get
 
 
+def table_height(dataframe_cls: Any, pixels: int) -> dict[str, Any]:
+    """``{"height": pixels}`` where the Dataframe has a fixed pixel height by default (gradio 4: 500 px, which
+    a one-row table inside a collapsed accordion fills with blank space, seen in Forge), else ``{}``
+    (gradio 3.41: ``height=None`` already fits the rows)."""
+    import inspect
+
+    try:
+        default = inspect.signature(dataframe_cls.__init__).parameters["height"].default
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return {"height": pixels} if isinstance(default, int) and not isinstance(default, bool) else {}
+
+
 def build(script: Any, is_img2img: bool) -> list[Any]:
     import gradio as gr
     from modules.ui_components import InputAccordion
@@ -120,6 +133,7 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
             value=UI_DEFAULTS["loras"], headers=list(ca.TABLE_HEADERS), datatype=["str", "number", "str", "str"],
             row_count=(1, "dynamic"), col_count=(4, "fixed"), type="array", interactive=True,
             label="LoRAs bound to words (used when the switch is on)", elem_id=f"loraclr_{tab}_table",
+            **table_height(gr.Dataframe, 180),
         )
     options = gr.State(value=default_state())
     for key, comp in controls.items():

@@ -5,6 +5,10 @@ The click handler goes through the WebUI's ``call_queue.wrap_gradio_gpu_call`` w
 a task id, ``requestProgress`` polling ``shared.state``, the queue lock, and an Interrupt button that
 sets ``shared.state.interrupted`` (checked between merge stages; nothing is written before the end).
 The handler's last output is an HTML status, as ``wrap_gradio_gpu_call`` requires.
+
+After a LoRA is saved, an opt-in preview (on by default, small size and few steps) renders one image per
+concept and one with all concepts through the WebUI's own txt2img (`preview`), shown in a gallery; a
+preview that fails is reported in the status and never loses the saved file.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
-from . import engine, merge_job
+from . import engine, merge_job, preview
 from .api import MergeService, ServiceError
 from .lora_files import list_loras
+from .ui_clora import table_height
 
 TABLE_HEADERS = ["LoRA", "trigger words", "TE weight", "UNet weight"]
 REPORT_HEADERS = ["concept", "layers", "fidelity error", "interference", "base change"]
@@ -64,18 +69,28 @@ def status_html(text: str, error: bool = False) -> str:
 
 
 def merge_click(service: MergeService, id_task: str, table: Any, method: str, preset: str, sample_steps: float,
-                seed: float, kind: str, name: str, rank: float, overwrite: bool) -> list[Any]:
-    """Handler body (inside ``wrap_gradio_gpu_call``): ``[report rows, ready prompt, status html]``."""
+                seed: float, kind: str, name: str, rank: float, overwrite: bool, show_preview: bool = False,
+                preview_size: float = preview.DEFAULT_SIZE, preview_steps: float = preview.DEFAULT_STEPS) -> list[Any]:
+    """Handler body (inside ``wrap_gradio_gpu_call``): ``[report rows, ready prompt, preview images, status html]``."""
     body = request_from_ui(table, method, preset, sample_steps, seed, kind, name, rank, overwrite)
     try:
         result = service.merge(body, locked=False)
     except ServiceError as e:
-        return [[], "", status_html(e.message, error=True)]
+        return [[], "", [], status_html(e.message, error=True)]
     rows = [[r[0], r[1], r[2], r[3], r[4]] for r in result["report_rows"]]
     msg = f"Saved {result['file']} in {result['seconds']:.1f} s."
     if result["report"].get("svd_error") is not None:
         msg += f" LoRA rank {int(rank)}: SVD truncation error {result['report']['svd_error']:.4f}."
-    return [rows, result["prompt"], status_html(msg)]
+    images: list[Any] = []
+    if show_preview and result["kind"] == "lora":
+        settings = preview.PreviewSettings(size=int(preview_size), steps=int(preview_steps), seed=int(seed))
+        try:
+            images = service.preview(result, settings)
+        except Exception as e:  # noqa: BLE001 - the merge is saved; say why the preview is missing
+            msg += f" Preview failed: {type(e).__name__}: {e}"
+    elif show_preview:
+        msg += " (no preview for a checkpoint: load it and use txt2img)"
+    return [rows, result["prompt"], images, status_html(msg)]
 
 
 def js_kwarg(listener: Any) -> str:
@@ -106,7 +121,8 @@ def build(service: MergeService | None = None) -> list[tuple[Any, str, str]]:
         table = gr.Dataframe(value=[["", "", 1.0, 1.0]], headers=TABLE_HEADERS,
                              datatype=["str", "str", "number", "number"], col_count=(4, "fixed"),
                              row_count=(1, "dynamic"), type="array", interactive=True,
-                             label="Trigger words and weights", elem_id="loraclr_merge_table")
+                             label="Trigger words and weights", elem_id="loraclr_merge_table",
+                             **table_height(gr.Dataframe, 260))
         with FormRow():
             method = gr.Radio(list(merge_job.METHODS), value="loraclr", label="Method (loraclr recommended)",
                               elem_id="loraclr_merge_method")
@@ -123,14 +139,23 @@ def build(service: MergeService | None = None) -> list[tuple[Any, str, str]]:
                              elem_id="loraclr_merge_rank")
             overwrite = gr.Checkbox(False, label="Overwrite", elem_id="loraclr_merge_overwrite")
         with FormRow():
+            show_preview = gr.Checkbox(True, label="Preview after merging (WebUI txt2img)",
+                                       elem_id="loraclr_merge_preview")
+            preview_size = gr.Slider(64, 512, value=preview.DEFAULT_SIZE, step=64, label="Preview size",
+                                     elem_id="loraclr_merge_preview_size")
+            preview_steps = gr.Slider(1, 50, value=preview.DEFAULT_STEPS, step=1, label="Preview steps",
+                                      elem_id="loraclr_merge_preview_steps")
+        with FormRow():
             run = gr.Button("Merge", variant="primary", elem_id="loraclr_merge_run")
             interrupt = gr.Button("Interrupt", elem_id="loraclr_merge_interrupt")
         progress = gr.HTML(elem_id="loraclr_merge_progress")
         report = gr.Dataframe(headers=REPORT_HEADERS, label="Fidelity report (lower errors are better)",
-                              interactive=False, elem_id="loraclr_merge_report")
+                              interactive=False, elem_id="loraclr_merge_report", **table_height(gr.Dataframe, 320))
         with FormRow():
             prompt = gr.Textbox(label="Ready prompt", elem_id="loraclr_merge_prompt", interactive=True)
             send = gr.Button("Send to txt2img", elem_id="loraclr_merge_send")
+        gallery = gr.Gallery(label="Preview: each concept, then all together", columns=4, height="auto",
+                             object_fit="contain", elem_id="loraclr_merge_gallery")
         status = gr.HTML(elem_id="loraclr_merge_status")
         dummy_task = gr.Textbox(visible=False, elem_id="loraclr_merge_task")
 
@@ -139,11 +164,12 @@ def build(service: MergeService | None = None) -> list[tuple[Any, str, str]]:
         picker.change(fn=lambda sel, cur: table_for(service, sel, cur), inputs=[picker, table], outputs=[table])
         interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
         handler = call_queue.wrap_gradio_gpu_call(
-            lambda *a: merge_click(service, *a), extra_outputs=[gr.update(), gr.update()]
+            lambda *a: merge_click(service, *a), extra_outputs=[gr.update(), gr.update(), gr.update()]
         )
         js = js_kwarg(run.click)
         run.click(fn=handler, inputs=[dummy_task, table, method, preset, sample_steps, seed, kind, out_name, rank,
-                                      overwrite], outputs=[report, prompt, status], **{js: "loraclr_merge_submit"})
+                                      overwrite, show_preview, preview_size, preview_steps],
+                  outputs=[report, prompt, gallery, status], **{js: "loraclr_merge_submit"})
         send.click(fn=None, inputs=[prompt], outputs=[], **{js: "loraclr_send_to_txt2img"})
         _ = progress
     return [(tab, "LoRACLR merge", "loraclr_merge")]

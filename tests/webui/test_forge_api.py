@@ -3,10 +3,11 @@ names the server (e.g. ``http://127.0.0.1:7862``, started with ``--api`` or ``--
 ``--always-cpu`` on a machine without a GPU). Uses `webui_client` (urllib only).
 
 The checks a person does by hand after every glue change (issue 6, "Testing", Forge):
-1. ``POST /loraclr/v1/merge``: writes a LoRA file, or — the headless merge rebuilds the base UNet from the
-   ``ldm`` package, which Forge lacks — answers 503 with a message that says so and what to run instead;
-2. txt2img with ``<lora:NAME:1>`` of a kohya LoRA (ours, or the merged one) names it in ``Lora hashes``
-   and changes the image;
+1. ``POST /loraclr/v1/merge`` writes a LoRA file (the base model is rebuilt from the checkpoint FILE with
+   Forge's own UNet class, Forge has no ``ldm``); it runs first, so on a fresh server it also covers the
+   checkpoint being found before the first generation (Forge loads its model lazily);
+2. txt2img with ``<lora:NAME:1>`` of a kohya LoRA (ours, and the merged one) names it in ``Lora hashes``
+   and changes the image (Forge's log says ``[LORA] Loaded … (skipped 0 keys)``);
 3. a CLoRA txt2img through ``alwayson_scripts`` with two ``<clora:…>`` LoRAs completes with the CLoRA
    parameters in the infotext, without ``CLoRA error``; the latent update either ran (no notice) or
    the infotext's ``CLoRA notice`` says "masks-only"; the built-in Lora never loads those LoRAs;
@@ -61,6 +62,38 @@ def forge_loras(forge: WebUI) -> list[str]:
     return pick_loras(forge, "Forge")
 
 
+@pytest.fixture(scope="module")
+def forge_merged(forge, forge_loras) -> dict[str, Any]:
+    """``POST /loraclr/v1/merge`` of the two LoRAs (a fresh name) → the response body and the name."""
+    name = f"{TEST_PREFIX}forge_{int(time.time())}"
+    body = {"loras": forge_loras[:2], "output": {"kind": "lora", "name": name, "rank": 8},
+            "advanced": {"sample_steps": 2}}
+    r = forge.post("/loraclr/v1/merge", body)
+    assert r.status == 200, f"merge → {r.status}: {r.text[:2000]}"
+    return {"name": name, "response": r.body}
+
+
+def test_merge_route_writes_a_file(forge, forge_merged):
+    """Runs before any txt2img of this module: on a fresh server Forge has not loaded its model yet."""
+    res, name = forge_merged["response"], forge_merged["name"]
+    path = Path(res["file"])
+    assert path.name == f"{name}.safetensors" and res["kind"] == "lora"
+    if path.exists():  # the test runs on the server's machine
+        assert path.stat().st_size > 10_000
+    assert res["prompt"].startswith(f"<lora:{name}:1> ") and res["report_rows"], res["prompt"]
+    assert forge.post("/sdapi/v1/refresh-loras").status == 200
+    assert name in {x["name"] for x in forge.get("/sdapi/v1/loras").body}
+
+
+def test_merged_lora_loads_in_txt2img(forge, forge_merged):
+    name = forge_merged["name"]
+    trigger = forge_merged["response"]["concepts"][0]["trigger"]
+    plain, _ = forge.txt2img(f"a photo of {trigger}")
+    info, text = forge.txt2img(f"a photo of {trigger} <lora:{name}:1>")
+    assert f"{name}: " in infotext_params(text).get("Lora hashes", ""), text
+    assert _image(info) != _image(plain), "the merged LoRA did not change the image"
+
+
 def test_forge_is_the_host(forge):
     """The server is Forge (its version string starts with ``f``), so these checks mean what they say."""
     _, text = forge.txt2img("a photo")
@@ -81,22 +114,6 @@ def test_inspect_and_list_routes(forge, forge_loras):
     assert [x["name"] for x in r.body["loras"]] == forge_loras
     r = forge.post("/loraclr/v1/inspect", {"name": "no_such_lora_xyz"})
     assert r.status == 404 and "not found" in r.body["error"]
-
-
-def test_merge_route_writes_a_file_or_says_why_not(forge, forge_loras):
-    forge.txt2img("a photo")  # Forge loads the checkpoint lazily: make sure one is loaded
-    name = f"{TEST_PREFIX}forge_{int(time.time())}"
-    body = {"loras": forge_loras, "output": {"kind": "lora", "name": name, "rank": 8},
-            "advanced": {"sample_steps": 2}}
-    r = forge.post("/loraclr/v1/merge", body)
-    if r.status == 503:
-        msg = r.body["error"]
-        assert "ldm" in msg and "python -m lib_loraclr merge" in msg, msg
-        return
-    assert r.status == 200, f"merge → {r.status}: {r.text[:2000]}"
-    assert Path(r.body["file"]).name == f"{name}.safetensors"
-    assert forge.post("/sdapi/v1/refresh-loras").status == 200
-    assert name in {x["name"] for x in forge.get("/sdapi/v1/loras").body}
 
 
 def _image(info: dict[str, Any]) -> bytes:

@@ -24,8 +24,18 @@ class StableDiffusionProcessing:
     cached_c = [None, None]  # noqa: RUF012
 
     def __init__(self, sd_model=None, prompt="", negative_prompt="", seed=1, batch_size=1, n_iter=1, steps=4,
-                 cfg_scale=5.0, width=64, height=64, outpath_samples=None, scripts=None, script_args=None):
+                 cfg_scale=5.0, width=64, height=64, outpath_samples=None, scripts=None, script_args=None,
+                 outpath_grids=None, sampler_name=None, do_not_save_samples=False, do_not_save_grid=False,
+                 override_settings=None, scheduler=None):
+        # keyword names as A1111 1.10's dataclass fields (the glue passes everything by keyword)
         self.sd_model = sd_model
+        self.outpath_grids = outpath_grids
+        self.sampler_name = sampler_name
+        self.scheduler = scheduler  # A1111 >= 1.9 and Forge
+        self.do_not_save_samples = do_not_save_samples
+        self.do_not_save_grid = do_not_save_grid
+        self.override_settings = override_settings or {}
+        self.closed = False
         self.prompt = prompt
         self.negative_prompt = negative_prompt
         self.seed = seed
@@ -56,9 +66,22 @@ class StableDiffusionProcessing:
         self.uc = None
 
     def setup_prompts(self):
-        self.all_prompts = self.batch_size * self.n_iter * [self.prompt]
+        # A1111: a list prompt is one prompt per image; a list seed is one seed per image
+        if isinstance(self.prompt, list):
+            self.all_prompts = self.prompt
+        else:
+            self.all_prompts = self.batch_size * self.n_iter * [self.prompt]
         self.all_negative_prompts = [self.negative_prompt] * len(self.all_prompts)
-        self.all_seeds = [self.seed + i for i in range(len(self.all_prompts))]
+        if isinstance(self.seed, list):
+            self.all_seeds = self.seed
+        else:
+            self.all_seeds = [self.seed + i for i in range(len(self.all_prompts))]
+
+    def close(self):
+        self.sampler = None
+        self.c = None
+        self.uc = None
+        self.closed = True
 
     def get_conds_with_caching(self, function, required_prompts, steps, caches, extra_network_data):
         key = (tuple(required_prompts), steps, repr(extra_network_data))
@@ -75,6 +98,16 @@ class StableDiffusionProcessing:
                                               self.steps, [self.cached_uc], self.extra_network_data)
         self.c = self.get_conds_with_caching(prompt_parser.get_multicond_learned_conditioning, self.prompts,
                                              self.steps, [self.cached_c], self.extra_network_data)
+
+
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    """A1111's txt2img processing (hires fix fields accepted, not used here)."""
+
+    def __init__(self, enable_hr=False, denoising_strength=0.75, hr_scale=2.0, **kwargs):
+        super().__init__(**kwargs)
+        self.enable_hr = enable_hr
+        self.denoising_strength = denoising_strength
+        self.hr_scale = hr_scale
 
 
 class CFGDenoiser(torch.nn.Module):
