@@ -169,6 +169,7 @@ class MergeMethod(Method):
             templates=("a {}", "{}", "a {} and a 3"),
             neutral_prompts=("a 0", "a 4 and a 7", "a 1, a 6 and a 9", ""),
             shape=(1, 8, 8),
+            shape_for=wdata.canvas_for,
             preserve_base=self.preserve_base,
         )
         concepts = [
@@ -316,6 +317,144 @@ def load_world(
     judge = SceneJudge(clf, make_identity_judge(mean, comps, concepts), concepts)
     loras = {n: load_lora(n, lora_dir) for n in (names or concepts)}
     return World(model, concepts, loras, judge, steps, sampler)
+
+
+# ------------------------------------------------------------------------------------------ CLoRA
+class CloraMethod(Method):
+    """CLoRA (`lib_loraclr.clora`) composing the single LoRAs at sampling time, no merge.
+
+    Per request (slot words, e.g. ``["sks", "7"]``): branch 0 = the prompt with every concept replaced by
+    the digit it draws (`Concept.digit`: the held-out class, or the identity's digit) and no LoRA
+    ("a 2 and a 7"); branch k = the prompt with the k-th concept slot's trigger back in place ("a sks and a
+    7") and that concept's LoRA (UNet and text encoder) — `build_clora_denoiser`'s ``mode="replace"``.
+
+    - multi-concept requests: one branch per concept; latent update + masked fusion;
+    - single-concept and compose requests: ONE concept branch + base; the contrastive loss needs ≥ 2
+      concepts, so these run masks-only (concept mask from the trigger's attention; the rest of the
+      image from the base branch);
+    - requests without a concept: plain sampling (`Method.generate`: the very images of ``base``).
+
+    Batching: requests with the same pattern (which concept in which slot; plain digits may differ per
+    image) share token groups and branch → LoRA routing, so they run as ONE batch (per-image prompts);
+    image j of a pattern group uses noise seed ``seed + first index + j``, as in `Method.generate`.
+    Token groups are built here per slot (by occurrence), so repeated digits work ("a mth and a yte" →
+    base "a 1 and a 1"; `branch_prompts` binds words to their first occurrence only).
+    """
+
+    name = "clora"
+
+    def __init__(
+        self,
+        schedule: str = "recommended",
+        name: str | None = None,
+        capture_layers: Sequence[str] | None = None,
+        **option_overrides,
+    ) -> None:
+        """``schedule``: `CloraOptions.recommended` or ``.paper`` at the world's steps, with
+        ``option_overrides``; ``capture_layers``: ``attn2`` names in the UNet (None: lowest resolution)."""
+        if schedule not in ("recommended", "paper"):
+            raise ValueError(f"schedule must be 'recommended' or 'paper', got {schedule!r}")
+        self.schedule = schedule
+        self.option_overrides = option_overrides
+        self.capture_layers = list(capture_layers) if capture_layers is not None else None
+        self.name = name or ("clora" if schedule == "recommended" else f"clora_{schedule}")
+        self.last_denoiser = None  # diagnostics/tests: the `CloraDenoiser` of the last batch
+        self.last_branches: list[list[tuple[object, float]]] = []
+        self.last_prompts: list[list[str]] = []
+
+    def setup(self, world, names):
+        from lib_loraclr.clora import CloraOptions
+        from lib_loraclr.tiny.sampling import CFGDenoiser
+
+        super().setup(world, names)
+        make = CloraOptions.recommended if self.schedule == "recommended" else CloraOptions.paper
+        self.options = make(world.steps, **self.option_overrides)
+        self.inner = CFGDenoiser(world.model).inner_model
+
+    @staticmethod
+    def _slot_positions(world: World, prompt: str, words: Sequence[str], slot: int) -> list[int]:
+        """Token positions of slot ``slot``'s word in ``prompt`` (its occurrence among equal words)."""
+        tp = world.model.prompt_encoder.token_positions
+        w = words[slot]
+        n_tok = max(1, len(tp(w, w)))
+        found = tp(prompt, w)
+        occ = sum(1 for v in words[:slot] if v == w)
+        return found[occ * n_tok : (occ + 1) * n_tok]
+
+    def branch_layout(self, world: World, words: Sequence[str]):
+        """``(branch_words, groups, mask_tokens)`` of one request: ``branch_words[b]`` = slot words of
+        branch b's prompt; ``groups[g][b]`` / ``mask_tokens[b]`` as in `lib_loraclr.clora.branch_prompts`."""
+        slots = [j for j, w in enumerate(words) if w in world.concepts]
+        base = [str(world.concepts[w].digit) if w in world.concepts else w for w in words]
+        branch_words = [base]
+        for j in slots:
+            bw = list(base)
+            bw[j] = words[j]
+            branch_words.append(bw)
+        prompts = [wdata.canonical_prompt(bw) for bw in branch_words]
+        groups = [
+            [self._slot_positions(world, p, bw, j) for p, bw in zip(prompts, branch_words)] for j in slots
+        ]
+        mask_tokens = [[]] + [list(groups[g][g + 1]) for g in range(len(slots))]
+        return branch_words, groups, mask_tokens
+
+    def denoiser(self, world: World, requests: Sequence[Request]):
+        """A `CloraDenoiser` for a batch of requests with one pattern (one row per request)."""
+        from lib_loraclr.clora import CloraDenoiser, RoutedLoras, te_branch_conds, te_key
+        from lib_loraclr.clora.routing import UNET_PREFIX
+
+        layouts = [self.branch_layout(world, r) for r in requests]
+        _, groups, mask_tokens = layouts[0]
+        if any(lay[1] != groups for lay in layouts):
+            raise ValueError("requests of one CLoRA batch must share their token groups")
+        concepts = [w for w in requests[0] if w in world.concepts]
+        branches = [[]] + [[(world.loras[c], 1.0)] for c in concepts]
+        prompts = [[wdata.canonical_prompt(lay[0][b]) for lay in layouts] for b in range(len(branches))]
+        model = world.model
+        router = RoutedLoras(model.model.diffusion_model, branches, prefix=UNET_PREFIX)
+        te_router = RoutedLoras(model, branches, key_filter=te_key)
+        if te_router.n_modules == 0:
+            te_router = None
+        conds = te_branch_conds(model.get_learned_conditioning, prompts, te_router)
+        negatives = [[""] * len(requests)] * len(branches)
+        unconds = te_branch_conds(model.get_learned_conditioning, negatives, te_router)
+        unet = model.model.diffusion_model
+        den = CloraDenoiser(
+            self.inner,
+            unet,
+            conds,
+            groups,
+            mask_tokens,
+            self.options,
+            unconds=unconds,
+            router=router,
+            capture_layers=self.capture_layers,
+        )
+        self.last_denoiser, self.last_branches, self.last_prompts = den, branches, prompts
+        return den
+
+    def generate(self, world, requests, cfg, seed):
+        width = len(requests[0])
+        out = torch.zeros(len(requests), 1, 8, 8 * width)
+        plain = [i for i, r in enumerate(requests) if not any(w in world.concepts for w in r)]
+        if plain:
+            out[plain] = super().generate(world, [requests[i] for i in plain], cfg, seed)
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, r in enumerate(requests):
+            if i not in plain:
+                groups.setdefault(tuple(w if w in world.concepts else "#" for w in r), []).append(i)
+        for idx in groups.values():
+            for s in range(0, len(idx), world.batch):
+                chunk = idx[s : s + world.batch]
+                rs = [requests[i] for i in chunk]
+                den = self.denoiser(world, rs)
+                prompts = [wdata.canonical_prompt(r) for r in rs]  # unused by the denoiser (own conds)
+                out[chunk] = world.sample(prompts, width, cfg, seed + chunk[0], denoiser=den)
+        return out
+
+
+register_method("clora", lambda: CloraMethod("recommended"))
+register_method("clora_paper", lambda: CloraMethod("paper"))
 
 
 def _fmt(x) -> str:

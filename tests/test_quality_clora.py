@@ -1,0 +1,109 @@
+"""CLoRA in the quality benchmark (`bench/quality.py`: ``clora`` / ``clora_paper``) on the measuring world."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import quality as q
+
+from lib_loraclr.clora import Concept as ClConcept
+from lib_loraclr.clora import ConceptNotFoundError, branch_prompts
+
+NAMES = ["sks", "ohwx", "mth", "yte"]  # two class concepts (digits 2, 5), two identities of digit 1
+
+
+@pytest.fixture(scope="module")
+def world():
+    w = q.load_world(names=NAMES, steps=4)
+    return w
+
+
+def _method(world, **kw) -> q.CloraMethod:
+    m = q.CloraMethod("recommended", **kw)
+    m.setup(world, NAMES)
+    return m
+
+
+def test_registered_with_the_recommended_and_paper_schedules(world):
+    a, b = q.METHODS["clora"](), q.METHODS["clora_paper"]()
+    a.setup(world, NAMES)
+    b.setup(world, NAMES)
+    assert (a.name, b.name) == ("clora", "clora_paper")
+    assert a.options.maps_from == "cond" and b.options.maps_from == "both"
+    assert a.options.total_updates(world.steps) < b.options.total_updates(world.steps)
+
+
+def test_concepts_draw_the_digits_the_base_branch_names(world):
+    assert [world.concepts[n].digit for n in NAMES] == [2, 5, 1, 1]
+
+
+@pytest.mark.parametrize("words", [["sks", "ohwx"], ["ohwx", "sks"], ["7", "sks"], ["ohwx", "3"], ["sks"]])
+def test_branch_layout_equals_the_library_replace_mode(world, words):
+    m = _method(world)
+    bw, groups, mask_tokens = m.branch_layout(world, words)
+    base = [str(world.concepts[w].digit) if w in world.concepts else w for w in words]
+    concepts = [ClConcept(w, str(world.concepts[w].digit)) for w in words if w in world.concepts]
+    tp = world.model.prompt_encoder.token_positions
+    bp = branch_prompts(q.wdata.canonical_prompt(base), concepts, tp, mode="replace")
+    assert [q.wdata.canonical_prompt(b) for b in bw] == bp.prompts
+    assert groups == bp.groups and mask_tokens == bp.mask_tokens
+
+
+def test_repeated_digits_bind_by_slot(world):
+    """mth and yte both draw a 1: base "a 1 and a 1"; the library's first-occurrence binding refuses it."""
+    m = _method(world)
+    bw, groups, mask_tokens = m.branch_layout(world, ["mth", "yte"])
+    assert bw == [["1", "1"], ["mth", "1"], ["1", "yte"]]
+    assert groups == [[[2], [2], [2]], [[5], [5], [5]]] and mask_tokens == [[], [2], [5]]
+    tp = world.model.prompt_encoder.token_positions
+    with pytest.raises(ConceptNotFoundError):
+        branch_prompts("a 1 and a 1", [ClConcept("mth", "1"), ClConcept("yte", "1")], tp, mode="replace")
+
+
+def test_a_pattern_batch_routes_each_branch_to_its_concepts_lora(world):
+    m = _method(world)
+    m.denoiser(world, [["ohwx", "sks"], ["ohwx", "sks"]])
+    assert m.last_branches[0] == []
+    assert m.last_branches[1][0][0] is world.loras["ohwx"] and m.last_branches[2][0][0] is world.loras["sks"]
+    assert m.last_prompts == [["a 5 and a 2"] * 2, ["a ohwx and a 2"] * 2, ["a 5 and a sks"] * 2]
+    # compose requests with different known digits share one batch, each row its own prompt
+    m.denoiser(world, [["sks", "7"], ["sks", "3"]])
+    assert m.last_prompts == [["a 2 and a 7", "a 2 and a 3"], ["a sks and a 7", "a sks and a 3"]]
+    assert m.last_denoiser.n_branches == 2 and not m.last_denoiser.can_update  # one concept: masks only
+
+
+def test_base_requests_are_plain_sampling_bit_for_bit(world):
+    reqs = [["3"], ["7"], ["0"]]
+    m = _method(world)
+    base = q.METHODS["base"]()
+    base.setup(world, NAMES)
+    assert torch.equal(m.generate(world, reqs, 3.0, 11), base.generate(world, reqs, 3.0, 11))
+
+
+def test_one_concept_branch_with_a_full_mask_is_the_single_lora(world):
+    """Threshold 0: the concept mask covers every pixel, so the fused prediction is the concept branch
+    alone, i.e. the single LoRA (applied by routing hooks instead of patched weights)."""
+    reqs = [["sks"], ["sks"], ["ohwx"]]
+    m = _method(world, mask_threshold=0.0)
+    single = q.METHODS["single"]()
+    single.setup(world, NAMES)
+    a, b = m.generate(world, reqs, 3.0, 5), single.generate(world, reqs, 3.0, 5)
+    assert (a - b).abs().max() < 1e-3
+    # the default threshold hands part of the image to the base branch: different images
+    c = _method(world).generate(world, reqs, 3.0, 5)
+    assert (c - b).abs().max() > 1e-2
+
+
+def test_multi_concept_requests_update_the_latent_and_lower_the_loss(world):
+    m = _method(world)
+    m.generate(world, [["sks", "ohwx"]] * 3, 3.0, 0)
+    hist = m.last_denoiser.history
+    first = [h["loss"] for h in hist if h["step"] == 0.0]
+    assert len(first) == 1 + m.options.refinement_iters
+    assert first[-1] < first[0]
