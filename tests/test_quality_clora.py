@@ -56,14 +56,18 @@ def test_branch_layout_equals_the_library_replace_mode(world, words):
 
 
 def test_repeated_digits_bind_by_slot(world):
-    """mth and yte both draw a 1: base "a 1 and a 1"; the library's first-occurrence binding refuses it."""
+    """mth and yte both draw a 1: base "a 1 and a 1"; the library binds the second concept to the second "1"
+    and agrees with the benchmark's slot binding."""
     m = _method(world)
     bw, groups, mask_tokens = m.branch_layout(world, ["mth", "yte"])
     assert bw == [["1", "1"], ["mth", "1"], ["1", "yte"]]
     assert groups == [[[2], [2], [2]], [[5], [5], [5]]] and mask_tokens == [[], [2], [5]]
     tp = world.model.prompt_encoder.token_positions
-    with pytest.raises(ConceptNotFoundError):
-        branch_prompts("a 1 and a 1", [ClConcept("mth", "1"), ClConcept("yte", "1")], tp, mode="replace")
+    bp = branch_prompts("a 1 and a 1", [ClConcept("mth", "1"), ClConcept("yte", "1")], tp, mode="replace")
+    assert bp.prompts == ["a 1 and a 1", "a mth and a 1", "a 1 and a yte"]
+    assert bp.groups == groups and bp.mask_tokens == mask_tokens
+    with pytest.raises(ConceptNotFoundError, match="overlapping"):  # a third "1" concept has no "1" left
+        branch_prompts("a 1 and a 1", [ClConcept(t, "1") for t in ("mth", "yte", "sks")], tp, mode="replace")
 
 
 def test_a_pattern_batch_routes_each_branch_to_its_concepts_lora(world):

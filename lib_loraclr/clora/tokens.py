@@ -49,9 +49,12 @@ class BranchPrompts:
         return len(self.prompts)
 
 
+def _word_pattern(words: str) -> str:
+    return r"(?<![\w<])" + r"\s+".join(re.escape(w) for w in words.split()) + r"(?![\w>])"
+
+
 def _find_word(text: str, words: str) -> re.Match[str] | None:
-    pattern = r"(?<![\w<])" + r"\s+".join(re.escape(w) for w in words.split()) + r"(?![\w>])"
-    return re.search(pattern, text, flags=re.IGNORECASE)
+    return re.search(_word_pattern(words), text, flags=re.IGNORECASE)
 
 
 def _occurrence(text: str, start: int, words: str) -> int:
@@ -87,8 +90,9 @@ def branch_prompts(
     """Build the branch prompts, ``groups[g][b]`` and ``mask_tokens[b]`` (see the module docstring).
 
     ``token_positions(prompt, words)`` returns the positions of every occurrence of ``words``' token
-    sequence in ``prompt`` (``PromptEncoder.token_positions``). Raises `ConceptNotFoundError` when a
-    concept's words are not in the base prompt, or two concepts bind to the same words.
+    sequence in ``prompt`` (``PromptEncoder.token_positions``). Concepts bind in order, each to the first
+    occurrence of its words that no earlier concept took. Raises `ConceptNotFoundError` when a concept's
+    words are not in the base prompt, or every occurrence is taken.
     """
     if mode not in ("insert", "replace"):
         raise ValueError(f"mode must be 'insert' or 'replace', got {mode!r}")
@@ -98,15 +102,17 @@ def branch_prompts(
     for c in concepts:
         if not c.words.strip() or not c.trigger.strip():
             raise ConceptNotFoundError(f"concept {c}: trigger and words must not be empty")
-        m = _find_word(base_prompt, c.words)
-        if m is None:
+        found = list(re.finditer(_word_pattern(c.words), base_prompt, flags=re.IGNORECASE))
+        if not found:
             raise ConceptNotFoundError(
                 f"the words {c.words!r} of trigger {c.trigger!r} do not occur in the prompt {base_prompt!r}"
             )
-        for s, e in spans:
-            if m.start() < e and s < m.end():
-                raise ConceptNotFoundError(f"two concepts bind to overlapping words at {base_prompt[s:e]!r}")
-        spans.append((m.start(), m.end()))
+        # the first occurrence no earlier concept took ("a 1 and a 1": the second concept gets the second "1")
+        free = [m for m in found if all(not (m.start() < e and s < m.end()) for s, e in spans)]
+        if not free:
+            s, e = next((s, e) for s, e in spans if found[0].start() < e and s < found[0].end())
+            raise ConceptNotFoundError(f"two concepts bind to overlapping words at {base_prompt[s:e]!r}")
+        spans.append((free[0].start(), free[0].end()))
 
     prompts = [base_prompt]
     # per branch: character span of each concept's words, and of the own trigger
