@@ -117,6 +117,18 @@ def test_merge_on_tiny_sdxl_layout_and_save(tmp_path) -> None:
     back = read_lora(tmp_path / "xl.safetensors")
     assert back.arch == "sdxl" and set(back.modules) == set(keys)
     assert max(errs.values()) < 1e-5
+    # as a checkpoint: every tensor equals the live model with the merge patched in (fused q/k/v rows too)
+    write_checkpoint(model.state_dict(), res.deltas, tmp_path / "xl_ckpt.safetensors", dtype=torch.float32)
+    from safetensors.torch import load_file
+
+    sd = load_file(tmp_path / "xl_ckpt.safetensors")
+    with patched(model, res.deltas):
+        live = {k: v.clone() for k, v in model.state_dict().items()}
+    assert set(sd) <= set(live) and len(sd) > 0.9 * len(live)
+    changed = [k for k in sd if not torch.equal(sd[k], before[k])]
+    assert any("in_proj_weight" in k for k in changed) and len(changed) >= len(keys) // 2
+    for k in sd:
+        torch.testing.assert_close(sd[k], live[k], rtol=0, atol=1e-6)
 
 
 def test_mean_prior_single_concept_and_all_prompts(model, concepts) -> None:
