@@ -154,6 +154,15 @@ def test_mean_prior_single_concept_and_all_prompts(model, concepts) -> None:
     assert res.report["config"]["shape_for"] == "custom"
 
 
+def test_prior_by_preset_and_layer_group() -> None:
+    te = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1"
+    kv = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k"
+    rec, off = MergeConfig(), MergeConfig(preset="official")
+    assert (rec.prior_for(te), rec.prior_for(kv)) == ("zero", "mean")  # "mean-unet"
+    assert (off.prior_for(te), off.prior_for(kv)) == ("zero", "zero")
+    assert MergeConfig(prior="mean").prior_for(te) == "mean"
+
+
 def test_feature_options_are_validated(model, concepts) -> None:
     for bad in ({"prior": "median"}, {"sample_prompts": "some"}, {"sample_images": 0}):
         with pytest.raises(MergeInputError):

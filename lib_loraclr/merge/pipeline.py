@@ -81,9 +81,11 @@ class MergeConfig:
     # prompt → latent shape function (e.g. wider canvases for multi-subject prompts) overriding ``shape``
     sample_prompts: str | None = None  # None = by preset: official "first", recommended "all"
     # "zero": ridge and neutral prompts pull ΔW toward 0 (keep the base); "mean": toward the mean of the
-    # concepts' ΔW (unconstrained directions and neutral prompts behave like the average LoRA).
-    # None = by preset: official "zero", recommended "mean" (measuring world, N=2, 96 images: fidelity 45 → 48 %,
-    # concept beside a known digit 6 → 12 %, known digits 68 → 98 % vs "zero" + "first")
+    # concepts' ΔW (unconstrained directions and neutral prompts behave like the average LoRA); "mean-unet":
+    # "mean" on UNet layers, "zero" on text-encoder layers. None = by preset: official "zero", recommended
+    # "mean-unet" ("mean" measured in the world, N=2, 96 images: fidelity 45 → 48 %, concept beside a known
+    # digit 6 → 12 %, known digits 68 → 98 % vs "zero" + "first"; but "mean" on the text encoder made A1111's
+    # UNet output NaN with two random test LoRAs on a random SD1.5, "zero" there did not)
     prior: str | None = None
     sample_images: int = 1
     shape_for: Callable[[str], tuple[int, int, int]] | None = None
@@ -110,8 +112,8 @@ class MergeConfig:
             raise MergeInputError("sample_steps must be at least 1")
         if self.sample_prompts not in (None, "first", "all"):
             raise MergeInputError(f"sample_prompts must be 'first' or 'all', not {self.sample_prompts!r}")
-        if self.prior not in (None, "zero", "mean"):
-            raise MergeInputError(f"prior must be 'zero' or 'mean', not {self.prior!r}")
+        if self.prior not in (None, "zero", "mean", "mean-unet"):
+            raise MergeInputError(f"prior must be 'zero', 'mean' or 'mean-unet', not {self.prior!r}")
         if self.sample_images < 1:
             raise MergeInputError("sample_images must be at least 1")
         if not self.templates or any("{}" not in t for t in self.templates):
@@ -125,7 +127,14 @@ class MergeConfig:
         return self.kv_rows or ("trigger" if self.official else "prompt")
 
     def effective_prior(self) -> str:
-        return self.prior or ("zero" if self.official else "mean")
+        return self.prior or ("zero" if self.official else "mean-unet")
+
+    def prior_for(self, key: str) -> str:
+        """``"zero"`` or ``"mean"`` for one canonical key (see ``prior``)."""
+        p = self.effective_prior()
+        if p == "mean-unet":
+            return "mean" if layer_group(key) != "te" else "zero"
+        return p
 
     def effective_sample_prompts(self) -> str:
         return self.sample_prompts or ("first" if self.official else "all")
@@ -352,7 +361,7 @@ def merge_loras(
             method, note = "linear", "inputs not observable (k×k conv or fused attention out_proj): linear merge"
         solve_stats = stats if method in ("loraclr", "lsq") else stats[:n]
         prior = None
-        if method in ("loraclr", "lsq") and config.effective_prior() == "mean":
+        if method in ("loraclr", "lsq") and config.prior_for(key) == "mean":
             # solve for Δ − Δ̄ (Δ̄ = mean of the concepts' ΔW): the ridge and the neutral rows pull toward Δ̄
             prior = sum(scaled[i][key].delta_2d().float() for i in range(n) if key in scaled[i]) / n
             solve_stats = [
