@@ -363,10 +363,11 @@ def merge_loras(
         prior = None
         if method in ("loraclr", "lsq") and config.prior_for(key) == "mean":
             # solve for Δ − Δ̄ (Δ̄ = mean of the concepts' ΔW): the ridge and the neutral rows pull toward Δ̄
-            prior = sum(scaled[i][key].delta_2d().float() for i in range(n) if key in scaled[i]) / n
+            dense = [scaled[i][key].delta_2d().float() if key in scaled[i] else None for i in range(n)]
+            prior = sum(d for d in dense if d is not None) / n
             solve_stats = [
-                ConceptStats(cs.features, (scaled[i][key].delta_2d().float() - prior) if i < n and key in scaled[i]
-                             else (-prior if i < n else None), name=cs.name)
+                ConceptStats(cs.features, None if i >= n else (-prior if dense[i] is None else dense[i] - prior),
+                             name=cs.name)
                 for i, cs in enumerate(solve_stats)
             ]
         d, info = merge_layer(method, w0, solve_stats, params=config.loraclr_params(), ridge=config.ridge,
