@@ -152,8 +152,10 @@ class MergeMethod(Method):
         preset: str = "recommended",
         name: str | None = None,
         preserve_base: bool | None = None,
+        overrides: dict | None = None,
     ) -> None:
         self.method, self.preset, self.preserve_base = method, preset, preserve_base
+        self.overrides = dict(overrides or {})  # further MergeConfig fields (bench/merge_diagnose.py variants)
         self.name = name or method
         self.report: dict = {}
         self.seconds = 0.0
@@ -171,6 +173,7 @@ class MergeMethod(Method):
             shape=(1, 8, 8),
             shape_for=wdata.canvas_for,
             preserve_base=self.preserve_base,
+            **self.overrides,
         )
         concepts = [
             MergeConcept(deltas=world.loras[n], trigger=world.concepts[n].trigger, name=n) for n in names
