@@ -4,14 +4,17 @@ classes (ldm UNet, transformers CLIP-L)."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lib_loraclr.errors import LoraclrError
+from lib_loraclr.errors import LoraclrError, NonFiniteWeightsError
+from lib_loraclr.validate import MAX_BASE_PARAMS, check_input_file
 
 
 class BaseModelError(LoraclrError):
@@ -47,14 +50,13 @@ def load_base(path: str | os.PathLike[str], tokenizer: Any = None,
         sd_alphas_cumprod,
     )
 
-    p = Path(path)
-    if not p.exists():
-        raise BaseModelError(f"base checkpoint {p} does not exist")
+    p = check_input_file(path, "base checkpoint")  # InputFileError: missing, a folder, unreadable
     if p.suffix != ".safetensors":
         raise BaseModelError(f"{p.name}: only .safetensors checkpoints are read (no pickles)")
     meta = read_safetensors_metadata(p)  # validates the header first (clear errors for bad files)
     if CONFIG_METADATA_KEY in meta:
-        return load_tiny_checkpoint(p)
+        _check_tiny_checkpoint(p, meta[CONFIG_METADATA_KEY])  # before allocating anything
+        return _check_finite_weights(p, load_tiny_checkpoint(p))
     parts = ("model.diffusion_model.", "cond_stage_model.transformer.")
     with safe_open(str(p), framework="pt") as f:
         names = [n for n in f.keys() if n.startswith(parts)]  # noqa: SIM118 (safe_open is not iterable)
@@ -64,11 +66,19 @@ def load_base(path: str | os.PathLike[str], tokenizer: Any = None,
                 f"{p.name} is not an SD1.x checkpoint in the original (ldm) key layout; the headless merge "
                 "supports SD1.x and the bundled tiny models"
             )
-        cfg = TinySDConfig.from_dict(sd1_config_from_shapes({n: tuple(f.get_slice(n).get_shape()) for n in names}))
+        shapes = {n: tuple(f.get_slice(n).get_shape()) for n in names}
+        try:
+            cfg = TinySDConfig.from_dict(sd1_config_from_shapes(shapes))
+        except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
+            raise BaseModelError(
+                f"{p.name}: the SD1 weights are incomplete or mis-shaped (reading the sizes failed at {e}); "
+                "the checkpoint is damaged or not SD1.x. Download it again"
+            ) from None
         # Build on the meta device and assign the file's tensors (one fp32 copy of the weights in memory,
         # converted tensor by tensor): about 4 GB for SD1.5 instead of three copies.
         with torch.device("meta"):
             model = TinySD(cfg, tokenizer=tokenizer, unet_factory=unet_factory)
+        _check_shapes(p, model.state_dict(), shapes, extra_ok=unet_factory is None, prefixes=parts)
         sd = {n: _as_float(f.get_tensor(n)) for n in names}
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     del sd
@@ -94,7 +104,102 @@ def load_base(path: str | os.PathLike[str], tokenizer: Any = None,
         ids = getattr(mod, "position_ids", None)
         if isinstance(ids, torch.Tensor) and ids.is_floating_point():
             mod.position_ids = ids.round().long()  # stays a (persistent or not) buffer
-    return model.eval()
+    return _check_finite_weights(p, model.eval())
+
+
+#: a tiny config's integers and lists stay below these (checked before the model is built even on meta)
+_MAX_CONFIG_INT = 16384
+_MAX_CONFIG_COUNT = 128  # layers, res blocks, transformer depth, heads
+_COUNT_FIELDS = ("layers", "num_res_blocks", "transformer_depth", "num_heads", "heads")
+_MAX_CONFIG_LIST = 16
+
+
+def _check_config_values(p: Path, key: str, obj: object, where: str = "") -> None:
+    """Refuse absurd numbers in a tiny config (a million layers, a 10⁹-channel UNet) before building it."""
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            _check_config_values(p, key, v, f"{where}.{k}" if where else str(k))
+        return
+    if isinstance(obj, list):
+        if len(obj) > _MAX_CONFIG_LIST:
+            raise BaseModelError(f"{p.name}: metadata {key!r} field {where} lists {len(obj)} values "
+                                 f"(at most {_MAX_CONFIG_LIST}); the checkpoint is damaged. Save it again")
+        for i, v in enumerate(obj):
+            _check_config_values(p, key, v, f"{where}[{i}]")
+        return
+    if isinstance(obj, bool) or not isinstance(obj, (int, float)):
+        return
+    leaf = where.rsplit(".", 1)[-1].split("[")[0]
+    ceiling = _MAX_CONFIG_COUNT if leaf in _COUNT_FIELDS else _MAX_CONFIG_INT
+    if not math.isfinite(obj) or abs(obj) > ceiling:
+        raise BaseModelError(f"{p.name}: metadata {key!r} field {where} = {obj!r} is out of range (at most "
+                             f"{ceiling}); the checkpoint is damaged or not a tiny model. Save it again")
+
+
+def _check_tiny_checkpoint(p: Path, raw_config: str) -> None:
+    """The config metadata of a tiny checkpoint parsed, bounded and matched against the tensors present
+    (names and shapes), with no weight allocated. Raises BaseModelError naming the key."""
+    from safetensors import safe_open
+
+    from lib_loraclr.tiny.models import CONFIG_METADATA_KEY, TinySD, TinySDConfig, TinySDXL, TinySDXLConfig
+
+    key = CONFIG_METADATA_KEY
+    try:
+        cfg = json.loads(raw_config)
+    except json.JSONDecodeError as e:
+        raise BaseModelError(f"{p.name}: metadata {key!r} is not valid JSON ({e.msg} at character {e.pos}); "
+                             "the checkpoint is damaged. Save or download it again") from None
+    if not isinstance(cfg, dict):
+        raise BaseModelError(f"{p.name}: metadata {key!r} must be a JSON object, got {type(cfg).__name__}")
+    kind = cfg.get("kind", "sd1")
+    if kind not in ("sd1", "sdxl"):
+        raise BaseModelError(f"{p.name}: metadata {key!r} has kind {kind!r}; tiny models are 'sd1' or 'sdxl'")
+    _check_config_values(p, key, cfg)
+    try:
+        with torch.device("meta"):
+            model = TinySD(TinySDConfig.from_dict(cfg)) if kind == "sd1" else TinySDXL(TinySDXLConfig.from_dict(cfg))
+    except (TypeError, ValueError, AssertionError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as e:
+        raise BaseModelError(f"{p.name}: metadata {key!r} does not describe a buildable model ({type(e).__name__}: "
+                             f"{e}); the checkpoint is damaged. Save it again") from None
+    with safe_open(str(p), framework="pt") as f:
+        shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}  # noqa: SIM118
+    _check_shapes(p, model.state_dict(), shapes, extra_ok=False)
+
+
+def _check_shapes(p: Path, expected: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], *,
+                  extra_ok: bool, prefixes: tuple[str, ...] = ()) -> None:
+    """The model's state (built on meta) against the file's tensors: size ceiling, missing, extra and
+    mis-shaped tensors, each named. Raises BaseModelError."""
+    want = {k: tuple(v.shape) for k, v in expected.items()
+            if not k.endswith("position_ids") and (not prefixes or k.startswith(prefixes))}
+    total = sum(math.prod(s) for s in want.values())
+    if total > MAX_BASE_PARAMS:
+        raise BaseModelError(f"{p.name}: its config asks for a model of {total:.3g} numbers, more than the "
+                             f"{MAX_BASE_PARAMS:.3g} of any supported base; the checkpoint is damaged")
+    missing = sorted(k for k in want if k not in shapes)
+    if missing:
+        raise BaseModelError(f"{p.name} lacks {len(missing)} tensor(s) its model needs, e.g. {missing[0]!r}; the "
+                             "checkpoint is incomplete or damaged. Download or save it again")
+    for k, s in want.items():
+        if tuple(shapes[k]) != s:
+            raise BaseModelError(f"{p.name}: tensor {k!r} has shape {list(shapes[k])} but its model needs "
+                                 f"{list(s)}; the checkpoint is damaged or mixes two models")
+    if not extra_ok:
+        extra = sorted(k for k in shapes if k not in want and not k.endswith("position_ids")
+                       and (not prefixes or k.startswith(prefixes)))
+        if extra:
+            raise BaseModelError(f"{p.name} holds {len(extra)} tensor(s) its model has no place for, e.g. "
+                                 f"{extra[0]!r}; the checkpoint does not match its config")
+
+
+def _check_finite_weights(p: Path, model: torch.nn.Module) -> torch.nn.Module:
+    """NonFiniteWeightsError naming the first weight of ``model`` that holds NaN or Inf."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n_bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteWeightsError(f"{p.name}: weight {name} holds {n_bad} NaN/Inf value(s); the base "
+                                        "checkpoint is broken. Download or save it again")
+    return model
 
 
 def _as_float(t: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,10 @@ from typing import Any
 
 from lib_loraclr.errors import LoraclrError
 from lib_loraclr.prompt_syntax import ParsedPrompt, bind_words, has_clora_tags, parse_prompt, with_bindings
+from lib_loraclr.validate import MAX_CONCEPT_WEIGHT
+
+#: largest latent step size (the engine's default is 20; far larger values only blow the latent up)
+MAX_STEP_SIZE = 1e4
 
 INFOTEXT_KEY = "CLoRA"
 INFOTEXT_TABLE_KEY = "CLoRA table"
@@ -159,6 +163,15 @@ def _steps(key: str, v: Any) -> tuple[int, ...]:
     return tuple(sorted({_int(key, p, 0, 10000) for p in parts}))
 
 
+def _weight(key: str, v: Any) -> float:
+    """A LoRA weight: finite, ``|w|`` ≤ `lib_loraclr.validate.MAX_CONCEPT_WEIGHT`."""
+    x = _number(key, v)
+    if abs(x) > MAX_CONCEPT_WEIGHT:
+        raise CloraArgsError(f"CLoRA {key} is {x:g}; a LoRA weight must be between {-MAX_CONCEPT_WEIGHT:g} and "
+                             f"{MAX_CONCEPT_WEIGHT:g} (typically 0.5 to 1.5)")
+    return x
+
+
 def _text(key: str, v: Any) -> str:
     if v is None:
         return ""
@@ -196,8 +209,8 @@ def validate_row(row: Any, index: int = 0) -> LoraRow | None:
     lora = _text(f"{where} lora", data.get("lora"))
     if not lora:
         raise CloraArgsError(f"CLoRA {where}: choose a LoRA (the words {data.get('words')!r} have none)")
-    weight = 1.0 if _is_blank(data.get("weight")) else _number(f"{where} weight", data["weight"])
-    unet = None if _is_blank(data.get("unet_weight")) else _number(f"{where} unet_weight", data["unet_weight"])
+    weight = 1.0 if _is_blank(data.get("weight")) else _weight(f"{where} weight", data["weight"])
+    unet = None if _is_blank(data.get("unet_weight")) else _weight(f"{where} unet_weight", data["unet_weight"])
     words = _text(f"{where} words", data.get("words"))
     if not words:
         raise CloraArgsError(f"CLoRA {where} ({lora}): give the words of the prompt this LoRA binds to")
@@ -232,6 +245,8 @@ def validate(data: Mapping[str, Any] | CloraArgs | None = None, **overrides: Any
         step_size = _number("step_size", step_size)
         if step_size < 0:
             raise CloraArgsError(f"CLoRA step_size must be positive (0 = the engine's default), got {step_size}")
+        if step_size > MAX_STEP_SIZE:
+            raise CloraArgsError(f"CLoRA step_size must be at most {MAX_STEP_SIZE:g} (default 20), got {step_size:g}")
         step_size = step_size or None  # 0 → the engine's default
     rows_in = get("loras", ())
     if rows_in is None:
@@ -383,6 +398,9 @@ def resolve(args: CloraArgs, prompt: str) -> ParsedPrompt:
     prompt, a LoRA both in the prompt and in the table, or two LoRAs on the same words.
     """
     parsed = parse_prompt(prompt)
+    for b in parsed.bindings:  # tag weights, checked like the table's (CloraArgsError names the LoRA)
+        _weight(f"<clora:{b.lora}> weight", b.te_weight)
+        _weight(f"<clora:{b.lora}> unet weight", b.unet_weight)
     if not args.enabled or not args.loras:
         return parsed
     extra = [bind_words(parsed, r.lora, r.words, r.weight, r.unet_weight, r.trigger or None) for r in args.loras]

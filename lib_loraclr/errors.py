@@ -49,6 +49,18 @@ class ShapeMismatchError(LoraclrError):
     """Tensor shapes disagree: lora_up vs lora_down rank, or a delta vs the model's weight."""
 
 
+class InputFileError(LoraclrError):
+    """An input path cannot be used: missing, a folder, not a regular file, or not readable."""
+
+
+class OutputNotWritableError(LoraclrError):
+    """The output folder cannot be written (no permission, read-only, not a folder)."""
+
+
+class ValueRangeError(LoraclrError, ValueError):
+    """A number is outside its sane range: a LoRA's rank, alpha or weights, a merge or CLoRA weight, an option."""
+
+
 def short_list(items: Sequence[str], limit: int = 8) -> str:
     """``"a, b, c (and 12 more)"`` for error messages."""
     items = list(items)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +44,7 @@ from lib_loraclr.keymap import (
     weight_key_to_canonical,
 )
 from lib_loraclr.safeio import load_torch_file, read_safetensors, sniff_format
+from lib_loraclr.validate import check_alpha, check_input_file, check_rank, check_values
 
 ARCH_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "an unknown model"}
 
@@ -132,12 +132,11 @@ def _as_float(t: torch.Tensor | float, key: str, source: str) -> float:
 
 
 def _check_finite(t: torch.Tensor, key: str, source: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        n_bad = int((~torch.isfinite(t)).sum())
-        raise NonFiniteWeightsError(
-            f"{source}: tensor {key} holds {n_bad} NaN/Inf value(s); the LoRA is broken (often a training "
-            "run that diverged, or fp16 overflow). Retrain or export it again."
-        )
+    """NaN/Inf (NonFiniteWeightsError) or absurd magnitudes (ValueRangeError, `validate.MAX_LORA_VALUE`)."""
+    if t.is_floating_point() and t.numel():
+        peak = float(t.detach().abs().max())  # NaN propagates through max
+        n_bad = 0 if math.isfinite(peak) else int((~torch.isfinite(t)).sum())
+        check_values(peak, n_bad, key, source)
 
 
 def _shape_dense(d2: torch.Tensor, key: str, arch: str, source: str, raw: str) -> torch.Tensor:
@@ -172,6 +171,7 @@ def _build_lora(key: str, raw: str, p: dict[str, torch.Tensor], arch: str, sourc
             f"{source}: module {raw}: rank mismatch, lora_down has rank {down.shape[0]} "
             f"{tuple(down.shape)} but lora_up has rank {up.shape[1]} {tuple(up.shape)}."
         )
+    check_rank(down.shape[0], raw, source, f"lora_down {tuple(down.shape)}")
     if "mid" in p:
         mid = p["mid"]
         r = down.shape[0]
@@ -204,6 +204,8 @@ def _build_lora(key: str, raw: str, p: dict[str, torch.Tensor], arch: str, sourc
         alpha = _as_float(p["alpha"], raw + ".alpha", source)
     elif "scale" in p:
         alpha = _as_float(p["scale"], raw + ".scale", source) * down.shape[0]
+    if alpha is not None:
+        check_alpha(alpha, down.shape[0], raw, source)
     return LoraModule(key=key, down=down, up=up, alpha=alpha, kind=kind)
 
 
@@ -222,6 +224,7 @@ def _build_loha(key: str, raw: str, p: dict[str, torch.Tensor], arch: str, sourc
             f"w2 {tuple(w2a.shape)}×{tuple(w2b.shape)})."
         )
     rank = w1b.shape[0]
+    check_rank(min(rank, w2b.shape[0]), raw, source, "LoHa")
     if cp:
         d1 = _cp_weight(p["hada_t1"].float(), w1a, w1b)
         d2 = _cp_weight(p["hada_t2"].float(), w2a, w2b)
@@ -229,7 +232,11 @@ def _build_loha(key: str, raw: str, p: dict[str, torch.Tensor], arch: str, sourc
         d1, d2 = w1a @ w1b.flatten(1), w2a @ w2b.flatten(1)
     if d1.shape != d2.shape:
         raise ShapeMismatchError(f"{source}: LoHa module {raw}: halves have shapes {tuple(d1.shape)}, {tuple(d2.shape)}.")
-    scale = _as_float(p["alpha"], raw + ".alpha", source) / rank if "alpha" in p else 1.0
+    scale = 1.0
+    if "alpha" in p:
+        alpha = _as_float(p["alpha"], raw + ".alpha", source)
+        check_alpha(alpha, rank, raw, source)
+        scale = alpha / rank
     dense = _shape_dense(d1 * d2 * scale, key, arch, source, raw)
     return LoraModule(key=key, dense=dense, kind="loha")
 
@@ -252,8 +259,12 @@ def _build_lokr(key: str, raw: str, p: dict[str, torch.Tensor], arch: str, sourc
     else:
         raise LoraFormatError(f"{source}: LoKr module {raw} lacks lokr_w2 (or lokr_w2_a/_b).")
     scale = 1.0
+    if dim is not None:
+        check_rank(dim, raw, source, "LoKr")
     if dim is not None and "alpha" in p:
-        scale = _as_float(p["alpha"], raw + ".alpha", source) / dim
+        alpha = _as_float(p["alpha"], raw + ".alpha", source)
+        check_alpha(alpha, dim, raw, source)
+        scale = alpha / dim
     # kron of the 2-D views equals the 4-D kron reshaped (row-major), so conv kernels come out right
     d = torch.kron(w1.flatten(1), w2.flatten(1)) * scale
     if w2.dim() == 4:
@@ -448,10 +459,8 @@ def read_lora(path: str | os.PathLike[str], arch: str | None = None) -> DeltaSet
     Raises:
         LoraFormatError, UnsafeFileError, NonFiniteWeightsError, ShapeMismatchError, ArchitectureMismatchError.
     """
-    p = Path(path)
+    p = check_input_file(path, "LoRA file")  # InputFileError: missing, a folder, unreadable
     source = p.name
-    if not p.is_file():
-        raise LoraFormatError(f"{source}: file not found ({p}).")
     kind = sniff_format(p)
     if p.suffix.lower() == ".safetensors" or kind in ("safetensors", "empty"):
         tensors, metadata = read_safetensors(p)

@@ -10,6 +10,7 @@ replaces a user's file unless ``overwrite=True``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -32,6 +33,7 @@ from lib_loraclr.errors import (
     UnmappedKeysError,
     UnsafeFileError,
 )
+from lib_loraclr.validate import check_input_file
 
 __all__ = [  # the errors are re-exported here for convenience (docs/DESIGN.md names safeio)
     "ArchitectureMismatchError", "BadOutputNameError", "LoraFormatError", "LoraclrError",
@@ -44,6 +46,9 @@ __all__ = [  # the errors are re-exported here for convenience (docs/DESIGN.md n
 MAX_HEADER_BYTES = 100_000_000
 
 _ZIP_MAGIC = b"PK\x03\x04"
+#: bytes per element of the safetensors dtypes (sub-byte float types are left out of the size check)
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8}
 _SAFETENSORS_DTYPES = {
     "F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "U16",
     "U32", "U64", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64",
@@ -72,6 +77,7 @@ def sniff_format(path: str | os.PathLike[str]) -> str:
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
     """Validate the safetensors framing; returns (header, header_len, file_size)."""
+    check_input_file(path, "file")  # InputFileError: missing, a folder, a device, no permission
     name = path.name
     size = path.stat().st_size
     if size == 0:
@@ -123,6 +129,13 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
         )
         if not ok:
             raise LoraFormatError(f"{name}: corrupt safetensors header entry for tensor {key!r}.")
+        width = _DTYPE_BYTES.get(info["dtype"])
+        begin, end = info["data_offsets"]
+        if width is not None and end - begin != math.prod(info["shape"]) * width:
+            raise LoraFormatError(
+                f"{name}: corrupt safetensors header: tensor {key!r} claims shape {info['shape']} "
+                f"({info['dtype']}) but holds {end - begin} bytes; the file is damaged. Download or export it again."
+            )
         end_max = max(end_max, info["data_offsets"][1])
     if end_max > data_len:
         raise LoraFormatError(

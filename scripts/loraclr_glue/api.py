@@ -23,10 +23,13 @@ from .lora_files import LoraNotFoundError, find_lora, list_loras, lora_dir
 
 
 class ServiceError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """An HTTP error of a route: ``status``, the user-facing ``message`` and the error class name ``kind``."""
+
+    def __init__(self, status: int, message: str, kind: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.kind = kind
 
 
 class MergeService:
@@ -153,7 +156,7 @@ class MergeService:
         try:
             req = merge_job.validate_request(body)
         except merge_job.MergeRequestError as e:
-            raise ServiceError(400, str(e)) from None
+            raise ServiceError(400, str(e), type(e).__name__) from None
 
         def work() -> dict[str, Any]:
             import torch
@@ -173,7 +176,7 @@ class MergeService:
                 import traceback
 
                 print(f"[sd-webui-loraclr] merge failed:\n{traceback.format_exc()}")
-            raise ServiceError(status, str(e)) from None
+            raise ServiceError(status, str(e), type(e).__name__) from None
         finally:
             release_memory()
         self.refresh_loras()
@@ -216,11 +219,11 @@ class MergeService:
                 path = find_lora(n, self.lora_folder())
                 out.append({"name": n, **engine.inspect_lora(path)})
             except LoraNotFoundError as e:
-                raise ServiceError(404, str(e)) from None
+                raise ServiceError(404, str(e), type(e).__name__) from None
             except engine.EngineUnavailable as e:
                 raise ServiceError(503, str(e)) from None
             except Exception as e:  # noqa: BLE001
-                raise ServiceError(400, f"{n}: {e}") from None
+                raise ServiceError(400, f"{n}: {e}", type(e).__name__) from None
         return {"loras": out}
 
     def loras(self, search: str = "") -> dict[str, Any]:
@@ -269,7 +272,8 @@ def register_routes(app: Any, service: MergeService) -> None:
         try:
             return fn()
         except ServiceError as e:
-            return JSONResponse(status_code=e.status, content={"error": e.message})
+            content = {"error": e.message, **({"error_type": e.kind} if e.kind else {})}
+            return JSONResponse(status_code=e.status, content=content)
 
     @app.post("/loraclr/v1/merge")
     def loraclr_merge(body: dict = Body(...)):  # noqa: B008 - FastAPI's idiom
