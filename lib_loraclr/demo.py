@@ -16,7 +16,6 @@ Outputs go to ``--out`` (default ``out/demo``); the demo replaces only the files
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -62,6 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lib_loraclr.apply import patched
     from lib_loraclr.merge.cli import write_json
     from lib_loraclr.merge.pipeline import Concept, MergeConfig, format_report, merge_loras
+    from lib_loraclr.metadata import recipe_metadata
     from lib_loraclr.world.assets import load_base, load_lora
     from lib_loraclr.world.concepts import load_concepts
     from lib_loraclr.world.data import canvas_for
@@ -93,7 +93,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res = merge_loras(model, [Concept(loras[n], concepts[n].trigger, name=n) for n in names], cfg)
     merged_path = out / DEMO_FILES[0]
     errs = write_kohya_lora(res.deltas, merged_path, arch="sd1", rank=args.rank, overwrite=True,
-                            metadata={"loraclr_trigger": json.dumps([concepts[n].trigger for n in names])})
+                            metadata=recipe_metadata(sources=list(names), method="loraclr",
+                                                     trigger=[concepts[n].trigger for n in names],
+                                                     tag_sources=[loras[n].metadata for n in names]))
     res.report["svd_error"] = sum(errs.values()) / len(errs)
     print(format_report(res.report))
     print(f"saved {merged_path} (rank {args.rank}, {len(errs)} modules)")

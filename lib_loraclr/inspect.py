@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_loraclr.errors import LoraclrError
-from lib_loraclr.keymap import canonical_part
+from lib_loraclr.keymap import canonical_part, format_loader_gaps, loader_gaps
 from lib_loraclr.metadata import tag_frequencies, trigger_words
 from lib_loraclr.readers import read_lora
 
@@ -32,7 +32,8 @@ def inspect_file(path: str | os.PathLike[str], arch: str | None = None) -> dict[
 
     Keys: file, arch, format, modules, parts ({te, te1, te2, unet: count}), kinds, ranks ({rank: count},
     "dense" for materialised LyCORIS), alphas ({alpha: count}, None = no alpha), unmapped (raw keys),
-    embeddings ({name: shape}), trigger_words, metadata (long fields shortened), tag_count.
+    embeddings ({name: shape}), trigger_words, metadata (long fields shortened), tag_count, loader_gaps
+    ({loader: [canonical keys it ignores]}, :func:`~lib_loraclr.keymap.loader_gaps`).
 
     Raises:
         LoraclrError subclasses for unreadable files.
@@ -60,6 +61,7 @@ def inspect_file(path: str | os.PathLike[str], arch: str | None = None) -> dict[
         "embeddings": {k: list(v.shape) for k, v in ds.embeddings.items()},
         "trigger_words": trigger_words(ds.metadata),
         "tag_count": len(tag_frequencies(ds.metadata)),
+        "loader_gaps": loader_gaps(ds.modules, ds.arch) if ds.arch in ("sd1", "sd2", "sdxl") else {},
         "metadata": meta,
     }
 
@@ -76,6 +78,8 @@ def format_summary(s: dict[str, Any], max_unmapped: int = 10, show_metadata: boo
         ("alpha(s)", _counter_str(s["alphas"]) or "-"),
         ("trigger words", ", ".join(s["trigger_words"]) or "-"),
     ]
+    for line in format_loader_gaps(s.get("loader_gaps") or {}):
+        rows.append(("loader gaps", line))
     if s["embeddings"]:
         rows.append(("embeddings", ", ".join(f"{k} {tuple(v)}" for k, v in s["embeddings"].items())))
     un = s["unmapped"]

@@ -309,6 +309,21 @@ def _is_ldm_unet_path(path: str) -> bool:
     return unet_rest_to_ldm(path.replace(".", "_")) == path
 
 
+def _diffusers_name_if_exact(path: str, arch: str) -> str | None:
+    """The diffusers path of an ldm UNet path when reading it back (our rules, which are A1111's
+    ``convert_diffusers_name_to_compvis``) gives the same module; else None.
+
+    The diffusers grammar fixes the SD layout: SD1/SD2's ``up_blocks.0`` has no attention, so its upsampler
+    is read back as ``output_blocks.2.1.conv``. A UNet with attention at the lowest resolution (the measuring
+    world: ``output_blocks.2.2.conv``) has no diffusers name that reads back; callers then use the ldm name,
+    which A1111, Forge and ComfyUI read for every layout.
+    """
+    d = ldm_to_diffusers_unet(path)
+    if d is None or unet_rest_to_ldm(d.replace(".", "_"), arch) != path:
+        return None
+    return d
+
+
 # --------------------------------------------------------------------------------------------------
 # public: kohya ↔ canonical
 
@@ -427,7 +442,7 @@ def canonical_to_kohya(key: str, arch: str, unet_style: str | None = None) -> st
             raise ValueError(f"{key!r} is not a known UNet module")
         style = unet_style or ("ldm" if arch == "sdxl" else "diffusers")
         if style == "diffusers":
-            d = ldm_to_diffusers_unet(path)
+            d = _diffusers_name_if_exact(path, arch)
             if d is not None:
                 return "lora_unet_" + d.replace(".", "_")
         return "lora_unet_" + path.replace(".", "_")
@@ -509,9 +524,9 @@ def canonical_to_diffusers(key: str, arch: str) -> str:
     if arch not in ARCHS:
         raise ValueError(f"canonical_to_diffusers needs arch sd1, sd2 or sdxl, got {arch!r}")
     if key.startswith(UNET_PREFIX):
-        d = ldm_to_diffusers_unet(key[len(UNET_PREFIX):])
+        d = _diffusers_name_if_exact(key[len(UNET_PREFIX):], arch)
         if d is None:
-            raise ValueError(f"{key!r} has no diffusers UNet counterpart")
+            raise ValueError(f"{key!r} has no diffusers UNet counterpart (in the standard {arch} layout)")
         return "unet." + d
     te = _te_hf_rest(key)
     if te is None:
@@ -525,8 +540,26 @@ def canonical_to_diffusers(key: str, arch: str) -> str:
     return f"{comp}.text_model.encoder.layers.{m.group(1)}.{_HF_DOTTED[m.group(2)]}"
 
 
-_DIFFUSERS_KOHYA_GAPS = ("input_blocks.0.0", "out.2", "out.0", "time_embed.0", "time_embed.2",
-                         "label_emb.0.0", "label_emb.0.2")
+#: UNet modules outside the blocks kohya sd-scripts wraps (``Transformer2DModel``, ``ResnetBlock2D``,
+#: ``Downsample2D``, ``Upsample2D``), as ldm paths below ``model.diffusion_model.`` → their diffusers names.
+#: kohya never builds LoRA modules for them, so its image generator, ``merge_lora.py`` and
+#: ``create_network_from_weights`` skip their weights (an INFO line at most); diffusers' kohya loader
+#: (0.31) cannot name them either. A1111, Forge and ComfyUI load them.
+OUTSIDE_KOHYA_BLOCKS: dict[str, str] = {
+    "input_blocks.0.0": "conv_in",
+    "out.0": "conv_norm_out",
+    "out.2": "conv_out",
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "label_emb.0.0": "add_embedding.linear_1",
+    "label_emb.0.2": "add_embedding.linear_2",
+}
+
+#: loader name → what it does with the modules :func:`loader_gaps` lists for it
+LOADER_GAP_NOTES: dict[str, str] = {
+    "kohya sd-scripts": "never builds these modules; its generator and merge_lora.py skip them",
+    "diffusers": "cannot name these modules (SD1/SD2: skipped with a warning; SDXL: the file fails to load)",
+}
 
 
 def diffusers_kohya_gaps(keys: Iterable[str]) -> list[str]:
@@ -536,7 +569,53 @@ def diffusers_kohya_gaps(keys: Iterable[str]) -> list[str]:
     with a warning; in SDXL (sgm-named) files its block mapper raises, so the whole file fails to load there.
     A1111, Forge and ComfyUI load them. Callers that target diffusers can leave these modules out.
     """
-    return [k for k in keys if k.startswith(UNET_PREFIX) and k[len(UNET_PREFIX):] in _DIFFUSERS_KOHYA_GAPS]
+    return [k for k in keys if k.startswith(UNET_PREFIX) and k[len(UNET_PREFIX):] in OUTSIDE_KOHYA_BLOCKS]
+
+
+def kohya_loader_gaps(keys: Iterable[str], arch: str) -> list[str]:
+    """Canonical keys kohya sd-scripts' loaders ignore in a kohya file for ``arch``.
+
+    The UNet modules outside kohya's blocks (:data:`OUTSIDE_KOHYA_BLOCKS`: ``conv_in``, ``conv_out``,
+    ``conv_norm_out``, ``time_embed``/``time_embedding``, ``label_emb``/``add_embedding``), and for SD1/SD2
+    (where kohya's UNet has diffusers module names) any UNet module written under an ldm name because the
+    model's layout has no diffusers name that reads back (e.g. the measuring world's ``output_blocks.2.2.conv``).
+    """
+    out = []
+    for k in keys:
+        if not k.startswith(UNET_PREFIX):
+            continue
+        path = k[len(UNET_PREFIX):]
+        ldm_named = arch in ("sd1", "sd2") and is_canonical(k) and _diffusers_name_if_exact(path, arch) is None
+        if path in OUTSIDE_KOHYA_BLOCKS or ldm_named:
+            out.append(k)
+    return out
+
+
+def loader_gaps(keys: Iterable[str], arch: str) -> dict[str, list[str]]:
+    """``{loader: [canonical keys it ignores]}`` for a kohya file of ``arch`` holding ``keys`` (only loaders
+    that ignore something; see :data:`LOADER_GAP_NOTES` for what each does)."""
+    ks = list(keys)
+    gaps = {"kohya sd-scripts": kohya_loader_gaps(ks, arch), "diffusers": diffusers_kohya_gaps(ks)}
+    return {name: sorted(v) for name, v in gaps.items() if v}
+
+
+def gap_label(key: str) -> str:
+    """A short readable name of a canonical UNet key for messages: ``out.2 (conv_out)``."""
+    path = key.removeprefix(UNET_PREFIX)
+    d = OUTSIDE_KOHYA_BLOCKS.get(path)
+    return f"{path} ({d})" if d else path
+
+
+def format_loader_gaps(gaps: dict[str, list[str]], limit: int = 6) -> list[str]:
+    """One line per loader of :func:`loader_gaps`: ``kohya sd-scripts ignores 2 modules (…): out.2 (conv_out), …``."""
+    lines = []
+    for name, keys in gaps.items():
+        shown = ", ".join(gap_label(k) for k in keys[:limit])
+        more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+        n = len(keys)
+        lines.append(f"{name} ignores {n} module{'s' if n != 1 else ''} ({LOADER_GAP_NOTES.get(name, '')}): "
+                     f"{shown}{more}")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------

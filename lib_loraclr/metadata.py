@@ -131,28 +131,126 @@ def checkpoint_metadata(arch: str, *, title: str, v_parameterization: bool = Fal
     return meta
 
 
+#: at most this many of a source LoRA's own ``ss_tag_frequency`` tags are carried into a merged file
+SOURCE_TAGS_PER_CONCEPT = 20
+#: A1111 (``ui_edit_user_metadata.is_non_comma_tagset``) splits tags into words of ≥ 3 characters when
+#: their average length is at least this
+A1111_NON_COMMA_AVERAGE = 16
+#: WebUI "sd version" values of the card editor, by our arch names
+WEBUI_SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+
+
+def trigger_tags(trigger: str) -> list[str]:
+    """The tags of one concept's trigger words: split at commas (as kohya captions are), stripped."""
+    return [t.strip() for t in str(trigger).split(",") if t.strip()]
+
+
+def _non_comma(tags: Iterable[str]) -> bool:
+    ts = list(tags)
+    return bool(ts) and sum(len(t) for t in ts) / len(ts) >= A1111_NON_COMMA_AVERAGE
+
+
+def merged_tag_frequency(
+    triggers: Sequence[str],
+    names: Sequence[str] = (),
+    source_metadata: Sequence[Mapping[str, str] | None] = (),
+) -> dict[str, dict[str, int]]:
+    """kohya ``ss_tag_frequency`` (``{dataset_dir: {tag: count}}``) of a merge of concepts.
+
+    One dataset dir per concept (``"1_NAME"``, kohya's ``repeats_name`` form) holding its trigger tags
+    (:func:`trigger_tags`) and up to :data:`SOURCE_TAGS_PER_CONCEPT` of its source file's own tags. Every
+    trigger tag gets a count above the summed count of any other tag, so readers that sort tags by summed
+    frequency (A1111's card, Civitai-style taggers) list every concept's trigger first. Source tags are left
+    out when they alone would make A1111 treat the set as sentences (average tag length ≥ 16, then split
+    into words, dropping words under 3 characters).
+    """
+    names = list(names)
+    srcs = list(source_metadata)
+    per: list[tuple[str, list[str], dict[str, int]]] = []
+    used: set[str] = set()
+    for i, trig in enumerate(triggers):
+        tags = trigger_tags(trig)
+        if not tags:
+            continue
+        name = (names[i] if i < len(names) and names[i] else tags[0]).strip() or f"concept{i + 1}"
+        key = f"1_{name}"
+        j = 2
+        while key in used:
+            key, j = f"1_{name}_{j}", j + 1
+        used.add(key)
+        counts = tag_frequencies(srcs[i]) if i < len(srcs) and srcs[i] else {}
+        own = sorted((t for t in counts if t not in tags and counts[t] > 0), key=lambda t: -counts[t])
+        per.append((key, tags, {t: counts[t] for t in own[:SOURCE_TAGS_PER_CONCEPT]}))
+    all_triggers = [t for _, tags, _ in per for t in tags]
+    other_tags = [t for _, _, extra in per for t in extra]
+    if _non_comma(all_triggers + other_tags) and not _non_comma(all_triggers):
+        per = [(key, tags, {}) for key, tags, _ in per]
+    totals: dict[str, int] = {}
+    for _, tags, extra in per:
+        for t, n in extra.items():
+            if t not in all_triggers:
+                totals[t] = totals.get(t, 0) + n
+    top = max(totals.values(), default=0) + 1
+    return {key: {**dict.fromkeys(tags, top), **extra} for key, tags, extra in per}
+
+
+def trigger_metadata(
+    triggers: Sequence[str],
+    names: Sequence[str] = (),
+    source_metadata: Sequence[Mapping[str, str] | None] = (),
+) -> dict[str, str]:
+    """The fields WebUI and model-site tools read trigger words from, for a merge of concepts:
+    ``ss_tag_frequency`` (:func:`merged_tag_frequency`, JSON; A1111's card tags and random prompt) and
+    ModelSpec's ``modelspec.trigger_phrase`` (the triggers, comma-separated). Empty without triggers."""
+    freq = merged_tag_frequency(triggers, names, source_metadata)
+    if not freq:
+        return {}
+    phrase = ", ".join(t for trig in triggers for t in trigger_tags(trig))
+    return {"ss_tag_frequency": json.dumps(freq, ensure_ascii=False), "modelspec.trigger_phrase": phrase}
+
+
+def webui_user_metadata(triggers: Sequence[str], arch: str, description: str = "") -> dict[str, Any]:
+    """The WebUI's extra-networks user metadata (the sidecar ``NAME.json`` its card editor writes) of a
+    merged LoRA: ``activation text`` = every concept's trigger words (added to the prompt with the LoRA),
+    ``sd version``, ``description``, and the editor's other fields at their defaults."""
+    return {
+        "description": description,
+        "sd version": WEBUI_SD_VERSION.get(arch, "Unknown"),
+        "activation text": ", ".join(t for trig in triggers for t in trigger_tags(trig)),
+        "preferred weight": 0.0,
+        "negative text": "",
+        "notes": "",
+    }
+
+
 def recipe_metadata(
     *,
     sources: Sequence[Mapping[str, Any]] | Sequence[str] = (),
     method: str | None = None,
     parameters: Mapping[str, Any] | None = None,
     trigger: Iterable[str] = (),
+    tag_sources: Sequence[Mapping[str, str] | None] = (),
 ) -> dict[str, str]:
     """Our ``loraclr_*`` recipe fields, JSON-encoded: sources (names, hashes, weights…), the method,
-    its parameters and the trigger words of the result. ``merged_from`` (ModelSpec) lists source names."""
+    its parameters and the trigger words of the result. ``merged_from`` (ModelSpec) lists source names.
+    With trigger words (one string per concept, in the order of ``sources``) also the fields other tools
+    read them from (:func:`trigger_metadata`); ``tag_sources``: each concept's source file metadata, whose
+    ``ss_tag_frequency`` tags are carried over."""
     from lib_loraclr import __version__
 
     meta: dict[str, str] = {LORACLR_VERSION: __version__}
     srcs = list(sources)
+    names = [s if isinstance(s, str) else str(s.get("name", "")) for s in srcs]
     if srcs:
         meta[LORACLR_SOURCES] = json.dumps(srcs, ensure_ascii=False)
-        names = [s if isinstance(s, str) else str(s.get("name", "")) for s in srcs]
         meta["modelspec.merged_from"] = ", ".join(n for n in names if n)
     if method:
         meta[LORACLR_METHOD] = method
     if parameters:
         meta[LORACLR_PARAMETERS] = json.dumps(dict(parameters), ensure_ascii=False, default=str)
-    words = [w for w in trigger if w]
+    triggers = [str(w) for w in trigger]
+    words = [w for w in triggers if w]
     if words:
         meta[LORACLR_TRIGGER] = json.dumps(words, ensure_ascii=False)
+        meta.update(trigger_metadata(triggers, names if len(names) == len(triggers) else (), tag_sources))
     return meta

@@ -341,3 +341,39 @@ def test_bad_input_gives_clear_error_and_no_output(tmp_path: Path, kind: str, na
     assert not (src / "marker").exists()
     if name == "exists":
         assert (out / "exists.safetensors").read_bytes() == b"precious"
+
+
+def test_max_error_keeps_the_fewest_values_within_it() -> None:
+    u, _ = torch.linalg.qr(torch.randn(30, 30, generator=_g(11)))
+    v, _ = torch.linalg.qr(torch.randn(20, 20, generator=_g(12)))
+    s = torch.tensor([10.0, 5.0, 1.0] + [0.01] * 17)
+    d = u[:, :20] @ torch.diag(s) @ v.T
+    total = float((s**2).sum())
+    tails = [float((s[r:] ** 2).sum() / total) ** 0.5 for r in range(21)]  # 0.453, 0.0885, 0.00367, …
+    for tol, expect in [(0.5, 1), (0.1, 2), (0.01, 3), (0.0036, 4), (1e-4, 20)]:
+        _, down, err = to_low_rank(d, max_error=tol)
+        assert down.shape[0] == expect, tol
+        assert err == pytest.approx(tails[expect], rel=1e-3, abs=1e-6) and err <= tol + 1e-7
+        assert tails[expect - 1] > tol
+    assert to_low_rank(d, rank=2, max_error=1e-6)[1].shape[0] == 2  # rank caps
+    assert to_low_rank(torch.zeros(5, 4), max_error=1e-3)[1].shape[0] == 1
+    with pytest.raises(ValueError, match="max_error"):
+        to_low_rank(d, max_error=-1.0)
+
+
+def test_a_sum_of_low_rank_deltas_is_saved_at_its_rank(tmp_path: Path) -> None:
+    """A linear merge of a rank-4 and a rank-3 LoRA is a rank-7 ΔW: saved at rank 7 by default, and with
+    ``rank=16`` (a cap), not at the layer's full rank 32; ``max_error=0`` keeps every value (the old size)."""
+    g = _g(13)
+    d = torch.randn(32, 4, generator=g) @ torch.randn(4, 48, generator=g)
+    d = d + torch.randn(32, 3, generator=g) @ torch.randn(3, 48, generator=g)
+    sizes = {}
+    for label, kw in [("default", {}), ("cap16", {"rank": 16}), ("cap5", {"rank": 5}), ("all", {"max_error": 0.0})]:
+        p = tmp_path / f"{label}.safetensors"
+        errs = write_kohya_lora({C_ATTN: d}, p, arch="sd1", **kw)
+        sizes[label] = (read_lora(p)[C_ATTN].rank, p.stat().st_size, errs[C_ATTN])
+    assert sizes["default"][0] == 7 and sizes["cap16"][0] == 7 and sizes["cap5"][0] == 5
+    assert sizes["all"][0] == 32 and sizes["all"][1] > 4 * (sizes["default"][1] - 1000)
+    assert sizes["default"][2] < 1e-5 and sizes["cap5"][2] > 0.05  # rank 7 is exact up to float noise
+    m = read_safetensors(tmp_path / "default.safetensors")[1]
+    assert m["ss_network_dim"] == "7" and m["ss_network_alpha"] == "7"

@@ -76,15 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="write the fidelity report as JSON here")
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--sidecar", action="store_true",
+                   help="also write NAME.json beside the LoRA (the WebUI card's activation text: the trigger words); "
+                        "an existing one is kept unless --overwrite")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def run(args: argparse.Namespace, concept_specs: list[dict]) -> MergeResult:
+    from lib_loraclr.keymap import loader_gaps
     from lib_loraclr.metadata import recipe_metadata
     from lib_loraclr.readers import read_lora
     from lib_loraclr.safeio import check_output_name
-    from lib_loraclr.writers import write_checkpoint, write_kohya_lora
+    from lib_loraclr.writers import svd_tolerance, write_checkpoint, write_kohya_lora, write_webui_sidecar
 
     if len(concept_specs) < 1:
         raise LoraclrError("nothing to merge: give at least one --concept FILE \"trigger words\"")
@@ -122,12 +126,19 @@ def run(args: argparse.Namespace, concept_specs: list[dict]) -> MergeResult:
         sources=[{"name": c.label, "file": Path(s["file"]).name, "trigger": c.trigger,
                   "te_weight": c.te_weight, "unet_weight": c.unet_weight} for s, c in zip(concept_specs, concepts)],
         method=args.method, parameters={"preset": args.preset, "steps": args.steps, "seed": args.seed},
-        trigger=[c.trigger for c in concepts])
+        trigger=[c.trigger for c in concepts], tag_sources=[c.deltas.metadata for c in concepts])
     if args.format == "lora":
         errors = write_kohya_lora(res.deltas, out, arch=res.deltas.arch if res.deltas.arch != "unknown" else "sd1",
                                   rank=args.rank, metadata=recipe, overwrite=args.overwrite, dtype=dtype)
         res.report["svd_error"] = float(sum(errors.values()) / max(len(errors), 1))
         res.report["svd_error_max"] = float(max(errors.values(), default=0.0))
+        arch = res.deltas.arch if res.deltas.arch != "unknown" else "sd1"
+        res.report["svd_tolerance"] = svd_tolerance(dtype)  # per module, below --rank's cap (writers.SVD_TOLERANCE)
+        res.report["loader_gaps"] = loader_gaps(res.deltas.modules, arch)
+        if args.sidecar:
+            side = write_webui_sidecar(out, [c.trigger for c in concepts], arch, overwrite=args.overwrite,
+                                       description=f"{args.method} merge of {', '.join(c.label for c in concepts)}")
+            res.report["sidecar"] = None if side is None else str(side)
     else:
         from lib_loraclr.safeio import read_safetensors_metadata
 
@@ -147,6 +158,8 @@ def write_json(path: Path, obj: object) -> None:
 def main(argv: list[str]) -> int:
     rest, specs = _split_concepts(argv)
     args = build_parser().parse_args(rest)
+    if args.sidecar and args.report and Path(args.report).resolve() == Path(args.out).with_suffix(".json").resolve():
+        raise LoraclrError(f"--report {args.report} is the WebUI sidecar --sidecar writes; give the report another name")
     res = run(args, specs)
     print(format_report(res.report))
     print(f"saved {args.out}")

@@ -585,6 +585,14 @@ def format_report(report: dict[str, Any]) -> str:
                          f"{fmt(info['base_change_neutral']):>11}")
     if report.get("svd_error") is not None:
         lines.append(f"LoRA save: SVD truncation error (relative, mean over modules) {report['svd_error']:.4f}")
+    if report.get("svd_error_max") is not None:
+        tol = report.get("svd_tolerance")
+        lines.append(f"LoRA save: SVD truncation error max {report['svd_error_max']:.2e}"
+                     + (f" (tolerance {tol:.0e} per module, ranks as low as it allows)" if tol is not None else ""))
     if report["fallbacks"]:
         lines.append(f"linear merge (inputs not observable) for {len(report['fallbacks'])} layers")
+    if report.get("loader_gaps"):
+        from lib_loraclr.keymap import format_loader_gaps
+
+        lines += [f"note: {line}" for line in format_loader_gaps(report["loader_gaps"])]
     return "\n".join(lines)

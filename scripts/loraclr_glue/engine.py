@@ -149,6 +149,38 @@ def write_lora(deltas: Any, path: Path, arch: str, rank: int | None, metadata: d
     return write_kohya_lora(deltas, path, arch=arch, rank=rank, metadata=metadata, overwrite=overwrite)
 
 
+def lora_save_report(deltas: Any, arch: str, errors: dict[str, float]) -> dict[str, Any]:
+    """Report fields of a saved LoRA: mean / max SVD error, the tolerance the ranks were chosen for
+    (`lib_loraclr.writers.svd_tolerance` of fp16, what `write_lora` stores) and the loaders that ignore
+    some of its modules (`lib_loraclr.keymap.loader_gaps`)."""
+    import torch
+
+    from lib_loraclr.keymap import loader_gaps
+    from lib_loraclr.writers import svd_tolerance
+
+    out: dict[str, Any] = {"svd_tolerance": svd_tolerance(torch.float16),
+                           "loader_gaps": loader_gaps(getattr(deltas, "modules", {}), arch)}
+    if errors:
+        out["svd_error"] = sum(errors.values()) / len(errors)
+        out["svd_error_max"] = max(errors.values())
+    return out
+
+
+def loader_gap_lines(gaps: dict[str, list[str]]) -> list[str]:
+    """`lib_loraclr.keymap.format_loader_gaps`: one readable line per loader that ignores modules."""
+    from lib_loraclr.keymap import format_loader_gaps
+
+    return format_loader_gaps(gaps)
+
+
+def write_sidecar(lora_path: Path, triggers: list[str], arch: str, description: str, overwrite: bool) -> Path | None:
+    """`lib_loraclr.writers.write_webui_sidecar`: the card's ``NAME.json`` with the activation text; None when
+    the user's existing sidecar was kept (it is replaced only with ``overwrite``)."""
+    from lib_loraclr.writers import write_webui_sidecar
+
+    return write_webui_sidecar(lora_path, triggers, arch, description=description, overwrite=overwrite)
+
+
 def write_checkpoint(base_checkpoint: Path, deltas: Any, path: Path, overwrite: bool) -> Any:
     """`lib_loraclr.writers.write_checkpoint` on the base weights read from the checkpoint FILE."""
     from lib_loraclr.safeio import read_safetensors

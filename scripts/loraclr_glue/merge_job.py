@@ -217,12 +217,15 @@ def run_merge(
 
     meta = recipe_metadata(sources=[{"name": c["name"], "weight_te": c["te_weight"], "weight_unet": c["unet_weight"]}
                                     for c in concepts], method=req.method, parameters={"preset": req.preset},
-                           trigger=triggers)
+                           trigger=triggers, tag_sources=[engine.lora_metadata(Path(c["path"])) for c in concepts])
     if req.kind == "lora":
         arch = getattr(result.deltas, "arch", None) or "sd1"
         errors = engine.write_lora(result.deltas, out_path, arch, req.rank, meta, req.overwrite)
-        if errors:
-            report["svd_error"] = sum(errors.values()) / len(errors)
+        report.update(engine.lora_save_report(result.deltas, arch, errors))
+        # the card's activation text (A1111/Forge read NAME.json); the user's own sidecar is kept
+        about = f"{req.method} merge of {', '.join(c['name'] for c in concepts)}"
+        side = engine.write_sidecar(out_path, triggers, arch, about, req.overwrite)
+        report["sidecar"] = {"file": str(out_path.with_suffix(".json")), "written": side is not None}
     else:
         engine.write_checkpoint(Path(base_checkpoint), result.deltas, out_path, req.overwrite)
     replaced: list[str] = []

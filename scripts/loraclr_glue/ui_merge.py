@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import engine, merge_job, preview
@@ -79,8 +80,14 @@ def merge_click(service: MergeService, id_task: str, table: Any, method: str, pr
         return [[], "", [], status_html(e.message, error=True)]
     rows = [[r[0], r[1], r[2], r[3], r[4]] for r in result["report_rows"]]
     msg = f"Saved {result['file']} in {result['seconds']:.1f} s."
-    if result["report"].get("svd_error") is not None:
-        msg += f" LoRA rank {int(rank)}: SVD truncation error {result['report']['svd_error']:.4f}."
+    rep = result["report"]
+    if rep.get("svd_error") is not None:
+        msg += f" LoRA rank ≤ {int(rank)}: SVD truncation error {rep['svd_error']:.4f}."
+    side = rep.get("sidecar") or {}
+    if side.get("file") and not side.get("written"):
+        msg += f" Kept your existing {Path(side['file']).name} (its activation text was not changed)."
+    if rep.get("loader_gaps"):
+        msg += "\n" + "\n".join(f"Note: {line}" for line in engine.loader_gap_lines(rep["loader_gaps"]))
     images: list[Any] = []
     if show_preview and result["kind"] == "lora":
         settings = preview.PreviewSettings(size=int(preview_size), steps=int(preview_steps), seed=int(seed))
