@@ -24,6 +24,14 @@ from lib_loraclr.base_model import load_base
 from lib_loraclr.errors import LoraclrError
 from lib_loraclr.merge.pipeline import Concept, MergeConfig, MergeResult, format_report, merge_loras
 from lib_loraclr.merge.solvers import METHODS
+from lib_loraclr.validate import (
+    MAX_RANK,
+    MAX_STEPS,
+    check_concept_weight,
+    check_merge_paths,
+    check_trigger,
+    int_in,
+)
 
 CONCEPT_OPTS = ("--weight", "--te-weight", "--unet-weight", "--prompt", "--name")
 
@@ -50,11 +58,8 @@ def _split_concepts(argv: list[str]) -> tuple[list[str], list[dict]]:
                 concepts[-1]["prompts"].append(argv[i + 1])
             elif key == "name":
                 concepts[-1]["name"] = argv[i + 1]
-            else:
-                try:
-                    concepts[-1][key] = float(argv[i + 1])
-                except ValueError:
-                    raise LoraclrError(f"{a} needs a number, got {argv[i + 1]!r}") from None
+            else:  # ValueRangeError / NonFiniteWeightsError for text, NaN, Inf, |w| > 10
+                concepts[-1][key] = check_concept_weight(argv[i + 1], f"{a} of --concept {concepts[-1]['file']}")
             i += 2
         else:
             rest.append(a)
@@ -68,11 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="base checkpoint (.safetensors) the LoRAs were trained on")
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--format", choices=("lora", "checkpoint"), default="lora")
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank of the saved file (default: lossless)")
+    p.add_argument("--rank", type=int_in(1, MAX_RANK), default=None, help="LoRA rank of the saved file (default: lossless)")
     p.add_argument("--method", choices=METHODS, default="loraclr")
     p.add_argument("--preset", choices=("recommended", "official"), default="recommended")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps of the feature runs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=20, help="sampling steps of the feature runs")
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
     p.add_argument("--report", default=None, help="write the fidelity report as JSON here")
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -94,16 +99,18 @@ def run(args: argparse.Namespace, concept_specs: list[dict]) -> MergeResult:
         raise LoraclrError("nothing to merge: give at least one --concept FILE \"trigger words\"")
     out = Path(args.out)
     out = check_output_name(out.name, out.parent if str(out.parent) else Path("."))
-    if out.exists() and not args.overwrite:
-        raise LoraclrError(f"{out} already exists; choose another name or pass --overwrite")
-    model = load_base(args.base)
-    concepts = []
     for spec in concept_specs:
+        check_trigger(spec["trigger"], f"--concept {spec['file']}")
+    # every path before any file is read (InputFileError, OutputExistsError, OutputNotWritableError, …)
+    check_merge_paths(args.base, [s["file"] for s in concept_specs], out, overwrite=args.overwrite, report=args.report)
+    concepts = []
+    for spec in concept_specs:  # the LoRAs (small) before the base model (large)
         ds = read_lora(spec["file"])
         w = spec.get("weight", 1.0)
         concepts.append(Concept(ds, spec["trigger"], name=spec.get("name") or Path(spec["file"]).stem,
                                 te_weight=spec.get("te_weight", w), unet_weight=spec.get("unet_weight", w),
                                 prompts=spec["prompts"]))
+    model = load_base(args.base)
     config = MergeConfig(method=args.method, preset=args.preset, sample_steps=args.steps, seed=args.seed)
     bar = None
     if not args.no_progress:
@@ -151,8 +158,11 @@ def run(args: argparse.Namespace, concept_specs: list[dict]) -> MergeResult:
 def write_json(path: Path, obj: object) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, default=float))
+        os.replace(tmp, path)
+    finally:  # an interrupt or a full disk leaves no temp file
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str]) -> int:

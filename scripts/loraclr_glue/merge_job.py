@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lib_loraclr import validate
 from lib_loraclr.errors import LoraclrError
 
 from . import engine
@@ -85,6 +86,83 @@ def _num(v: Any, what: str) -> float:
     return x
 
 
+def _weight(v: Any, what: str) -> float:
+    """A concept weight: a finite number with ``|w|`` ≤ `validate.MAX_CONCEPT_WEIGHT`."""
+    x = _num(v, what)
+    try:
+        return validate.check_concept_weight(x, what)
+    except LoraclrError as e:
+        raise MergeRequestError(str(e)) from None
+
+
+#: ``advanced`` options: MergeConfig fields a JSON request may set, with their checks
+_ADV_INT = {"sample_steps": (1, validate.MAX_STEPS), "seed": (0, 2**63 - 1), "sample_images": (1, 64),
+            "svd_rank": (1, validate.MAX_RANK), "sketch_rows": (1, 100_000), "max_stats_bytes": (1, 1 << 40)}
+_ADV_FLOAT = {"ridge": (0.0, 1e6)}
+_ADV_TEXT = ("sampler", "sample_prompts", "prior", "kv_rows")
+_ADV_BOOL = ("preserve_base", "report_features")
+_ADV_PROMPTS = ("templates", "neutral_prompts")
+ADVANCED_KEYS = (*_ADV_INT, *_ADV_FLOAT, *_ADV_TEXT, *_ADV_BOOL, *_ADV_PROMPTS, "shape", "loraclr_overrides")
+
+
+def validate_advanced(advanced: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the ``advanced`` options at the door (names, types, ranges) → MergeConfig keyword arguments.
+
+    Enumerated texts (sampler, prior, …) are checked by name here or by ``MergeConfig.validate``."""
+    _check_keys(advanced, ADVANCED_KEYS, "advanced")
+    out: dict[str, Any] = {}
+    for k, v in advanced.items():
+        what = f"advanced.{k}"
+        if k in _ADV_INT:
+            lo, hi = _ADV_INT[k]
+            x = _num(v, what)
+            if x != int(x) or not lo <= x <= hi:
+                raise MergeRequestError(f"{what} must be a whole number from {lo} to {hi}, got {v!r}")
+            out[k] = int(x)
+        elif k in _ADV_FLOAT:
+            lo, hi = _ADV_FLOAT[k]
+            x = _num(v, what)
+            if not lo <= x <= hi:
+                raise MergeRequestError(f"{what} must be between {lo:g} and {hi:g}, got {v!r}")
+            out[k] = x
+        elif k in _ADV_TEXT:
+            if v is not None and not isinstance(v, str):
+                raise MergeRequestError(f"{what} must be text, got {v!r}")
+            if k == "sampler" and v is not None:
+                from lib_loraclr.tiny.sampling import SAMPLERS
+
+                if v not in SAMPLERS:
+                    raise MergeRequestError(f"{what}: unknown sampler {v!r}; choose one of {', '.join(SAMPLERS)}")
+            out[k] = v
+        elif k in _ADV_BOOL:
+            if v is not None and not isinstance(v, bool):
+                raise MergeRequestError(f"{what} must be true, false or null, got {v!r}")
+            out[k] = v
+        elif k in _ADV_PROMPTS:
+            if isinstance(v, str) or not isinstance(v, (list, tuple)) or not 1 <= len(v) <= 32 \
+                    or not all(isinstance(t, str) and t.strip() for t in v):
+                raise MergeRequestError(f"{what} must be a list of 1 to 32 non-empty strings")
+            out[k] = tuple(v)
+        elif k == "shape":
+            if v is None:
+                out[k] = None
+                continue
+            if isinstance(v, str) or not isinstance(v, (list, tuple)) or len(v) != 3:
+                raise MergeRequestError(f"{what} must be [channels, height, width] (latent size), got {v!r}")
+            dims = [_num(x, what) for x in v]
+            if any(d != int(d) or not 1 <= d <= 1024 for d in dims):
+                raise MergeRequestError(f"{what} entries must be whole numbers from 1 to 1024, got {v!r}")
+            out[k] = tuple(int(d) for d in dims)
+        else:  # loraclr_overrides: names are checked by MergeConfig, values must be plain and finite
+            if not isinstance(v, Mapping):
+                raise MergeRequestError(f"{what} must be an object of LoRACLR parameters")
+            for name, x in v.items():
+                if not isinstance(x, (bool, str)):
+                    _num(x, f"{what}.{name}")
+            out[k] = dict(v)
+    return out
+
+
 def validate_request(data: Any) -> MergeRequest:
     """JSON-like dict → `MergeRequest`; raises `MergeRequestError` with a message for the user."""
     if not isinstance(data, Mapping):
@@ -103,13 +181,21 @@ def validate_request(data: Any) -> MergeRequest:
         name = str(item.get("name") or "").strip()
         if not name:
             raise MergeRequestError(f"LoRA {i + 1} has no name")
+        trigger = item.get("trigger")
+        if trigger is not None and not isinstance(trigger, str):
+            raise MergeRequestError(f"LoRA {name!r}: trigger must be text, got {trigger!r}")
+        if trigger and trigger.strip():
+            try:
+                validate.check_trigger(trigger, f"LoRA {name!r}")
+            except LoraclrError as e:
+                raise MergeRequestError(str(e)) from None
         prompts = item.get("prompts") or ()
         if isinstance(prompts, str) or not all(isinstance(q, str) for q in prompts):
             raise MergeRequestError(f"LoRA {name!r}: prompts must be a list of strings")
         loras.append(LoraSpec(
             name=name, trigger=str(item.get("trigger") or "").strip(),
-            te_weight=_num(item.get("te_weight", 1.0), f"{name}: te_weight"),
-            unet_weight=_num(item.get("unet_weight", 1.0), f"{name}: unet_weight"),
+            te_weight=_weight(item.get("te_weight", 1.0), f"{name}: te_weight"),
+            unet_weight=_weight(item.get("unet_weight", 1.0), f"{name}: unet_weight"),
             prompts=tuple(prompts),
         ))
     names = [spec.name for spec in loras]
@@ -141,7 +227,8 @@ def validate_request(data: Any) -> MergeRequest:
     advanced = data.get("advanced") or {}
     if not isinstance(advanced, Mapping):
         raise MergeRequestError("advanced must be an object")
-    return MergeRequest(tuple(loras), method, preset, kind, name, int(rank_v), overwrite, dict(advanced))
+    return MergeRequest(tuple(loras), method, preset, kind, name, int(rank_v), overwrite,
+                        validate_advanced(advanced))
 
 
 def report_rows(report: Mapping[str, Any]) -> list[list[Any]]:
@@ -177,8 +264,9 @@ def run_merge(
     engine.EngineUnavailable and lib_loraclr errors (all with user-facing messages).
     ``unet_factory``: builds the base model's UNet on hosts without ldm (`host_models.merge_unet_factory`)."""
     t0 = time.perf_counter()
-    if base_checkpoint is None or not Path(base_checkpoint).is_file():
+    if base_checkpoint is None:
         raise MergeRequestError("no checkpoint is loaded: the merge needs the base model's file")
+    validate.check_input_file(base_checkpoint, "base checkpoint")  # InputFileError: a folder, unreadable
     folder = lora_folder if req.kind == "lora" else checkpoint_folder
     if folder is None:
         raise MergeRequestError(f"no {'LoRA' if req.kind == 'lora' else 'checkpoint'} folder is configured")
@@ -191,11 +279,16 @@ def run_merge(
             path = find_lora(spec.name, lora_folder)
         except LoraNotFoundError as e:
             raise MergeRequestError(str(e)) from None
+        validate.check_input_file(path, f"LoRA {spec.name!r}")
+        engine.read_lora(path)  # the file's own errors (damaged, pickle, NaN, rank 0) first; cached for the merge
         trigger = spec.trigger or ", ".join(engine.trigger_words(path)[:1])
         if not trigger:
             raise MergeRequestError(f"LoRA {spec.name!r} has no trigger words in its metadata; type them")
         concepts.append({"name": spec.name, "path": str(path), "trigger": trigger, "te_weight": spec.te_weight,
                          "unet_weight": spec.unet_weight, "prompts": list(spec.prompts)})
+    # an output folder, an input as output (with overwrite), an unwritable folder: refused before any work
+    inputs = [base_checkpoint, *(c["path"] for c in concepts)]
+    validate.check_output_file(out_path, overwrite=req.overwrite, inputs=inputs, overwrite_hint="tick overwrite")
 
     def tick(stage: str, done: int, total: int) -> None:
         if should_stop():
@@ -208,8 +301,9 @@ def run_merge(
         config = engine.merge_config(req.method, req.preset, req.advanced)
     except TypeError as e:
         raise MergeRequestError(f"unknown advanced option: {e}") from None
+    merge_concepts = engine.merge_concepts(concepts)  # reads and checks the LoRAs before the (large) base
     model = engine.load_base_model(Path(base_checkpoint), unet_factory)
-    result = engine.merge_loras(model, engine.merge_concepts(concepts), config, tick)
+    result = engine.merge_loras(model, merge_concepts, config, tick)
     tick("saving", 0, 1)
     report = dict(result.report)
     triggers = [c["trigger"] for c in concepts]
