@@ -21,6 +21,7 @@ are the canonical keys; ``prompt_encoder`` (``lib_loraclr.text.PromptEncoder``) 
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,9 +36,11 @@ from lib_loraclr.base_model import load_base  # noqa: F401  (re-exported: the We
 from lib_loraclr.deltas import DeltaSet, LoraModule, is_unet_key
 from lib_loraclr.errors import ArchitectureMismatchError, LoraclrError
 from lib_loraclr.merge.solvers import METHODS, LoraclrParams, layer_fidelity, merge_layer
-from lib_loraclr.merge.stats import ConceptStats, FeatureStats, rows_from_conv_input
+from lib_loraclr.merge.stats import ConceptStats, FeatureStats, PairedStats, rows_from_conv_input
 
 Progress = Callable[[str, int, int], None]  # (stage description, done, total)
+
+SEQUENTIAL_DEFAULT = False  # recommended preset: sequential solving (``MergeConfig.sequential``)
 
 
 class MergeInputError(LoraclrError):
@@ -95,10 +98,19 @@ class MergeConfig:
     ridge: float = 1e-2
     svd_rank: int = 64  # for method="svd"
     sketch_rows: int = 512
-    kv_rows: str | None = None  # "trigger" (official) | "prompt"; None = by preset
+    # K/V rows: "trigger" (official: trigger tokens + end token) | "prompt" (every position up to the end token)
+    # | "all" (every position of the context, padding included: the UNet attends to all of them; the text encoder's
+    # layers are then fitted on every position too); None = by preset
+    kv_rows: str | None = None
     preserve_base: bool | None = None  # add neutral prompts as a zero-delta concept; None = by preset
     max_stats_bytes: int = 4 << 30  # budget of one sampling pass's statistics
     report_features: bool = False  # collect features for the report even for linear / svd
+    # sequential solving (lsq / loraclr): layers solved in depth order (text encoder per input group, K/V, then
+    # the UNet block by block), each on inputs recorded from the PARTIALLY MERGED model, fitted to reproduce the
+    # concept's own LoRA output on its own inputs (teacher-forced: the teacher's sampling trajectory, the
+    # student's layer inputs at the same step). Costs one paired feature pass per stage. None = by preset.
+    sequential: bool | None = None
+    sequential_ridge: float = 1e-2  # shrinkage of the drift correction (relative to the mean Gram eigenvalue)
     loraclr_overrides: dict[str, Any] = field(default_factory=dict)  # LoraclrParams fields, e.g. {"iters": 20}
 
     def validate(self) -> None:
@@ -106,8 +118,8 @@ class MergeConfig:
             raise MergeInputError(f"unknown merge method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.preset not in ("recommended", "official"):
             raise MergeInputError(f"unknown preset {self.preset!r}; choose 'recommended' or 'official'")
-        if self.kv_rows not in (None, "trigger", "prompt"):
-            raise MergeInputError(f"kv_rows must be 'trigger' or 'prompt', not {self.kv_rows!r}")
+        if self.kv_rows not in (None, "trigger", "prompt", "all"):
+            raise MergeInputError(f"kv_rows must be 'trigger', 'prompt' or 'all', not {self.kv_rows!r}")
         if self.sample_steps < 1:
             raise MergeInputError("sample_steps must be at least 1")
         if self.sample_prompts not in (None, "first", "all"):
@@ -116,6 +128,8 @@ class MergeConfig:
             raise MergeInputError(f"prior must be 'zero', 'mean' or 'mean-unet', not {self.prior!r}")
         if self.sample_images < 1:
             raise MergeInputError("sample_images must be at least 1")
+        if self.sequential_ridge < 0:
+            raise MergeInputError("sequential_ridge must be >= 0")
         if not self.templates or any("{}" not in t for t in self.templates):
             raise MergeInputError("every prompt template needs a '{}' for the trigger words")
 
@@ -138,6 +152,12 @@ class MergeConfig:
 
     def effective_sample_prompts(self) -> str:
         return self.sample_prompts or ("first" if self.official else "all")
+
+    def effective_sequential(self) -> bool:
+        """Whether lsq / loraclr solve layers sequentially (see ``sequential``)."""
+        if self.sequential is not None:
+            return bool(self.sequential)
+        return SEQUENTIAL_DEFAULT and not self.official
 
     def effective_preserve_base(self) -> bool:
         return (not self.official) if self.preserve_base is None else self.preserve_base
@@ -333,6 +353,7 @@ def merge_loras(
     n = len(concepts)
     by_group = {g: [k for k in keys if layer_group(k) == g] for g in ("te", "kv", "unet")}
     features = config.method in ("loraclr", "lsq") or config.report_features
+    seq = config.effective_sequential() and config.method in ("loraclr", "lsq")
     preserve = config.effective_preserve_base() and config.method in ("loraclr", "lsq")
     n_rows = n + (1 if preserve else 0)  # the last "concept" is the base on neutral prompts (ΔW = 0)
     enc = model.prompt_encoder  # type: ignore[attr-defined]
@@ -345,9 +366,15 @@ def merge_loras(
         if progress is not None:
             progress(stage, done, len(keys))
 
-    def solve(key: str, feats: Sequence[FeatureStats | None], neutral: FeatureStats | None) -> None:
+    def solve(key: str, feats: Sequence[FeatureStats | None], neutral: FeatureStats | None,
+              paired: Sequence[PairedStats] | None = None) -> None:
         nonlocal done
         w0 = _w0(model, key)
+        if paired is not None and config.method in ("loraclr", "lsq"):
+            solve_paired(key, w0, paired, neutral)
+            done += 1
+            tick(f"solved {key}")
+            return
         stats = [
             ConceptStats(
                 f if f is not None else FeatureStats(w0.shape[1]),
@@ -382,8 +409,34 @@ def merge_loras(
         done += 1
         tick(f"solved {key}")
 
+    def solve_paired(key: str, w0: torch.Tensor, paired: Sequence[PairedStats], neutral: FeatureStats | None
+                     ) -> None:
+        """Solve one layer on student inputs with drift-corrected targets (``PairedStats.effective_delta``)."""
+        dense = [scaled[i][key].delta_2d().float() if key in scaled[i] else None for i in range(n)]
+        prior = sum(d for d in dense if d is not None) / n if config.prior_for(key) == "mean" else None
+        teach = dense + [prior] * (len(paired) - n)  # base rows: the base (prior "mean": toward Δ̄, as unpaired)
+        targets = [ps.effective_delta(w0, t, config.sequential_ridge) for ps, t in zip(paired, teach)]
+        names = [c.label for c in concepts] + ["base"] * (len(paired) - n)
+        stats = [ConceptStats(ps.features, t, name=nm) for ps, t, nm in zip(paired, targets, names)]
+        solve_stats = stats
+        if prior is not None:
+            solve_stats = [ConceptStats(cs.features, t - prior, name=cs.name) for cs, t in zip(stats, targets)]
+        d, info = merge_layer(config.method, w0, solve_stats, params=config.loraclr_params(), ridge=config.ridge,
+                              rank=config.svd_rank)
+        if prior is not None:
+            d = d + prior.reshape(d.shape)
+        merged[key] = d
+        have = all(ps.n > 0 for ps in paired[:n])
+        fid = layer_fidelity(d, stats[:n], W0=w0, neutral=neutral) if have else {}
+        layer_info[key] = {"group": layer_group(key), "method": config.method, "note": "", "solve": info,
+                           "fidelity": fid, "input_drift": [ps.drift for ps in paired]}
+
+    own_dense = [{k: m.delta() for k, m in s.modules.items()} for s in scaled] + [{}]  # + the base (no LoRA)
+    if seq:
+        _merge_sequential(model, config, keys, by_group, own_dense, prompts, n, n_rows, concepts, merged,
+                          solve, tick)
     # ---- stage 1: text encoder
-    te_all = by_group["te"]
+    te_all = by_group["te"] if not seq else []
     te_keys = [k for k in te_all if _rowable(model, k)]
     if te_keys:
         tick("text encoder: collecting features")
@@ -395,7 +448,7 @@ def merge_loras(
             with patched(model, deltas), torch.no_grad():
                 for p in prompts[min(i, n)] if features else []:
                     eot = enc.eot_position(p)
-                    with _collect(model, fs, fe.hook_keys, select=lambda x, e=eot: x[:, : e + 1]):
+                    with _collect(model, fs, fe.hook_keys, select=_te_select(config, eot)):
                         model.get_learned_conditioning([p])  # type: ignore[operator]  # every text encoder
             per_concept.append(fs)
         for k in te_keys:
@@ -405,9 +458,9 @@ def merge_loras(
         if k not in te_keys:
             solve(k, [None] * n, None)
 
-    te_merged = {k: merged[k] for k in te_all}
+    te_merged = {k: merged[k] for k in by_group["te"]}
     # ---- stage 2: cross-attention K/V from the merged text encoder
-    kv_keys = by_group["kv"]
+    kv_keys = by_group["kv"] if not seq else []
     if kv_keys:
         tick("cross-attention K/V: encoding prompts with the merged text encoder")
         dim = _d_in(model, kv_keys[0])
@@ -418,17 +471,14 @@ def merge_loras(
                 for p in prompts[min(i, n)] if features else []:
                     ctx = _crossattn(model.get_learned_conditioning([p]))[0]  # type: ignore[operator]
                     eot = enc.eot_position(p)
-                    if i < n and config.effective_kv_rows() == "trigger":
-                        pos = sorted(set(enc.token_positions(p, concepts[i].trigger)) | {eot})
-                    else:
-                        pos = list(range(eot + 1))
+                    pos = _kv_positions(config, enc, p, concepts[i].trigger if i < n else None, eot, ctx.shape[0])
                     fs.add(ctx[pos].float())
                 per_concept.append(fs)
         for k in kv_keys:
             solve(k, per_concept[:n_rows], per_concept[-1] if features else None)
 
     # ---- stage 3: the other UNet layers, from seeded sampling runs
-    unet_keys = by_group["unet"]
+    unet_keys = by_group["unet"] if not seq else []
     if unet_keys:
         kv_merged = {k: merged[k] for k in kv_keys}
         row_keys = [k for k in unet_keys if _rowable(model, k)]
@@ -463,6 +513,268 @@ def merge_loras(
     )
     report = build_report(concepts, config, layer_info, time.perf_counter() - t_start)
     return MergeResult(deltas=out, report=report)
+
+
+def _te_select(config: MergeConfig, eot: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Text-encoder rows of a batch-first ``[B, L, D]`` input: positions up to the end token, or every position
+    (padding included) with ``kv_rows="all"``."""
+    if config.effective_kv_rows() == "all":
+        return None
+    return lambda x: x[:, : eot + 1]
+
+
+def _kv_positions(config: MergeConfig, enc: Any, prompt: str, trigger: str | None, eot: int,
+                  length: int) -> list[int]:
+    """Context positions whose K/V rows join the solve (``MergeConfig.kv_rows``); ``length`` = context length."""
+    rows = config.effective_kv_rows()
+    if rows == "trigger" and trigger is not None:
+        return sorted(set(enc.token_positions(prompt, trigger)) | {eot})
+    if rows == "all":
+        return list(range(length))
+    return list(range(eot + 1))
+
+
+class _RowBuffer:
+    """Rows of one forward pass (transient: one prompt or one sampling step), for paired statistics."""
+
+    def __init__(self) -> None:
+        self.blocks: list[torch.Tensor] = []
+
+    def add(self, rows: torch.Tensor) -> None:
+        self.blocks.append(rows.float())
+
+    def rows(self) -> torch.Tensor:
+        return torch.cat(self.blocks) if len(self.blocks) != 1 else self.blocks[0]
+
+
+def _call_order(model: nn.Module, hook_keys: dict[str, str], run: Callable[[], Any]) -> list[str]:
+    """Input groups in the order their modules first run during ``run()`` (groups never run go last)."""
+    order: list[str] = []
+    handles = []
+
+    def make(group: str):
+        def hook(mod: nn.Module, args: tuple) -> None:
+            if group not in order:
+                order.append(group)
+        return hook
+
+    try:
+        for g, k in hook_keys.items():
+            handles.append(_hook_module(model, k).register_forward_pre_hook(make(g)))
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return order + [g for g in hook_keys if g not in order]
+
+
+_BLOCK = re.compile(r"\.(input_blocks|output_blocks)\.(\d+)\.|\.(middle_block)\.")
+
+
+def unet_stage(key: str) -> tuple[int, int]:
+    """Depth stage of a UNet key for sequential solving: ``(0, i)`` input block i, ``(1, 0)`` the middle
+    block, ``(2, i)`` output block i, ``(3, 0)`` anything else (ldm / sgm module paths)."""
+    m = _BLOCK.search(key)
+    if m is None:
+        return (3, 0)
+    if m.group(3):
+        return (1, 0)
+    return (0 if m.group(1) == "input_blocks" else 2, int(m.group(2)))
+
+
+class _WeightSets:
+    """Several sets of patched weights, built once and swapped in by reference (no add per forward pass).
+
+    ``sets[name]`` = canonical key → dense ΔW; ``use(name)`` points every touched weight at ``W0 + ΔW`` of that
+    set (``W0`` where the set has no delta); ``restore()`` puts the original tensors back bit-for-bit.
+    Memory: one extra copy of each touched weight per set.
+    """
+
+    def __init__(self, model: nn.Module, sets: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.weights: dict[int, torch.Tensor] = {}
+        self.original: dict[int, torch.Tensor] = {}
+        self.by_set: dict[str, dict[int, torch.Tensor]] = {name: {} for name in sets}
+        for name, deltas in sets.items():
+            for key, d in deltas.items():
+                w, rows = target_weight(model, key)
+                wid = id(w)
+                self.weights.setdefault(wid, w)
+                self.original.setdefault(wid, w.data)
+                new = self.by_set[name].get(wid)
+                if new is None:
+                    new = self.by_set[name][wid] = w.data.clone()
+                view = new if rows is None else new[rows]
+                view += d.reshape(view.shape).to(device=new.device, dtype=new.dtype)
+
+    def use(self, name: str) -> None:
+        for wid, w in self.weights.items():
+            w.data = self.by_set[name].get(wid, self.original[wid])
+
+    def restore(self) -> None:
+        for wid, w in self.weights.items():
+            w.data = self.original[wid]
+
+
+def _paired_sampling(
+    model: nn.Module,
+    prompts: Sequence[str],
+    config: MergeConfig,
+    teacher: dict[str, torch.Tensor],
+    student: dict[str, torch.Tensor],
+    teacher_te: dict[str, torch.Tensor],
+    student_te: dict[str, torch.Tensor],
+    hook_keys: dict[str, str],
+    sinks: dict[str, PairedStats],
+) -> None:
+    """Teacher-forced sampling runs: the TEACHER (``teacher`` UNet weights, conditioning from ``teacher_te``)
+    draws the trajectory; at every step the STUDENT (``student`` weights, ``student_te`` conditioning) runs on
+    the same latent, and each group's input rows of both passes go to ``sinks[group]`` (aligned row by row).
+    Prompts are batched by canvas; ``config.sample_images`` seeded images per prompt, no CFG."""
+    from lib_loraclr.tiny.sampling import wrap_model
+
+    by_shape: dict[Any, list[str]] = {}
+    for p in prompts:
+        shape = config.shape_for(p) if config.shape_for is not None else config.shape
+        by_shape.setdefault(None if shape is None else tuple(shape), []).extend([p] * config.sample_images)
+    inner = wrap_model(model)
+    swap = _WeightSets(model, {"teacher": teacher, "student": student})
+    try:
+        _paired_runs(model, config, by_shape, inner, swap, teacher_te, student_te, hook_keys, sinks)
+    finally:
+        swap.restore()
+
+
+def _paired_runs(model: nn.Module, config: MergeConfig, by_shape: dict[Any, list[str]], inner: nn.Module,
+                 swap: _WeightSets, teacher_te: dict[str, torch.Tensor], student_te: dict[str, torch.Tensor],
+                 hook_keys: dict[str, str], sinks: dict[str, PairedStats]) -> None:
+    """The sampling runs of ``_paired_sampling`` (weights swapped by ``swap``)."""
+    from lib_loraclr.tiny.sampling import sample
+
+    for shape, ps in by_shape.items():
+        with torch.no_grad():
+            with patched(model, teacher_te):
+                t_cond = model.get_learned_conditioning(ps)  # type: ignore[operator]
+            with patched(model, student_te):
+                s_cond = model.get_learned_conditioning(ps)  # type: ignore[operator]
+
+        def den(x: torch.Tensor, sigma: torch.Tensor, cond: Any = None, uncond: Any = None,
+                cond_scale: float = 1.0, t_cond: Any = t_cond, s_cond: Any = s_cond) -> torch.Tensor:
+            bt = {g: _RowBuffer() for g in sinks}
+            bs = {g: _RowBuffer() for g in sinks}
+            swap.use("teacher")
+            with _collect(model, bt, hook_keys):  # type: ignore[arg-type]
+                out = inner(x, sigma, cond=t_cond)
+            swap.use("student")
+            with _collect(model, bs, hook_keys):  # type: ignore[arg-type]
+                inner(x, sigma, cond=s_cond)
+            for g, sink in sinks.items():
+                if bs[g].blocks:
+                    sink.add(bs[g].rows(), bt[g].rows())
+            return out
+
+        sample(model, ps, negative="", steps=config.sample_steps, cfg_scale=1.0, sampler=config.sampler,
+               seed=config.seed, shape=shape, denoiser=den)
+
+
+def _merge_sequential(
+    model: nn.Module,
+    config: MergeConfig,
+    keys: Sequence[str],
+    by_group: dict[str, list[str]],
+    own: list[dict[str, torch.Tensor]],
+    prompts: list[list[str]],
+    n: int,
+    n_rows: int,
+    concepts: Sequence[Concept],
+    merged: dict[str, torch.Tensor],
+    solve: Callable[..., None],
+    tick: Callable[[str], None],
+) -> None:
+    """Sequential solving (``MergeConfig.sequential``): text-encoder input groups in call order, then K/V,
+    then the UNet's blocks in depth order; every stage records PAIRED statistics (the partially merged
+    student's inputs and the concept's own-LoRA teacher's inputs at the same tokens / sampling steps) and
+    solves its layers on drift-corrected targets. ``own[i]``: concept i's dense ΔW per key (``own[n]`` = {}:
+    the base, for the neutral prompts); rows ``0 … n_rows-1`` join the solve, row ``n`` is the neutral one."""
+    enc = model.prompt_encoder  # type: ignore[attr-defined]
+    rows = range(n + 1)
+
+    def student(i: int, part: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {k: merged[k] if k in merged else own[i][k] for k in part if k in merged or k in own[i]}
+
+    def only(i: int, part: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {k: own[i][k] for k in part if k in own[i]}
+
+    # ---- text encoder: one input group at a time, in call order
+    te_all = by_group["te"]
+    te_keys = [k for k in te_all if _rowable(model, k)]
+    if te_keys:
+        fe = _Features(model, te_keys, config)
+        order = _call_order(model, fe.hook_keys,
+                            lambda: model.get_learned_conditioning([prompts[0][0]]))  # type: ignore[operator]
+        for g in order:
+            tick(f"text encoder (sequential): {g}")
+            paired = [PairedStats(fe.dims[g], config.sketch_rows, config.seed) for _ in rows]
+            one = {g: fe.hook_keys[g]}
+            for i in rows:
+                for p in prompts[min(i, n)]:
+                    eot = enc.eot_position(p)
+                    bt, bs = {g: _RowBuffer()}, {g: _RowBuffer()}
+                    sel = _te_select(config, eot)
+                    with torch.no_grad():
+                        with patched(model, only(i, te_all)), _collect(model, bt, one, select=sel):  # type: ignore[arg-type]
+                            model.get_learned_conditioning([p])  # type: ignore[operator]
+                        with patched(model, student(i, te_all)), _collect(model, bs, one, select=sel):  # type: ignore[arg-type]
+                            model.get_learned_conditioning([p])  # type: ignore[operator]
+                    paired[i].add(bs[g].rows(), bt[g].rows())
+            for k in te_keys:
+                if input_group(k) == g:
+                    solve(k, [], paired[n].features, paired=paired[:n_rows])
+    for k in te_all:
+        if k not in te_keys:
+            solve(k, [None] * n, None)
+    te_merged = {k: merged[k] for k in te_all}
+
+    # ---- cross-attention K/V: student = the merged text encoder, teacher = the concept's own
+    kv_keys = by_group["kv"]
+    if kv_keys:
+        tick("cross-attention K/V (sequential): encoding prompts")
+        dim = _d_in(model, kv_keys[0])
+        paired = [PairedStats(dim, config.sketch_rows, config.seed) for _ in rows]
+        with torch.no_grad():
+            for i in rows:
+                for p in prompts[min(i, n)]:
+                    with patched(model, only(i, te_all)):
+                        ct = _crossattn(model.get_learned_conditioning([p]))[0]  # type: ignore[operator]
+                    with patched(model, te_merged):
+                        cs = _crossattn(model.get_learned_conditioning([p]))[0]  # type: ignore[operator]
+                    eot = enc.eot_position(p)
+                    pos = _kv_positions(config, enc, p, concepts[i].trigger if i < n else None, eot, cs.shape[0])
+                    paired[i].add(cs[pos].float(), ct[pos].float())
+        for k in kv_keys:
+            solve(k, [], paired[n].features, paired=paired[:n_rows])
+
+    # ---- the other UNet layers: block by block in depth order, teacher-forced sampling runs
+    unet_all = by_group["unet"] + kv_keys
+    row_keys = [k for k in by_group["unet"] if _rowable(model, k)]
+    stages: dict[tuple[int, int], list[str]] = {}
+    for k in row_keys:
+        stages.setdefault(unet_stage(k), []).append(k)
+    for si, (_stage, skeys) in enumerate(sorted(stages.items())):
+        fe = _Features(model, skeys, config)
+        sinks_all = [{g: PairedStats(d, config.sketch_rows, config.seed) for g, d in fe.dims.items()} for _ in rows]
+        for i in rows:
+            tick(f"UNet (sequential): stage {si + 1}/{len(stages)}, run {i + 1}/{n + 1}")
+            ps = prompts[min(i, n)]
+            ps = ps if config.effective_sample_prompts() == "all" else ps[:1]
+            _paired_sampling(model, ps, config, only(i, unet_all), student(i, unet_all), only(i, te_all),
+                             te_merged, fe.hook_keys, sinks_all[i])
+        for k in skeys:
+            g = input_group(k)
+            solve(k, [], sinks_all[n][g].features, paired=[sinks_all[i][g] for i in range(n_rows)])
+    for k in by_group["unet"]:
+        if k not in row_keys:
+            solve(k, [None] * n, None)
 
 
 def _concept_delta(mod: LoraModule) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -557,7 +869,8 @@ def build_report(concepts: Sequence[Concept], config: MergeConfig, layer_info: d
         "config": {**{k: (v if k != "shape_for" else (None if v is None else "custom"))
                       for k, v in asdict(config).items() if k != "max_stats_bytes"},
                    "kv_rows": config.effective_kv_rows(), "preserve_base": config.effective_preserve_base(),
-                   "prior": config.effective_prior(), "sample_prompts": config.effective_sample_prompts()},
+                   "prior": config.effective_prior(), "sample_prompts": config.effective_sample_prompts(),
+                   "sequential": config.effective_sequential() and config.method in ("loraclr", "lsq")},
         "concepts": [{"name": c.label, "trigger": c.trigger, "te_weight": c.te_weight,
                       "unet_weight": c.unet_weight, "modules": len(c.deltas)} for c in concepts],
         "layers": len(layer_info),

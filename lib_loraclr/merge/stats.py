@@ -22,6 +22,8 @@ means the same step×position for every concept; then the sketches of all concep
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -342,3 +344,82 @@ class ConceptStats:
         """Bytes of the features plus the delta (dense and/or factors)."""
         ts = [t for t in (self._dense, self.up, self.down) if t is not None]
         return self.features.memory_bytes() + sum(t.numel() * t.element_size() for t in ts)
+
+
+class PairedStats:
+    """Statistics of one layer's inputs in the MERGED model (student) paired with the teacher's inputs.
+
+    Sequential merging (GPTQ / progressive RegMean style) fits each layer on inputs ``X̃ [n, d_in]`` recorded
+    from the partially merged model, to reproduce the teacher's output ``X (W0 + ΔW_i)ᵀ`` on the teacher's own
+    inputs ``X`` at the same positions (same tokens, same sampling step: the teacher's trajectory). Kept:
+
+    - ``features``: a :class:`FeatureStats` of the student rows ``X̃`` (Gram ``G̃``, sketch);
+    - ``cross``: ``C = X̃ᵀX`` float64 ``[d_in, d_in]``;
+    - ``drift_sq`` / ``teacher_sq``: ``‖X̃ − X‖²_F`` and ``‖X‖²_F`` (how far the inputs drifted).
+
+    Memory: ``8·d_in²`` bytes on top of the FeatureStats, independent of the number of rows.
+    """
+
+    def __init__(self, d_in: int, sketch_rows: int = 512, seed: int = 0) -> None:
+        self.features = FeatureStats(d_in, sketch_rows, seed)
+        self.cross = torch.zeros(d_in, d_in, dtype=torch.float64)
+        self.drift_sq = 0.0
+        self.teacher_sq = 0.0
+
+    @property
+    def d_in(self) -> int:
+        return self.features.d_in
+
+    @property
+    def n(self) -> int:
+        return self.features.n
+
+    def add(self, student: torch.Tensor, teacher: torch.Tensor) -> None:
+        """Add aligned rows: ``student [..., d_in]`` (merged model) and ``teacher [..., d_in]`` (same shape)."""
+        if student.shape != teacher.shape:
+            raise ShapeMismatchError(
+                f"student rows {tuple(student.shape)} and teacher rows {tuple(teacher.shape)} are not aligned"
+            )
+        xs = student.detach().reshape(-1, self.d_in).float().cpu()
+        xt = teacher.detach().reshape(-1, self.d_in).float().cpu()
+        self.features.add(xs)
+        self.cross += (xs.T @ xt).double()
+        self.drift_sq += float((xs - xt).pow(2).sum(dtype=torch.float64))
+        self.teacher_sq += float(xt.pow(2).sum(dtype=torch.float64))
+
+    @property
+    def drift(self) -> float:
+        """Relative input drift ``‖X̃ − X‖ / ‖X‖`` (0 when the merged model sees the teacher's inputs)."""
+        return math.sqrt(self.drift_sq / self.teacher_sq) if self.teacher_sq > 0 else 0.0
+
+    def effective_delta(self, w0: torch.Tensor, delta: torch.Tensor | None, ridge: float = 1e-2) -> torch.Tensor:
+        """The ΔW whose output on the STUDENT inputs best matches the teacher's output on its own inputs.
+
+        ``argmin_Δ ‖X̃(W0 + Δ)ᵀ − X(W0 + ΔW)ᵀ‖² = ΔW + (W0 + ΔW)(Cᵀ − G̃)(G̃ + λI)^-1`` (exact for λ = 0 and an
+        invertible G̃; ``λ = ridge·tr(G̃)/d_in`` shrinks the correction along directions the student rarely
+        sees). Then ``‖X̃(W0+Δ)ᵀ − X(W0+ΔW)ᵀ‖² = ‖X̃(Δ − Δ_eff)ᵀ‖² + const`` (λ = 0), so every solver can use
+        ``(features, Δ_eff)`` as an ordinary concept. No drift (X̃ = X) gives ``Δ_eff = ΔW``.
+
+        w0: base weight ``[d_out, d_in]``; delta: the teacher's ΔW ``[d_out, d_in]`` (None = 0, a base teacher).
+        Returns float32 ``[d_out, d_in]``.
+        """
+        w0d = as_2d_weight(w0, "base weight").double()
+        dd = None if delta is None else as_2d_weight(delta, "delta").double()
+        wt = w0d if dd is None else w0d + dd
+        g = self.features.gram()
+        d = g.shape[0]
+        tr = float(g.diagonal().sum())
+        lam = ridge * tr / d if tr > 0 else 0.0
+        a = (self.cross.T - g) if self.features.n else torch.zeros_like(g)
+        gl = g + lam * torch.eye(d, dtype=g.dtype)
+        chol, info = torch.linalg.cholesky_ex(gl)
+        rhs = wt @ a  # [d_out, d_in]
+        if int(info) == 0:
+            corr = torch.cholesky_solve(rhs.T, chol).T
+        else:
+            corr = rhs @ torch.linalg.pinv(gl, hermitian=True)
+        out = corr if dd is None else dd + corr
+        return out.float()
+
+    def memory_bytes(self) -> int:
+        return self.features.memory_bytes() + self.cross.numel() * self.cross.element_size()

@@ -1,0 +1,100 @@
+"""Sequential merging: paired (student, teacher) statistics, drift-corrected targets, depth-ordered solve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib_loraclr.merge.pipeline import Concept, MergeConfig, merge_loras, unet_stage
+from lib_loraclr.merge.stats import PairedStats
+from lib_loraclr.tiny.models import build_tiny_sd1
+from tests.lora_factory import attention_keys, random_lora
+
+
+def test_effective_delta_is_the_least_squares_fit_of_the_teacher() -> None:
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out, n = 6, 5, 40
+    xt = torch.randn(n, d_in, generator=g)  # teacher inputs
+    xs = xt + 0.3 * torch.randn(n, d_in, generator=g)  # drifted student inputs at the same positions
+    w0 = torch.randn(d_out, d_in, generator=g)
+    dw = 0.5 * torch.randn(d_out, d_in, generator=g)
+    ps = PairedStats(d_in)
+    ps.add(xs[:15], xt[:15])
+    ps.add(xs[15:], xt[15:])
+    eff = ps.effective_delta(w0, dw, ridge=0.0)
+    # argmin_Δ ‖X̃(W0+Δ)ᵀ − X(W0+ΔW)ᵀ‖ in closed form (lstsq), float64
+    target = xt.double() @ (w0 + dw).double().T
+    w_star = torch.linalg.lstsq(xs.double(), target).solution.T
+    torch.testing.assert_close(eff.double(), w_star - w0.double(), rtol=1e-4, atol=1e-4)
+    assert 0.25 < ps.drift < 0.35
+    # no drift: the target is the LoRA itself; a base teacher (ΔW = None) asks for no change
+    same = PairedStats(d_in)
+    same.add(xt, xt)
+    torch.testing.assert_close(same.effective_delta(w0, dw), dw, rtol=1e-5, atol=1e-5)
+    assert same.drift == 0.0
+    assert float(same.effective_delta(w0, None).abs().max()) < 1e-5
+    with pytest.raises(Exception, match="aligned"):
+        ps.add(xs[:3], xt[:4])
+
+
+def test_unet_stages_follow_depth() -> None:
+    keys = ["model.diffusion_model.output_blocks.3.1.transformer_blocks.0.attn1.to_q",
+            "model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q",
+            "model.diffusion_model.input_blocks.11.1.transformer_blocks.0.attn1.to_q",
+            "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn1.to_q"]
+    assert [k.split(".")[2] + k.split(".")[3] for k in sorted(keys, key=unet_stage)] == [
+        "input_blocks2", "input_blocks11", "middle_block1", "output_blocks3"]
+
+
+@pytest.fixture(scope="module")
+def small():
+    """The tiny SD1 model and two random LoRAs on a few layers (TE layer 0, two UNet blocks): seconds."""
+    model = build_tiny_sd1(seed=0)
+    keys = [k for k in attention_keys(model)
+            if ".encoder.layers.0." in k or ".input_blocks.1." in k or ".output_blocks.11." in k]
+    assert any(".attn2.to_k" in k for k in keys) and any(".attn1.to_q" in k for k in keys)
+    return model, [Concept(random_lora(model, keys, seed=1), "sks", name="a"),
+                   Concept(random_lora(model, keys, seed=2), "ohwx", name="b")]
+
+
+def _fast(**kw) -> MergeConfig:
+    return MergeConfig(sample_steps=2, sampler="euler", sequential=True, **kw)
+
+
+def test_sequential_one_concept_reproduces_it_without_drift(small) -> None:
+    """One concept: each layer fits its LoRA on the student's inputs, so the student never drifts from the
+    teacher and every layer's error stays ~0 (K/V on every context position: the UNet attends to the padding
+    too; with ``kv_rows="prompt"`` the padding's K/V differ and the next layers see drift)."""
+    model, concepts = small
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = merge_loras(model, concepts[:1], _fast(method="lsq", preserve_base=False, ridge=1e-8,
+                                                 sequential_ridge=1e-8, kv_rows="all"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert set(res.deltas.modules) == set(concepts[0].deltas.modules)
+    for key, info in res.report["per_layer"].items():
+        assert info["input_drift"][0] < 2e-3, (key, info["input_drift"])
+        assert info["fidelity"]["rel_err"][0] < 2e-3, (key, info["fidelity"]["rel_err"])
+    assert res.report["config"]["sequential"] is True
+
+
+def test_sequential_two_concepts_runs_every_stage_in_depth_order(small) -> None:
+    model, concepts = small
+    stages: list[str] = []
+    res = merge_loras(model, concepts, _fast(method="lsq"), progress=lambda s, d, t: stages.append(s))
+    assert set(res.deltas.modules) == set(concepts[0].deltas.modules)
+    te = [i for i, s in enumerate(stages) if s.startswith("text encoder (sequential)")]
+    kv = [i for i, s in enumerate(stages) if s.startswith("cross-attention K/V (sequential)")]
+    unet = [i for i, s in enumerate(stages) if s.startswith("UNet (sequential): stage")]
+    assert te and kv and unet and max(te) < min(kv) < min(unet)
+    assert any("stage 2/2" in stages[i] for i in unet)  # input_blocks.1, then output_blocks.11
+    drift = [v["input_drift"] for v in res.report["per_layer"].values()]
+    assert all(len(d) == 3 for d in drift)  # two concepts + the neutral base rows
+    assert max(max(d) for d in drift) > 1e-3  # two concepts in one model: inputs do drift
+    for g in ("te", "kv", "unet"):
+        for name in ("a", "b"):
+            err = res.report["groups"][g]["concepts"][name]["rel_err"]
+            assert err is not None and 0.0 <= err < 1.0, (g, name, err)
+    # the official preset never solves sequentially unless asked
+    assert MergeConfig(preset="official").effective_sequential() is False
+    assert MergeConfig(sequential=True, preset="official").effective_sequential() is True
