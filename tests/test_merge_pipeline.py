@@ -29,6 +29,7 @@ def concepts(model):
 
 
 def _fast(**kw) -> MergeConfig:
+    kw.setdefault("sequential", False)  # the one-pass feature collection; tests/test_merge_sequential.py: the other
     return MergeConfig(sample_steps=2, sampler="euler", **kw)
 
 
