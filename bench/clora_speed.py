@@ -21,7 +21,10 @@ attn1 q/k and attn2 q/k/v/out):
 - ``paper_cond``: the same schedule, loss on the cond half's maps only (our default; half the rows in
   the gradient pass);
 - ``official``: the faithful per-branch loop (`lib_loraclr.clora.official`) at the same schedule;
-- ``recommended``: ours at `CloraOptions.recommended` (cond-half maps, shorter window).
+- ``recommended``: ours at `CloraOptions.recommended` (branch fusion with layout masks, no latent update);
+- ``routed``: `RegionalDenoiser` with the automatic layout: branch fusion until the layout is frozen (the
+  first 15 % of the steps), then ONE UNet pass per step with per-region LoRAs;
+- ``routed_layout``: `RegionalDenoiser` with a user layout (equal columns): one UNet pass from step 0.
 
 Loss reduction (same measure for every method): the latents each run hands its sampler (after its
 updates) are recorded at every step of the paper's update window; afterwards (not timed) the official
@@ -75,6 +78,7 @@ class Config:
     rec_until: int | None
     rec_iters: int | None
     repeat: int = 3
+    kinds: tuple[str, ...] = ("masks", "paper", "paper_cond", "recommended", "routed", "routed_layout")
 
 
 def _parse() -> tuple[Config, str | None]:
@@ -89,6 +93,8 @@ def _parse() -> tuple[Config, str | None]:
     ap.add_argument("--sd15", action="store_true", help="SD1.5-size UNet (320 ch, context 768), random weights")
     ap.add_argument("--quick", action="store_true", help="20 steps, 2 and 3 LoRAs")
     ap.add_argument("--no-official", action="store_true", help="skip the official loop")
+    ap.add_argument("--kinds", default="masks,paper,paper_cond,recommended,routed,routed_layout",
+                    help="cases besides plain (and official), comma separated")
     ap.add_argument("--cfg", type=float, default=7.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rec-until", type=int, default=None, help="override the recommended update window")
@@ -103,7 +109,7 @@ def _parse() -> tuple[Config, str | None]:
     model = "sd15" if a.sd15 else a.model
     latent = a.latent or (64 if model == "sd15" else 16)
     cfg = Config(steps, loras, latent, a.device, model, a.cfg, a.seed, not a.no_official, a.rec_until, a.rec_iters,
-                 a.repeat)
+                 a.repeat, tuple(k for k in a.kinds.split(",") if k))
     return cfg, a.run_case
 
 
@@ -129,7 +135,9 @@ def options(kind: str, cfg: Config) -> Any:
     from lib_loraclr.clora import CloraOptions
 
     if kind == "masks":
-        return CloraOptions(latent_update=False, maps_from="both")
+        return CloraOptions(latent_update=False, maps_from="both", mask_rule="paper")
+    if kind in ("routed", "routed_layout"):
+        return CloraOptions.recommended(cfg.steps)
     if kind in ("paper", "official"):
         return CloraOptions.paper(cfg.steps)
     if kind == "paper_cond":
@@ -163,7 +171,17 @@ def make_denoiser(kind: str, n_loras: int, model: Any, cfg: Config) -> Any:
     opts = options(kind, cfg)
     if kind == "official":
         return OfficialCloraLoop(inner, unet, conds, unconds, bp.groups, bp.mask_tokens, opts, router=router)
-    return CloraDenoiser(inner, unet, conds, bp.groups, bp.mask_tokens, opts, unconds=unconds, router=router)
+    den = CloraDenoiser(inner, unet, conds, bp.groups, bp.mask_tokens, opts, unconds=unconds, router=router)
+    if kind in ("routed", "routed_layout"):
+        from lib_loraclr.clora.layout import box_masks, columns, layout_weights, parse_ratio_layout
+        from lib_loraclr.clora.regional import RegionalDenoiser
+
+        layout = None
+        if kind == "routed_layout":
+            layout = layout_weights(box_masks(parse_ratio_layout(columns(n_loras)), (cfg.latent, cfg.latent)), n_loras)
+        return RegionalDenoiser(inner, unet, conds, unconds, router, layout=layout,
+                                estimator=den if layout is None else None)
+    return den
 
 
 def _rss_kb(field: str) -> int:
@@ -254,7 +272,7 @@ def main() -> None:
         return
     cases = ["plain"]
     for n in cfg.loras:
-        cases += [f"masks:{n}", f"paper:{n}", f"paper_cond:{n}", f"recommended:{n}"]
+        cases += [f"{k}:{n}" for k in cfg.kinds]
         cases += [f"official:{n}"] if cfg.official else []
     dev = torch.cuda.get_device_name() if cfg.device == "cuda" else f"CPU, {os.cpu_count()} cores, 1 thread"
     print(f"# model {cfg.model}, latent {cfg.latent}x{cfg.latent}, {cfg.steps} steps DDIM(σ-space Euler), "
@@ -274,9 +292,9 @@ def main() -> None:
         return sum(xs) / max(1, len(xs))
 
     for n in cfg.loras:
-        ref = mean(res[f"masks:{n}"]["losses"])
-        ref_c = mean(res[f"masks:{n}"]["losses_cond"])
-        for kind in ("masks", "paper", "paper_cond", "recommended", "official"):
+        ref = mean(res[f"masks:{n}"]["losses"]) if f"masks:{n}" in res else 0.0
+        ref_c = mean(res[f"masks:{n}"]["losses_cond"]) if f"masks:{n}" in res else 0.0
+        for kind in ("masks", "paper", "paper_cond", "recommended", "routed", "routed_layout", "official"):
             r = res.get(f"{kind}:{n}")
             if r is None:
                 continue
@@ -285,7 +303,7 @@ def main() -> None:
             print(f"{n} LoRAs {kind}: ratio {r['wall'] / plain:.1f} (time {r['wall']:.1f} s, peak "
                   f"{r['peak_mb']:.0f} MB, {r['updates']} updates, loss reduction {100 * red:.1f}% official loss, "
                   f"{100 * red_c:.1f}% cond-maps loss)")
-        if f"official:{n}" in res:
+        if f"official:{n}" in res and f"paper:{n}" in res and f"paper_cond:{n}" in res:
             o = res[f"official:{n}"]
             for kind in ("paper", "paper_cond"):
                 p = res[f"{kind}:{n}"]

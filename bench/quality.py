@@ -351,12 +351,24 @@ class CloraMethod(Method):
         schedule: str = "recommended",
         name: str | None = None,
         capture_layers: Sequence[str] | None = None,
+        mode: str = "fusion",
+        layout: bool = False,
         **option_overrides,
     ) -> None:
         """``schedule``: `CloraOptions.recommended` or ``.paper`` at the world's steps, with
-        ``option_overrides``; ``capture_layers``: ``attn2`` names in the UNet (None: lowest resolution)."""
+        ``option_overrides``; ``capture_layers``: ``attn2`` names in the UNet (None: the default
+        `localizing_layers`; ``["lowest"]``: round 2's lowest-resolution layers); ``mode``: ``"fusion"``
+        (one branch per concept, masked fusion) or ``"routed"`` (`RegionalDenoiser`: one UNet pass with
+        per-region LoRAs once the layout is known); ``layout``: use what a user would type for the scene
+        (equal columns, one per slot, each concept bound to its slot's column) instead of the automatic
+        masks."""
         if schedule not in ("recommended", "paper"):
             raise ValueError(f"schedule must be 'recommended' or 'paper', got {schedule!r}")
+        if mode not in ("fusion", "routed"):
+            raise ValueError(f"mode must be 'fusion' or 'routed', got {mode!r}")
+        self.mode, self.layout = mode, layout
+        self.warmup = int(option_overrides.pop("warmup_steps", 0))
+        self.region_prompts = bool(option_overrides.pop("region_prompts", False))
         self.schedule = schedule
         self.option_overrides = option_overrides
         self.capture_layers = list(capture_layers) if capture_layers is not None else None
@@ -373,6 +385,10 @@ class CloraMethod(Method):
         make = CloraOptions.recommended if self.schedule == "recommended" else CloraOptions.paper
         self.options = make(world.steps, **self.option_overrides)
         self.inner = CFGDenoiser(world.model).inner_model
+        if self.capture_layers == ["lowest"]:
+            from lib_loraclr.clora import lowest_resolution_layers
+
+            self.capture_layers = lowest_resolution_layers(world.model.model.diffusion_model)
 
     @staticmethod
     def _slot_positions(world: World, prompt: str, words: Sequence[str], slot: int) -> list[int]:
@@ -419,9 +435,19 @@ class CloraMethod(Method):
         if te_router.n_modules == 0:
             te_router = None
         conds = te_branch_conds(model.get_learned_conditioning, prompts, te_router)
+        if self.region_prompts:
+            # routed: region k attends to its own short prompt ("a sks"), as a regional-prompting user types
+            rp = [[wdata.canonical_prompt(r)] * 0 for r in requests]
+            del rp
+            slots = [j for j, w in enumerate(requests[0]) if w in world.concepts]
+            region = [[wdata.canonical_prompt(r) for r in requests]] + [
+                [wdata.canonical_prompt([r[j]]) for r in requests] for j in slots
+            ]
+            region_conds = te_branch_conds(model.get_learned_conditioning, region, te_router)
         negatives = [[""] * len(requests)] * len(branches)
         unconds = te_branch_conds(model.get_learned_conditioning, negatives, te_router)
         unet = model.model.diffusion_model
+        layout = user_layout(world, requests[0]) if self.layout else None
         den = CloraDenoiser(
             self.inner,
             unet,
@@ -432,7 +458,24 @@ class CloraMethod(Method):
             unconds=unconds,
             router=router,
             capture_layers=self.capture_layers,
+            layout=layout if self.mode == "fusion" else None,
         )
+        if self.mode == "routed":
+            from lib_loraclr.clora.regional import RegionalDenoiser
+
+            if layout is not None and self.warmup:
+                den.layout = layout
+            est = den if layout is None or self.warmup else None
+            den = RegionalDenoiser(
+                self.inner,
+                unet,
+                region_conds if self.region_prompts else conds,
+                unconds,
+                router,
+                layout=layout,
+                estimator=est,
+                warmup_steps=self.warmup,
+            )
         self.last_denoiser, self.last_branches, self.last_prompts = den, branches, prompts
         return den
 
@@ -456,8 +499,76 @@ class CloraMethod(Method):
         return out
 
 
+def user_layout(world: World, words: Sequence[str]) -> torch.Tensor:
+    """What a user types for a scene: equal columns (``"1,1"`` for two slots), each concept bound to the
+    column it should stand in. ``[1, K, 8, 8·width]``."""
+    from lib_loraclr.clora.layout import box_masks, columns, layout_weights, parse_ratio_layout
+
+    regions = box_masks(parse_ratio_layout(columns(len(words))), (8, 8 * len(words)))
+    slots = [j for j, w in enumerate(words) if w in world.concepts]
+    return layout_weights(regions, len(slots), assign=slots)
+
+
+class MergedLayoutMethod(MergeMethod):
+    """A merged LoRA (patched) with region prompts: each concept's column attends to its own prompt
+    (the scene with only that concept's trigger, as CLoRA's branch prompts), the rest to the base prompt
+    (`RegionalDenoiser` without LoRAs: Mix-of-Show's regionally controllable sampling)."""
+
+    def generate(self, world, requests, cfg, seed):
+        from lib_loraclr.apply import patched
+        from lib_loraclr.clora.regional import RegionalDenoiser
+
+        width = len(requests[0])
+        out = torch.zeros(len(requests), 1, 8, 8 * width)
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(tuple(w if w in world.concepts else "#" for w in r), []).append(i)
+        helper = CloraMethod()
+        model = world.model
+        with patched(model, self.deltas):
+            for key, idx in groups.items():
+                if not any(w in world.concepts for w in key):
+                    out[idx] = world.sample(
+                        [wdata.canonical_prompt(requests[i]) for i in idx], width, cfg, seed + idx[0]
+                    )
+                    continue
+                for s in range(0, len(idx), world.batch):
+                    chunk = idx[s : s + world.batch]
+                    rs = [requests[i] for i in chunk]
+                    lays = [helper.branch_layout(world, r)[0] for r in rs]
+                    # branch 0 = the whole scene (global prompt), branch k = region k's prompt
+                    prompts = [[wdata.canonical_prompt(r) for r in rs]]
+                    prompts += [[wdata.canonical_prompt(lay[b]) for lay in lays] for b in range(1, len(lays[0]))]
+                    with torch.no_grad():
+                        conds = [model.get_learned_conditioning(p) for p in prompts]
+                        unconds = [model.get_learned_conditioning([""] * len(rs))] * len(prompts)
+                    lay = user_layout(world, rs[0])
+                    den = RegionalDenoiser(_inner_model(model), model.model.diffusion_model, conds, unconds,
+                                           layout=lay)
+                    out[chunk] = world.sample(prompts[0], width, cfg, seed + chunk[0], denoiser=den)
+        return out
+
+
+def _inner_model(model):
+    from lib_loraclr.tiny.sampling import CFGDenoiser
+
+    return CFGDenoiser(model).inner_model
+
+
 register_method("clora", lambda: CloraMethod("recommended"))
-register_method("clora_paper", lambda: CloraMethod("paper"))
+register_method("clora_layout", lambda: CloraMethod("recommended", "clora_layout", layout=True))
+register_method("routed", lambda: CloraMethod("recommended", "routed", mode="routed", region_prompts=True))
+register_method(
+    "routed_layout",
+    lambda: CloraMethod("recommended", "routed_layout", mode="routed", layout=True, region_prompts=True),
+)
+register_method("loraclr_layout", lambda: MergedLayoutMethod("loraclr", "recommended", "loraclr_layout"))
+register_method("clora_paper", lambda: CloraMethod("paper", capture_layers=["lowest"]))
+# the recommended schedule with the masks of round 2: paper rule on the lowest-resolution layers
+register_method(
+    "clora_paper_masks",
+    lambda: CloraMethod("recommended", "clora_paper_masks", capture_layers=["lowest"], mask_rule="paper"),
+)
 
 
 def _fmt(x) -> str:

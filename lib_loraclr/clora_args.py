@@ -13,7 +13,15 @@ key                  type      default   meaning
 ==================== ========= ========= ===============================================================
 enabled              bool      False     use the table rows (``<clora:…>`` tags in the prompt turn CLoRA
                                          on by themselves, like ``<lora:…>`` tags)
-latent_update        bool      True      contrastive latent update (off = masked fusion only)
+mode                 str       fusion    "fusion": one branch per LoRA, masked fusion (CLoRA);
+                                         "routed": one UNet pass, each LoRA only inside its region
+layout               str       ""        the user's layout as a Regional Prompter ratio string ("1,1" =
+                                         two columns, "1,2;1" = rows); region r → the r-th concept in
+                                         the prompt; "" = automatic masks from the attention
+mask_rule            str       layout    automatic masks: "layout" (concepts compete for each position,
+                                         frozen after the first steps) or "paper" (α·max thresholds)
+latent_update        bool      False     contrastive latent update (off by default: it lowered
+                                         two-concept success in the measuring world)
 update_steps         int       None      the update runs during the first N sampling steps (0–1000);
                                          None = the engine's recommended schedule (scales with steps)
 step_size            float     None      latent step size; None = the engine's default
@@ -22,6 +30,8 @@ refinement_iters     int       5         iterations at each refinement step (0�
 mask_threshold       float     0.3       mask = attention > threshold · max (0 < t < 1)
 masks_only           bool      False     masked fusion without any gradient (fast; also the fallback)
 show_masks           bool      False     save the fusion masks beside the output images
+mask_preview         bool      False     add each image's masks to the result gallery / API images
+                                         (the UI's checkbox is on by default; API users opt in)
 loras                [row]     []        table rows: {lora, weight, words, trigger[, unet_weight]}
 ==================== ========= ========= ===============================================================
 
@@ -83,7 +93,10 @@ class CloraArgs:
     """Validated CLoRA options (see the module docstring for each field)."""
 
     enabled: bool = False
-    latent_update: bool = True
+    mode: str = "fusion"
+    layout: str = ""
+    mask_rule: str = "layout"
+    latent_update: bool = False
     update_steps: int | None = None
     step_size: float | None = None
     refinement_steps: tuple[int, ...] = (0,)
@@ -91,6 +104,7 @@ class CloraArgs:
     mask_threshold: float = 0.3
     masks_only: bool = False
     show_masks: bool = False
+    mask_preview: bool = False
     loras: tuple[LoraRow, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,6 +196,31 @@ def _text(key: str, v: Any) -> str:
     return str(v).strip()
 
 
+MODES = ("fusion", "routed")
+MASK_RULES = ("layout", "paper")
+
+
+def _choice(key: str, v: Any, allowed: Sequence[str]) -> str:
+    text = _text(key, v).lower() or allowed[0]
+    if text not in allowed:
+        raise CloraArgsError(f"CLoRA {key} must be one of {', '.join(allowed)}, got {v!r}")
+    return text
+
+
+def _layout(v: Any) -> str:
+    """A Regional Prompter ratio string (``"1,1"``, ``"1,2;1"``), checked by parsing it; "" = automatic."""
+    from lib_loraclr.clora.layout import LayoutError, parse_ratio_layout
+
+    text = "".join(_text("layout", v).split())
+    if not text:
+        return ""
+    try:
+        parse_ratio_layout(text)
+    except LayoutError as e:
+        raise CloraArgsError(f"CLoRA {e}") from None
+    return text
+
+
 def _is_blank(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
 
@@ -258,8 +297,14 @@ def validate(data: Mapping[str, Any] | CloraArgs | None = None, **overrides: Any
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise CloraArgsError(f"CLoRA table: LoRA {dup[0]!r} appears in several rows; use one row per LoRA")
+    mode = _choice("mode", get("mode", d.mode), MODES)
+    mask_rule = _choice("mask_rule", get("mask_rule", d.mask_rule), MASK_RULES)
+    layout = _layout(get("layout", d.layout))
     return CloraArgs(
         enabled=_bool("enabled", get("enabled", d.enabled)),
+        mode=mode,
+        layout=layout,
+        mask_rule=mask_rule,
         latent_update=_bool("latent_update", get("latent_update", d.latent_update)),
         update_steps=None if _is_blank(get("update_steps")) or str(get("update_steps")).strip().lower() == "auto"
         else _int("update_steps", get("update_steps"), 0, 1000),
@@ -269,6 +314,7 @@ def validate(data: Mapping[str, Any] | CloraArgs | None = None, **overrides: Any
         mask_threshold=threshold,
         masks_only=_bool("masks_only", get("masks_only", d.masks_only)),
         show_masks=_bool("show_masks", get("show_masks", d.show_masks)),
+        mask_preview=_bool("mask_preview", get("mask_preview", d.mask_preview)),
         loras=rows,
     )
 
@@ -302,6 +348,9 @@ def from_script_args(args: Sequence[Any]) -> CloraArgs:
 # ---------------------------------------------------------------------------------------------- infotext
 
 _INFOTEXT_SHORT = {
+    "mode": "mode",
+    "layout": "layout",
+    "mask_rule": "masks",
     "latent_update": "latent",
     "update_steps": "steps",
     "step_size": "step",
@@ -315,6 +364,10 @@ _INFOTEXT_LONG = {v: k for k, v in _INFOTEXT_SHORT.items()}
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, str) and not v:
+        return "-"
+    if isinstance(v, str):
+        return v.replace(",", "_").replace(";", "~")  # no commas: the WebUI would quote the value
     if isinstance(v, bool):
         return "1" if v else "0"
     if isinstance(v, tuple):
@@ -351,8 +404,10 @@ def parse_infotext_options(text: str) -> dict[str, Any]:
         if k not in _INFOTEXT_LONG:
             raise _unknown(k, list(_INFOTEXT_LONG), "infotext key")
         name = _INFOTEXT_LONG[k]
-        if name == "refinement_steps" and v == "-":
+        if name in ("refinement_steps", "layout") and v == "-":
             v = ""
+        if name == "layout":
+            v = v.replace("_", ",").replace("~", ";")
         if name in ("step_size", "update_steps") and v == "auto":
             v = None
         out[name] = v
@@ -365,6 +420,7 @@ def from_infotext(params: Mapping[str, Any]) -> CloraArgs | None:
     if INFOTEXT_KEY not in params:
         return None
     data = parse_infotext_options(params[INFOTEXT_KEY])
+    data.setdefault("mask_rule", "paper")  # written before the layout rule existed: restore what made it
     table = params.get(INFOTEXT_TABLE_KEY)
     if table:
         if isinstance(table, str):

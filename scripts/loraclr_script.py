@@ -49,7 +49,7 @@ class LoraclrScript(scripts.Script):
         LOGIC.postprocess_batch(p)
 
     def postprocess(self, p, processed, *args):
-        LOGIC.postprocess(p)
+        LOGIC.postprocess(p, processed)
 
 
 def _on_before_ui():

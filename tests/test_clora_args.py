@@ -48,7 +48,8 @@ def parse_infotext_line(line: str) -> dict:
 def test_defaults_when_omitted():
     a = ca.validate({})
     assert a == ca.CloraArgs() == ca.validate(None) == ca.from_script_args([])
-    assert a.enabled is False and a.latent_update is True and a.loras == ()
+    assert a.enabled is False and a.latent_update is False and a.loras == ()
+    assert (a.mode, a.layout, a.mask_rule) == ("fusion", "", "layout")
     assert a.mask_threshold == pytest.approx(0.3) and a.step_size is None
     assert a.update_steps is None and a.refinement_steps == (0,)
 
@@ -154,7 +155,8 @@ def test_from_script_args_forms():
 
 
 def test_gradient_free():
-    assert not ca.CloraArgs().gradient_free
+    assert ca.CloraArgs().gradient_free  # the default: layout masks, no latent update
+    assert not ca.CloraArgs(latent_update=True).gradient_free
     assert ca.CloraArgs(masks_only=True).gradient_free
     assert ca.CloraArgs(latent_update=False).gradient_free
 
@@ -182,8 +184,8 @@ def test_infotext_round_trip_through_webui_text():
 def test_infotext_defaults_and_no_table():
     a = ca.CloraArgs()
     params = ca.to_infotext(a)
-    assert params == {ca.INFOTEXT_KEY: "latent=1 steps=auto step=auto refine=0 iters=5 threshold=0.3 "
-                                       "masks_only=0 show_masks=0"}
+    assert params == {ca.INFOTEXT_KEY: "mode=fusion layout=- masks=layout latent=0 steps=auto step=auto refine=0 "
+                                       "iters=5 threshold=0.3 masks_only=0 show_masks=0"}
     assert ca.to_infotext(ca.CloraArgs(refinement_steps=()))[ca.INFOTEXT_KEY].count("refine=-") == 1
     back = ca.from_infotext(parse_infotext_line(infotext_line(params)))
     assert back == a  # tags-only run: the table stays off on paste (tags are in the pasted prompt)
@@ -199,7 +201,7 @@ def test_infotext_errors():
     with pytest.raises(ca.CloraArgsError, match="not valid JSON"):
         ca.from_infotext({ca.INFOTEXT_KEY: "", ca.INFOTEXT_TABLE_KEY: "[oops"})
     # an older infotext with fewer keys: the rest take defaults
-    assert ca.from_infotext({ca.INFOTEXT_KEY: "steps=3"}) == ca.CloraArgs(update_steps=3)
+    assert ca.from_infotext({ca.INFOTEXT_KEY: "steps=3"}) == ca.CloraArgs(update_steps=3, mask_rule="paper")
     assert ca.from_infotext({ca.INFOTEXT_KEY: "refine=-"}).refinement_steps == ()
 
 
@@ -240,3 +242,23 @@ def test_is_active():
     assert not ca.is_active(ca.validate({"enabled": False, "loras": [["a", 1, "cat"]]}), "a cat")
     assert ca.is_active(ca.validate({"enabled": True, "loras": [["a", 1, "cat"]]}), "a cat")
     assert not ca.is_active(ca.validate({"enabled": True}), "a cat")
+
+
+def test_mode_layout_and_mask_rule_validated_and_round_tripped():
+    a = ca.validate({"enabled": True, "mode": "Routed", "layout": " 1, 2 ; 1 ", "mask_rule": "paper",
+                     "loras": [["cat", 1, "cat"], ["dog", 1, "dog"]]})
+    assert (a.mode, a.layout, a.mask_rule) == ("routed", "1,2;1", "paper")
+    params = ca.to_infotext(a)
+    assert webui_quote(params[ca.INFOTEXT_KEY]) == params[ca.INFOTEXT_KEY]  # no comma, no quoting
+    assert "layout=1_2~1" in params[ca.INFOTEXT_KEY]
+    assert ca.from_infotext(parse_infotext_line(infotext_line(params))) == a
+    for bad, msg in (({"mode": "sideways"}, "mode must be one of"), ({"layout": "1,x"}, "not a positive number"),
+                     ({"mask_rule": "magic"}, "mask_rule must be one of")):
+        with pytest.raises(ca.CloraArgsError, match=msg):
+            ca.validate(bad)
+
+
+def test_old_infotext_without_mask_rule_restores_the_paper_masks():
+    old = {ca.INFOTEXT_KEY: "latent=1 steps=auto step=auto refine=0 iters=5 threshold=0.3 masks_only=0 show_masks=0"}
+    back = ca.from_infotext(old)
+    assert back.mask_rule == "paper" and back.latent_update is True and back.mode == "fusion"

@@ -19,6 +19,7 @@ from lib_loraclr.clora import (
     count_hooks,
 )
 from lib_loraclr.clora.denoiser import COND
+from lib_loraclr.clora.attention import localizing_layers
 from lib_loraclr.clora.masks import fuse
 from lib_loraclr.clora.official import OfficialCloraLoop
 from lib_loraclr.clora.synthetic import random_lora
@@ -91,7 +92,8 @@ def test_batched_branches_equal_each_branch_run_alone(world):
         router = world.router()
         outs = {COND: [], 1: []}
         maps = []
-        with router, AttentionCapture(world.unet) as cap:
+        with router, AttentionCapture(world.unet, den.capture.layers) as cap:
+            cap.latent_hw = tuple(x.shape[-2:])
             for k in range(3):
                 router.select(k)
                 cap.reset()
@@ -136,7 +138,8 @@ def test_step_size_is_the_official_z_update(world):
     z = (x_before * c_in).requires_grad_()
     t = inner.sigma_to_t(sigma)
     router = world.router()
-    with router, AttentionCapture(world.unet) as cap:
+    with router, AttentionCapture(world.unet, den.capture.layers) as cap:
+        cap.latent_hw = tuple(x.shape[-2:])
         maps = []
         for k in range(3):
             router.select(k)
@@ -206,8 +209,10 @@ def test_nothing_hooked_after_an_exception_mid_sampling(world):
 
 def test_masks_only_and_inference_mode_fallback(world):
     kw = {"steps": 3, "cfg_scale": 5.0, "sampler": "euler", "seed": 2}
-    ref = sample(world.model, [PROMPT], denoiser=world.clora(CloraOptions(latent_update=False)), **kw)
-    den = world.clora(CloraOptions(masks_only=True))
+    ref = sample(
+        world.model, [PROMPT], denoiser=world.clora(CloraOptions(latent_update=False, mask_rule="paper")), **kw
+    )
+    den = world.clora(CloraOptions(masks_only=True, mask_rule="paper"))
     assert torch.equal(sample(world.model, [PROMPT], denoiser=den, **kw), ref)
     assert den.history == []
     den = world.clora(CloraOptions.paper(4, refinement_iters=1))
@@ -250,7 +255,13 @@ def test_sdxl_tiny_model():
     assert bool(torch.isfinite(out).all()) and count_hooks(m) == 0
     first = [h["loss"] for h in den.history if h["step"] == 0]
     assert len(first) == 4 and first[-1] < first[0]
-    assert len(den.capture.layers) == 10
+    # the layers next to the bottleneck: input_blocks.8, middle_block, output_blocks.0, every transformer block
+    assert den.capture.layers == localizing_layers(w.unet)
+    assert {n.split(".")[0] + "." + n.split(".")[1] for n in den.capture.layers if "middle" not in n} == {
+        "input_blocks.8",
+        "output_blocks.0",
+    }
+    assert any(n.startswith("middle_block") for n in den.capture.layers)
 
 
 def test_builder_with_text_encoder_and_style_loras(world):

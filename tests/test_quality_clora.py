@@ -91,21 +91,21 @@ def test_base_requests_are_plain_sampling_bit_for_bit(world):
 
 
 def test_one_concept_branch_with_a_full_mask_is_the_single_lora(world):
-    """Threshold 0: the concept mask covers every pixel, so the fused prediction is the concept branch
+    """Background floor 0: the concept mask covers every pixel, so the fused prediction is the concept branch
     alone, i.e. the single LoRA (applied by routing hooks instead of patched weights)."""
     reqs = [["sks"], ["sks"], ["ohwx"]]
-    m = _method(world, mask_threshold=0.0)
+    m = _method(world, mask_background=0.0)
     single = q.METHODS["single"]()
     single.setup(world, NAMES)
     a, b = m.generate(world, reqs, 3.0, 5), single.generate(world, reqs, 3.0, 5)
     assert (a - b).abs().max() < 1e-3
-    # the default threshold hands part of the image to the base branch: different images
+    # the default floor hands part of the image to the base branch: different images
     c = _method(world).generate(world, reqs, 3.0, 5)
     assert (c - b).abs().max() > 1e-2
 
 
 def test_multi_concept_requests_update_the_latent_and_lower_the_loss(world):
-    m = _method(world)
+    m = _method(world, latent_update=True)
     m.generate(world, [["sks", "ohwx"]] * 3, 3.0, 0)
     hist = m.last_denoiser.history
     first = [h["loss"] for h in hist if h["step"] == 0.0]

@@ -135,12 +135,12 @@ def test_ui_components_when_gradio_is_available(loaded):
 
 def test_ui_state_and_paste_helpers(loaded):
     ui = loaded.module.ui_clora
-    assert ca.validate(ui.default_state()) == ca.CloraArgs()
+    assert ca.validate(ui.default_state()) == ca.CloraArgs(mask_preview=True)  # the UI shows masks by default
     st = ui.update_state(None, "update_steps", 0)
     assert st["update_steps"] is None
     st = ui.update_state(st, "update_steps", 7)
     st = ui.update_state(st, "loras", [["catlora", 0.5, "cat", "sks"], ["", "", "", ""]])
-    assert ca.from_script_args([True, st]) == ca.validate({"enabled": True, "update_steps": 7,
+    assert ca.from_script_args([True, st]) == ca.validate({"enabled": True, "update_steps": 7, "mask_preview": True,
                                                            "loras": [["catlora", 0.5, "cat", "sks"]]})
     params = ca.to_infotext(ca.validate({"enabled": True, "update_steps": 4, "refinement_steps": [0, 3],
                                          "loras": [["catlora", 0.5, "cat", "sks"]]}))
@@ -202,10 +202,10 @@ def test_a1111_clora_end_to_end(loaded, model, monkeypatch):
 
     monkeypatch.setattr(clora_run.CloraRun, "install", spy)
     before = state_of(model)
-    p, res = run_job(model, loaded.script, PROMPT)
+    p, res = run_job(model, loaded.script, PROMPT, args=[False, {"latent_update": True}])
     run = seen["run"]
     # infotext: every option written; no error
-    assert res.extra_generation_params[ca.INFOTEXT_KEY].startswith("latent=1 steps=auto")
+    assert res.extra_generation_params[ca.INFOTEXT_KEY].startswith("mode=fusion layout=- masks=layout latent=1 ")
     assert "CLoRA error" not in res.extra_generation_params
     # the engine ran: three branches, the latent update lowered the loss at step 0, masks sum to 1
     hist = [h for h in run.denoiser.history if h["step"] == 0]
@@ -245,9 +245,9 @@ def test_a1111_weights_patched_in_place_inside_the_forward(loaded, model):
         for q in params:
             q.requires_grad_(True)
         before = state_of(model)
-        _, res = run_job(model, loaded.script, PROMPT, steps=2)
+        _, res = run_job(model, loaded.script, PROMPT, args=[False, {"latent_update": True}], steps=2)
         assert "CLoRA error" not in res.extra_generation_params, res.extra_generation_params
-        assert res.extra_generation_params[ca.INFOTEXT_KEY].startswith("latent=1")
+        assert " latent=1 " in res.extra_generation_params[ca.INFOTEXT_KEY]
         assert all(q.requires_grad for q in params)  # the flags are given back
         assert same_state(before, state_of(model))
     finally:
@@ -310,7 +310,7 @@ def test_hooks_removed_after_an_exception_mid_sampling(loaded, model, monkeypatc
 
     def failing(self, x, t, cond):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == 2:
             raise RuntimeError("simulated out of memory")
         return real(self, x, t, cond)
 
@@ -418,7 +418,7 @@ def test_forge_adapter_installs_a_function_wrapper_and_removes_it(loaded, model,
     fm = forge_model_of(model)
     original = fm.forge_objects.unet
     p = SimpleNamespace(sd_model=fm, steps=4, width=64, height=64, extra_generation_params={})
-    run = clora_run.CloraRun(args=ca.CloraArgs(), lora_folder=lora_dir)
+    run = clora_run.CloraRun(args=ca.CloraArgs(latent_update=True), lora_folder=lora_dir)
     run.infotext = p.extra_generation_params
     run.prepare([PROMPT])
     adapter = adapters.pick_adapter(p)
@@ -735,3 +735,62 @@ def test_routes_registered_with_fastapi(loaded, lora_dir):
     assert client.get("/loraclr/v1/loras").json()["loras"][0]["name"] == "catlora"
     r = client.post("/loraclr/v1/inspect", json={"name": "ghost"})
     assert r.status_code == 404 and "not found" in r.json()["error"]
+
+
+@pytest.mark.parametrize("mode", ["fusion", "routed"])
+def test_a1111_user_layout_and_routed_mode(loaded, model, monkeypatch, mode):
+    """A ratio-string layout binds region r to the r-th concept; the routed mode runs one UNet call per step;
+    the infotext restores both; nothing stays hooked."""
+    from loraclr_glue import clora_run
+
+    seen = {}
+    install = clora_run.CloraRun.install
+
+    def spy(self, *a, **k):
+        install(self, *a, **k)
+        seen["run"] = self
+
+    monkeypatch.setattr(clora_run.CloraRun, "install", spy)
+    calls = {"n": 0}
+    real = type(model).apply_model
+
+    def counting(self, x, t, cond):
+        calls["n"] += 1
+        return real(self, x, t, cond)
+
+    monkeypatch.setattr(type(model), "apply_model", counting)
+    before = state_of(model)
+    _, res = run_job(model, loaded.script, PROMPT, args=[False, {"mode": mode, "layout": "1,1"}], steps=3)
+    monkeypatch.setattr(type(model), "apply_model", real)
+    assert "CLoRA error" not in res.extra_generation_params, res.extra_generation_params
+    text = res.extra_generation_params[ca.INFOTEXT_KEY]
+    assert text.startswith(f"mode={mode} layout=1_1 masks=layout ")
+    back = ca.from_infotext(res.extra_generation_params)
+    assert (back.mode, back.layout) == (mode, "1,1")
+    w = seen["run"].denoiser.last_weights  # [B, K, 1, H, W]: cat left, dog right, no background
+    assert w.shape[1] == 3 and float(w[0, 0].max()) == 0.0
+    half = w.shape[-1] // 2
+    assert bool((w[0, 1, 0, :, :half] == 1).all()) and bool((w[0, 2, 0, :, half:] == 1).all())
+    if mode == "routed":
+        assert calls["n"] == 3  # one batched UNet call (cond + uncond) per step
+    else:
+        assert calls["n"] >= 3
+    assert count_hooks(model) == 0 and same_state(before, state_of(model))
+
+
+def test_mask_preview_joins_the_result_images(loaded, model):
+    """``mask_preview``: one extra picture per image in the gallery / API images (API default: off)."""
+    _, off = run_job(model, loaded.script, PROMPT, args=[False, {}], steps=2)
+    assert len(off.images) == 1
+    _, on = run_job(model, loaded.script, PROMPT, args=[False, {"mask_preview": True, "layout": "1,1"}], steps=2)
+    assert "CLoRA error" not in on.extra_generation_params
+    assert len(on.images) == 2 and len(on.infotexts) == 2
+    mask = on.images[1]
+    assert mask.mode == "RGB" and mask.size[0] > 0
+    import numpy as np
+
+    arr = np.asarray(mask)
+    half = arr.shape[1] // 2
+    left, right = arr[:, :half].reshape(-1, 3), arr[:, half:].reshape(-1, 3)
+    assert len({tuple(c) for c in left}) == 1 and len({tuple(c) for c in right}) == 1  # one colour per region
+    assert tuple(left[0]) != tuple(right[0])

@@ -43,11 +43,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import AttentionCapture, StopForward, map_hw
+from .attention import AttentionCapture, StopForward, localizing_layers, map_hw
 from .conds import batch_size, cat_conds, token_length
 from .errors import ConditioningMismatchError
 from .loss import clora_loss
-from .masks import concept_masks, fuse, fusion_weights
+from .masks import MaskEstimator, fuse, fusion_weights
 from .options import CloraOptions
 from .routing import RoutedLoras
 
@@ -87,8 +87,11 @@ class CloraDenoiser:
         mask_tokens: ``mask_tokens[b]`` = branch b's own concept tokens (empty for branch 0).
         options: `CloraOptions`.
         router: `RoutedLoras` on the UNet with one entry per branch (None = no LoRA anywhere).
-        capture_layers: ``attn2`` names relative to ``unet`` (default: lowest resolution).
+        capture_layers: ``attn2`` names relative to ``unet`` (default: `localizing_layers`, the layers
+            next to the bottleneck, of possibly several resolutions).
         input_scale: ``c_in(σ)``; default from ``inner_model.get_scalings``.
+        layout: a fixed layout instead of attention masks: ``[B or 1, K, h, w]`` 0/1 (column 0 =
+            background, `lib_loraclr.clora.layout.layout_weights`), any ``h × w`` (nearest-resized).
 
     Hooks (routing and capture) are installed at the start of every call and removed at its end,
     also when the call raises, so nothing stays hooked between calls.
@@ -108,6 +111,7 @@ class CloraDenoiser:
         router: RoutedLoras | None = None,
         capture_layers: Sequence[str] | None = None,
         input_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        layout: torch.Tensor | None = None,
     ) -> None:
         self.inner_model = inner_model
         self.unet = unet
@@ -127,7 +131,14 @@ class CloraDenoiser:
         if router is not None and router.n_branches != self.n_branches:
             raise ValueError(f"the router has {router.n_branches} branches, the conditionings {self.n_branches}")
         self.router = router
-        self.capture = AttentionCapture(unet, capture_layers) if self.n_branches > 1 else None
+        if layout is not None and layout.shape[1] != self.n_branches:
+            raise ValueError(f"the layout has {layout.shape[1]} columns for {self.n_branches} branches")
+        self.masks = MaskEstimator(self.options, self.groups, self.mask_tokens, layout)
+        if self.n_branches > 1:
+            layers = list(capture_layers) if capture_layers is not None else localizing_layers(unet)
+            self.capture: AttentionCapture | None = AttentionCapture(unet, layers)
+        else:
+            self.capture = None
         self.input_scale = input_scale or default_input_scale(inner_model)
         self.history: list[dict[str, float]] = []
         self.step_log: dict[int, dict[str, float]] = {}
@@ -141,12 +152,15 @@ class CloraDenoiser:
         self.step = -1
         self._last_sigma: float | None = None
         self._updated_step = -1
+        if hasattr(self, "masks"):
+            self.masks.reset()
 
     def _advance(self, sigma: torch.Tensor) -> int:
         s = float(sigma.flatten()[0])
         if self._last_sigma is None or s > self._last_sigma:
             self.step = 0
             self._updated_step = -1
+            self.masks.reset()
             self.history.clear()
             self.step_log.clear()
         elif s < self._last_sigma:
@@ -187,17 +201,20 @@ class CloraDenoiser:
                         x.copy_(x_new)
             run_branches = range(self.n_branches) if opts.enabled else range(1)
             blocks = [(h, k) for h in halves for k in run_branches]
-            want_maps = self.capture is not None and opts.enabled
+            fixed = self.masks.fixed(x.shape[0], x.device)
+            want_maps = self.capture is not None and opts.enabled and fixed is None
             with torch.no_grad():
                 outs, maps = self._run(x, sigma, table, blocks, want_output=True, want_maps=want_maps)
             assert outs is not None
             fused: dict[int, torch.Tensor] = {}
             per_half = {h: torch.stack([outs[(h, k)] for k in run_branches], dim=1) for h in halves}
-            if want_maps:
-                m = self._branch_maps(maps, halves)
-                self._log_step(step, maps, halves)
-                hw = map_hw(m.shape[2], x.shape[-2], x.shape[-1])
-                masks = concept_masks(m, self.mask_tokens, hw, opts.mask_threshold, opts.dilate, opts.erode)
+            if opts.enabled and self.n_branches > 1:
+                if fixed is not None:
+                    masks = fixed
+                else:
+                    m = self._branch_maps(maps, halves)
+                    self._log_step(step, maps, halves)
+                    masks = self.masks.from_maps(m, step, map_hw(m.shape[2], x.shape[-2], x.shape[-1]))
                 weights = fusion_weights(masks, (x.shape[-2], x.shape[-1]))
                 self.last_weights = weights
                 for h in halves:
@@ -213,6 +230,20 @@ class CloraDenoiser:
         if not use_cfg:
             return fused[COND]
         return fused[UNCOND] + (fused[COND] - fused[UNCOND]) * cond_scale
+
+    # ------------------------------------------------------------------ masks
+    @property
+    def layout(self) -> torch.Tensor | None:
+        return self.masks.layout
+
+    @layout.setter
+    def layout(self, value: torch.Tensor | None) -> None:
+        self.masks.layout = value
+
+    @property
+    def layout_masks(self) -> torch.Tensor | None:
+        """The frozen (or user) layout ``[B, K, h, w]``, once there is one."""
+        return self.masks.layout if self.masks.layout is not None else self.masks.frozen
 
     # ------------------------------------------------------------------ pieces
     def _cond_table(self, b: int, cond: Any, uncond: Any, halves: Sequence[int]) -> dict[tuple[int, int], Any]:
@@ -260,6 +291,7 @@ class CloraDenoiser:
                 self.router.set_rows([k for _, k in call for _ in range(b)])
             if self.capture is not None:
                 self.capture.reset()
+                self.capture.latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
                 self.capture.enabled = cap is not None
                 self.capture.stop_after_last = cap is not None and not want_output and self.options.stop_early
             out: torch.Tensor | None

@@ -1,7 +1,8 @@
-"""Fusion masks from attention maps (official CLoRA rule, made exact).
+"""Fusion masks from attention maps: the official CLoRA rule (made exact) and the layout rule.
 
-For each LoRA branch k ≥ 1: its own concept-token maps (on branch k's attention) thresholded at
-``A > α·max(A)`` per token, union over the tokens; optional 3×3 dilation / erosion (max-pool based);
+`layout_masks` (the default): the concepts compete for every position (normalised maps compared,
+background below a floor). `concept_masks` (the paper's rule, kept as an option): for each LoRA
+branch k ≥ 1, its own concept-token maps (on branch k's attention) thresholded at ``A > α·max(A)`` per token, union over the tokens; optional 3×3 dilation / erosion (max-pool based);
 branch 0 (no LoRA) takes every position no LoRA mask covers; nearest-upsampled to the latent size;
 overlaps averaged, so the weights of the branches sum to 1 at every latent pixel.
 """
@@ -77,3 +78,133 @@ def fuse(outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     if outputs.shape[1] == 1:
         return outputs[:, 0]
     return (outputs * weights.to(outputs.dtype)).sum(dim=1)
+
+
+def _minmax(a: torch.Tensor) -> torch.Tensor:
+    lo, hi = a.amin(dim=-1, keepdim=True), a.amax(dim=-1, keepdim=True)
+    return (a - lo) / (hi - lo).clamp_min(1e-12)
+
+
+MASK_SOURCES = ("base", "own", "both")
+
+
+def concept_scores(maps: torch.Tensor, groups: Sequence[Sequence[Sequence[int]]], source: str = "base") -> torch.Tensor:
+    """``[B, K, N]``: per concept branch k = g+1, the min–max-normalised map of concept g's tokens (mean
+    over its tokens); column 0 is 0.
+
+    ``maps`` ``[B, K, N, T]``; ``groups[g][b]`` = concept g's token positions in branch b's prompt.
+    ``source``: ``"base"`` = read concept g's words in branch 0 (no LoRA: the base model's own
+    attention, which localises best, see docs/DESIGN.md), ``"own"`` = its trigger and words in its own
+    LoRA branch (the paper), ``"both"`` = the mean of the two. A concept without tokens in branch 0
+    falls back to its own branch."""
+    if source not in MASK_SOURCES:
+        raise ValueError(f"mask source must be one of {MASK_SOURCES}, got {source!r}")
+    b, k, n, _ = maps.shape
+    out = torch.zeros(b, k, n, dtype=torch.float32, device=maps.device)
+    m = maps.detach().float()
+    for g, by_branch in enumerate(groups):
+        br = g + 1
+        if br >= k:
+            break
+        own = list(by_branch[br]) if br < len(by_branch) else []
+        base = list(by_branch[0]) if by_branch else []
+        parts = []
+        if source in ("base", "both") and base:
+            parts.append(_minmax(m[:, 0][:, :, base].mean(dim=2)))
+        if (source in ("own", "both") or not parts) and own:
+            parts.append(_minmax(m[:, br][:, :, own].mean(dim=2)))
+        if parts:
+            out[:, br] = sum(parts) / len(parts)
+    return out
+
+
+def layout_masks(
+    maps: torch.Tensor,
+    groups: Sequence[Sequence[Sequence[int]]],
+    hw: tuple[int, int],
+    background: float = 0.25,
+    source: str = "base",
+) -> torch.Tensor:
+    """One-hot masks ``[B, K, h, w]`` (column 0 = background): each map position goes to the concept
+    whose normalised token map (`concept_scores`) is highest there, or to the background (branch 0)
+    when even that score is below ``background``.
+
+    Unlike the paper's rule (`concept_masks`: one threshold per concept, overlaps averaged) the concepts
+    compete for each position, so two concepts never share one and a weak map still gets the positions
+    where it is the strongest."""
+    b, k, n, _ = maps.shape
+    h, w = hw
+    if h * w != n:
+        raise ValueError(f"maps have {n} positions, not {h}×{w}")
+    out = torch.zeros(b, k, n, dtype=torch.float32, device=maps.device)
+    if k == 1 or not groups:
+        out[:, 0] = 1.0
+        return out.reshape(b, k, h, w)
+    s = concept_scores(maps, groups, source)[:, 1:]
+    best, idx = s.max(dim=1)  # [B, N]
+    idx = torch.where(best >= background, idx + 1, torch.zeros_like(idx))
+    out.scatter_(1, idx[:, None, :], 1.0)
+    return out.reshape(b, k, h, w)
+
+
+def slot_masks(batch: int, n_slots: int, concept_slots: Sequence[int], hw: tuple[int, int]) -> torch.Tensor:
+    """``[B, K, h, w]`` truth of a row of ``n_slots`` equal columns: column g+1 = slot
+    ``concept_slots[g]``, column 0 = the other slots (for diagnostics and the measuring world)."""
+    from .layout import box_masks, parse_ratio_layout
+
+    cols = box_masks(parse_ratio_layout(",".join(["1"] * n_slots)), hw)
+    conc = cols[list(concept_slots)]
+    bg = (conc.sum(0, keepdim=True) == 0).float()
+    return torch.cat([bg, conc], 0)[None].expand(batch, -1, -1, -1).contiguous()
+
+
+class MaskEstimator:
+    """Fusion masks of one sampling run, by the options' rule; shared by every host's CLoRA step.
+
+    - a user ``layout`` (``[B or 1, K, h, w]``, `lib_loraclr.clora.layout.layout_weights`) is used as is;
+    - ``mask_rule="layout"``: the branch maps of the steps before ``layout_until`` are summed, each step's
+      masks come from that sum (`layout_masks`), and the result is frozen at ``layout_until``;
+    - ``mask_rule="paper"``: `concept_masks` of each step's own maps.
+
+    ``options`` is a `CloraOptions`; ``groups`` / ``mask_tokens`` as in `branch_prompts`. Call `reset` at
+    the start of a sampling run."""
+
+    def __init__(
+        self,
+        options: object,
+        groups: Sequence[Sequence[Sequence[int]]],
+        mask_tokens: Sequence[Sequence[int]],
+        layout: torch.Tensor | None = None,
+    ) -> None:
+        self.options = options
+        self.groups = [[list(t) for t in g] for g in groups]
+        self.mask_tokens = [list(t) for t in mask_tokens]
+        self.layout = layout
+        self.reset()
+
+    def reset(self) -> None:
+        self._acc: torch.Tensor | None = None
+        self.frozen: torch.Tensor | None = None
+
+    def fixed(self, batch: int, device: torch.device | None = None) -> torch.Tensor | None:
+        """The user layout or the frozen automatic one, ``[B, K, h, w]``; None while maps are needed."""
+        if self.layout is not None:
+            lay = self.layout.to(device=device, dtype=torch.float32)
+            return lay.expand(batch, -1, -1, -1) if lay.shape[0] == 1 else lay
+        return self.frozen
+
+    def from_maps(self, maps: torch.Tensor, step: int, hw: tuple[int, int]) -> torch.Tensor:
+        """Masks ``[B, K, h, w]`` from this step's branch maps ``[B, K, N, T]`` (``h·w = N``)."""
+        o = self.options
+        if o.mask_rule == "paper":  # type: ignore[attr-defined]
+            return concept_masks(maps, self.mask_tokens, hw, o.mask_threshold, o.dilate, o.erode)  # type: ignore[attr-defined]
+        acc = maps if self._acc is None or self._acc.shape != maps.shape else self._acc + maps
+        self._acc = acc
+        masks = layout_masks(acc, self.groups, hw, o.mask_background, o.mask_source)  # type: ignore[attr-defined]
+        if o.dilate or o.erode:  # type: ignore[attr-defined]
+            body = _erode(_dilate(masks[:, 1:], o.dilate), o.erode)  # type: ignore[attr-defined]
+            masks = torch.cat([(body.sum(1, keepdim=True) == 0).float(), body], 1)
+        until = o.layout_until  # type: ignore[attr-defined]
+        if until and step + 1 >= until:
+            self.frozen = masks
+        return masks

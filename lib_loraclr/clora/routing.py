@@ -13,6 +13,13 @@ Weights are never written. The row → branch assignment is set per UNet call wi
 routes every row to one branch (e.g. while encoding that branch's prompt with its text-encoder LoRA).
 LoRAs that every branch holds with the same weight (a style LoRA) are applied once to all rows.
 
+Regions (per-region routing in one pass): `RoutedLoras.set_regions` gives every batch row a layout
+``[R, K, H, W]`` (latent resolution, 0/1 or soft weights summing to 1); then a spatial module adds branch
+k's LoRA only at the positions of region k (``out[r, p] += Σ_k w[r, k, p] · lora_k(x[r, p])``, the layout
+resized to the module's resolution), and a context module (``attn2.to_k`` / ``attn2.to_v``, whose input is
+the text) adds to each context token the LoRA of the region that token belongs to
+(`RoutedLoras.context_tokens`: the regional cross-attention concatenates the regions' texts).
+
 Use as a context manager: every hook is removed on exit, also on exceptions.
 """
 
@@ -160,6 +167,7 @@ class _Plan:
 
     def __init__(self, module: nn.Module, shared: list[_Term], per_branch: dict[int, list[_Term]]) -> None:
         self.module = module
+        self.is_context = False  # attn2.to_k / to_v: the input is the text, not image positions
         low = [(-1, t) for t in shared if t.dense is None]
         self.shared_dense = [t.dense for t in shared if t.dense is not None]
         branch_low = [(b, t) for b, ts in sorted(per_branch.items()) for t in ts if t.dense is None]
@@ -204,6 +212,8 @@ class RoutedLoras:
         self._rows: torch.Tensor | None = None
         self._row_index: dict[int, torch.Tensor] = {}
         self._all_rows_branch: int | None = None
+        self._regions: torch.Tensor | None = None
+        self._context_tokens: torch.Tensor | None = None
         self._version = 0
         self._routes: dict[str, _Plan] = {}
         entries: dict[str, list[tuple[int, LoraModule, float]]] = {}
@@ -248,6 +258,7 @@ class RoutedLoras:
                     continue
                 per_branch.setdefault(b, []).append(_make_term(module, lm, w))
             self._routes[path] = _Plan(module, shared, per_branch)
+            self._routes[path].is_context = path.endswith(("attn2.to_k", "attn2.to_v"))
 
     # ------------------------------------------------------------------ hooks
     @property
@@ -299,7 +310,86 @@ class RoutedLoras:
             raise RoutingError(f"branch {branch} out of range 0..{self.n_branches - 1}")
         self._rows = None
         self._row_index = {}
+        self._regions = None
         self._all_rows_branch = int(branch)
+
+    def set_regions(self, weights: torch.Tensor | None) -> None:
+        """Per-region routing for the next calls: ``weights`` ``[R, K, H, W]`` (K = branches, H × W the
+        latent), or None to leave region mode."""
+        if weights is not None and (weights.dim() != 4 or weights.shape[1] != self.n_branches):
+            raise RoutingError(f"region weights must be [R, {self.n_branches}, H, W], got {tuple(weights.shape)}")
+        self._regions = weights
+        self._region_cache: dict[tuple[object, ...], torch.Tensor] = {}
+        self._context_tokens = None
+        if weights is not None:
+            self._rows = None
+            self._row_index = {}
+            self._all_rows_branch = None
+
+    def context_tokens(self, branch_of_token: torch.Tensor | None) -> None:
+        """In region mode: ``[T]`` the branch of every context token (the concatenated region texts) whose
+        LoRA the context modules (attn2 K/V) add to that token; None = no LoRA on the context."""
+        self._context_tokens = None if branch_of_token is None else branch_of_token.long().cpu()
+
+    def _region_weights(self, spatial: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``[R, K, h, w]`` region weights at a module's resolution (nearest; cached per call layout)."""
+        from .attention import map_hw
+
+        assert self._regions is not None
+        key = spatial
+        got = self._region_cache.get(key)
+        if got is None:
+            H, W = self._regions.shape[-2:]
+            hw = tuple(spatial) if len(spatial) == 2 else map_hw(spatial[0], H, W)
+            got = F.interpolate(self._regions.float(), size=hw, mode="nearest") if hw != (H, W) else self._regions
+            got = got.to(device=device, dtype=dtype)
+            self._region_cache[key] = got
+        return got
+
+    def _apply_regions(self, plan: _Plan, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Region mode: add each branch's terms where its region is (spatial modules) or the context
+        branch's terms everywhere (context modules)."""
+        if plan.is_context:
+            tok = self._context_tokens
+            if tok is None:
+                return out
+            if tok.numel() != x.shape[1]:
+                raise RoutingError(f"RoutedLoras: {x.shape[1]} context tokens, the regions name {tok.numel()}")
+            tok = tok.to(x.device)
+            if plan.branch_low is not None:
+                low = plan.branch_low
+                down, up = low.factors(x.dtype, x.device)
+                cols = low.col_branch.to(x.device)
+                h = F.linear(x, down) * (tok[:, None] == cols[None, :]).to(x.dtype)  # [R, T, Σr]
+                out = out + F.linear(h, up).to(out.dtype)
+            for b, dense in plan.branch_dense.items():
+                sel = (tok == b).to(x.dtype)[None, :, None]
+                out = out + (_apply_dense(module, x, dense) * sel).to(out.dtype)
+            return out
+        conv = x.dim() == 4
+        spatial = tuple(out.shape[-2:]) if conv else (x.shape[1],)
+        w = self._region_weights(spatial, x.dtype, x.device)  # [R, K, h, w]
+        if w.shape[0] != x.shape[0]:
+            raise RoutingError(f"RoutedLoras: the batch has {x.shape[0]} rows but the regions cover {w.shape[0]}")
+        if plan.branch_low is not None:
+            low = plan.branch_low
+            down, up = low.factors(x.dtype, x.device)
+            key = (spatial, id(low), conv)
+            cw = self._region_cache.get(key)  # the weights expanded to the rank columns
+            if cw is None:
+                cols = low.col_branch.to(x.device)  # [Σr]
+                cw = w[:, cols] if conv else w.flatten(2).transpose(1, 2)[:, :, cols].contiguous()
+                self._region_cache[key] = cw
+            if conv:
+                h = F.conv2d(x, down, stride=module.stride, padding=module.padding, dilation=module.dilation)
+                out = out + F.conv2d(h * cw, up).to(out.dtype)  # cw: [R, Σr, h, w]
+            else:
+                out = out + F.linear(F.linear(x, down) * cw, up).to(out.dtype)  # cw: [R, N, Σr]
+        for b, dense in plan.branch_dense.items():
+            d = _apply_dense(module, x, dense)
+            wb = w[:, b : b + 1] if conv else w[:, b].flatten(1)[:, :, None]
+            out = out + (d * wb).to(out.dtype)
+        return out
 
     def _make_hook(self, plan: _Plan) -> Callable[..., Any]:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
@@ -311,6 +401,8 @@ class RoutedLoras:
                 out = out + _apply_dense(module, x, plan.shared_dense).to(out.dtype)
             if plan.branch_low is None and not plan.branch_dense:
                 return out
+            if self._regions is not None:
+                return self._apply_regions(plan, module, x, out)
             if self._all_rows_branch is not None:
                 k = self._all_rows_branch
                 if k in plan.single_low:

@@ -202,10 +202,14 @@ class A1111Adapter:
                 return h.prompt_parser.get_learned_conditioning(sd_model, conds, steps)
 
         schedules = engine.te_branch_conds(encode, [[q] for q in bp.prompts[1:]], router_te)
+        layout = engine.user_layout(run.args, len(specs), (int(p.height) // 8, int(p.width) // 8))
         denoiser = engine.clora_denoiser(
             inner_model=cfg.inner_model, unet=unet, conds=[None] * bp.n_branches, groups=bp.groups,
             mask_tokens=bp.mask_tokens, options=options, router=unet_router(unet, specs),
+            capture_layers=engine.attention_capture(unet).layers, layout=layout,
         )
+        if run.args.mode == "routed" and not masks_only:
+            denoiser = engine.regional_denoiser(denoiser, layout)
         original = cfg.__dict__.get("forward")
 
         def forward(x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
@@ -291,7 +295,10 @@ class ForgeFusion:
 
     def __init__(self, unet: Any, router: Any, capture: Any, groups: Any, mask_tokens: Sequence[Sequence[int]],
                  branch_conds: Sequence[Any], options: Any, previous: Callable[..., Any] | None = None,
-                 input_scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+                 input_scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 layout: torch.Tensor | None = None) -> None:
+        from lib_loraclr.clora.masks import MaskEstimator
+
         self.unet = unet
         self.router = router
         self.capture = capture
@@ -300,6 +307,7 @@ class ForgeFusion:
         self.branch_conds = list(branch_conds)
         self.n_branches = len(self.branch_conds) + 1
         self.options = options
+        self.masks = MaskEstimator(options, groups, mask_tokens, layout)
         self.previous = previous
         self.last_weights: torch.Tensor | None = None
         # latent update (see `forge_latent_update`): on only when the adapter can write x back
@@ -319,6 +327,7 @@ class ForgeFusion:
         if self._last_sigma is None or s > self._last_sigma:
             self.step, self._updated_step, self.x_new = 0, -1, None
             self.history.clear()
+            self.masks.reset()
         elif s < self._last_sigma:
             self.step += 1
             self.x_new = None
@@ -347,7 +356,7 @@ class ForgeFusion:
         return c, y
 
     def __call__(self, apply_model: Callable[..., torch.Tensor], args: dict[str, Any]) -> torch.Tensor:
-        from lib_loraclr.clora import concept_masks, fuse, fusion_weights
+        from lib_loraclr.clora import fuse, fusion_weights
         from lib_loraclr.clora.attention import map_hw
 
         x, t, c, cou = args["input"], args["timestep"], dict(args["c"]), list(args["cond_or_uncond"])
@@ -392,9 +401,11 @@ class ForgeFusion:
             return kw
 
         cond_chunks = [j for j in range(n) if cou[j] == COND]
+        if cond_chunks:
+            self._advance(ts[cond_chunks[0]])
         if cond_chunks and self.input_scale is not None and self.fallback_reason is None:
             j0 = cond_chunks[0]
-            step = self._advance(ts[j0])
+            step = self.step
             n_upd = self.options.updates_at(step) if kk > 1 and len(self.groups) > 1 else 0
             if n_upd and step != self._updated_step:
                 self._updated_step = step
@@ -405,6 +416,7 @@ class ForgeFusion:
 
         outs: dict[tuple[int, int], torch.Tensor] = {}
         maps: dict[tuple[int, int], torch.Tensor] = {}
+        fixed = self.masks.fixed(b, x.device)
         self.router.install()
         if self.capture is not None:
             self.capture.install()
@@ -412,9 +424,10 @@ class ForgeFusion:
             for blocks in by_len.values():
                 kw = kwargs_for(blocks)
                 self.router.set_rows([k for _, k in blocks for _ in range(b)])
-                want_maps = self.capture is not None and any(cou[j] == COND for j, _ in blocks)
+                want_maps = fixed is None and self.capture is not None and any(cou[j] == COND for j, _ in blocks)
                 if self.capture is not None:
                     self.capture.reset()
+                    self.capture.latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
                     self.capture.enabled = want_maps
                 out = call(torch.cat([xs[j] for j, _ in blocks]), torch.cat([ts[j] for j, _ in blocks]), **kw)
                 m = self.capture.maps() if want_maps else None
@@ -427,13 +440,13 @@ class ForgeFusion:
                 self.capture.remove()
             self.router.remove()
 
-        cond_chunks = [j for j in range(n) if cou[j] == COND]
-        if cond_chunks and all((cond_chunks[0], k) in maps for k in range(kk)):
+        if fixed is not None:
+            self.last_weights = fusion_weights(fixed, (x.shape[-2], x.shape[-1]))
+        elif cond_chunks and all((cond_chunks[0], k) in maps for k in range(kk)):
             j = cond_chunks[0]
             bm = torch.stack([maps[(j, k)] for k in range(kk)], dim=1)  # [B, K, N, T]
             hw = map_hw(bm.shape[2], x.shape[-2], x.shape[-1])
-            opts = self.options
-            masks = concept_masks(bm, self.mask_tokens, hw, opts.mask_threshold, opts.dilate, opts.erode)
+            masks = self.masks.from_maps(bm, self.step, hw)
             self.last_weights = fusion_weights(masks, (x.shape[-2], x.shape[-1]))
         fused = []
         for j in range(n):
@@ -593,9 +606,13 @@ class ForgeAdapter:
         branch_conds = engine.te_branch_conds(lambda q: sd_model.get_learned_conditioning(q),
                                               [[q] for q in bp.prompts[1:]], router_te)
         previous = patcher.model_options.get("model_function_wrapper") if hasattr(patcher, "model_options") else None
+        if run.args.mode == "routed":
+            run.notice("Forge: the routed mode is not available here yet; CLoRA runs branch fusion")
+        latent_hw = (int(getattr(p, "height", 512)) // 8, int(getattr(p, "width", 512)) // 8)
         fusion = ForgeFusion(unet, unet_router(unet, specs), engine.attention_capture(unet), bp.groups,
                              bp.mask_tokens, branch_conds, options, previous=previous,
-                             input_scale=forge_input_scale(patcher.model) if wants_update else None)
+                             input_scale=forge_input_scale(patcher.model) if wants_update else None,
+                             layout=engine.user_layout(run.args, len(specs), latent_hw))
         patcher.set_model_unet_function_wrapper(fusion)
         sd_model.forge_objects.unet = patcher
         self._original_unet, self._patched_unet, self._model = original, patcher, sd_model

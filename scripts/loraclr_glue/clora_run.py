@@ -72,6 +72,7 @@ class CloraRun:
     denoiser: Any = None
     error: str | None = None
     infotext: dict[str, Any] | None = None  # p.extra_generation_params, where notices go
+    mask_images: list[Any] = field(default_factory=list)  # mask previews for the result gallery
 
     # ------------------------------------------------------------------ preparation (no model access)
     def prepare(self, prompts: Sequence[str]) -> None:

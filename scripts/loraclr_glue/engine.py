@@ -213,6 +213,7 @@ def clora_options(args: CloraArgs, steps: int) -> Any:
         "refinement_iters": args.refinement_iters,
         "mask_threshold": args.mask_threshold,
         "masks_only": args.masks_only,
+        "mask_rule": args.mask_rule,
     }
     if args.update_steps is not None:
         kw["update_until"] = args.update_steps
@@ -297,6 +298,26 @@ def clora_denoiser(**kwargs: Any) -> Any:
 
 
 def attention_capture(unet: Any) -> Any:
+    """Capture at the layers whose maps localise the concepts (`localizing_layers`)."""
     from lib_loraclr.clora import AttentionCapture
+    from lib_loraclr.clora.attention import localizing_layers
 
-    return AttentionCapture(unet)
+    return AttentionCapture(unet, localizing_layers(unet))
+
+
+def user_layout(args: CloraArgs, n_concepts: int, latent_hw: tuple[int, int]) -> Any:
+    """The user's ratio-string layout as ``[1, K, h, w]`` masks (region r → the r-th concept), or None."""
+    if not args.layout or n_concepts < 1:
+        return None
+    from lib_loraclr.clora.layout import box_masks, layout_weights, parse_ratio_layout
+
+    return layout_weights(box_masks(parse_ratio_layout(args.layout), latent_hw), n_concepts)
+
+
+def regional_denoiser(fusion: Any, layout: Any) -> Any:
+    """CLoRA's routed mode around a built `CloraDenoiser` ``fusion`` (same conds and LoRAs): one UNet pass
+    per step with per-region LoRAs; with no user layout, ``fusion`` finds the layout in the first steps."""
+    from lib_loraclr.clora.regional import RegionalDenoiser
+
+    return RegionalDenoiser(fusion.inner_model, fusion.unet, fusion.conds, fusion.unconds, fusion.router,
+                            layout=layout, estimator=None if layout is not None else fusion)

@@ -116,12 +116,20 @@ class CloraScriptLogic:
             fail(p, e)
 
     def postprocess_batch(self, p: Any) -> list[Path]:
-        """Save the fusion masks of this batch when ``show_masks`` is on; returns the written files."""
+        """Keep this batch's mask previews (``mask_preview``) and save the masks beside the images
+        (``show_masks``); returns the written files."""
         run = clora_run.get(p)
-        if run is None or not run.args.show_masks or run.denoiser is None:
+        if run is None or not (run.args.show_masks or run.args.mask_preview) or run.denoiser is None:
             return []
         weights = getattr(run.denoiser, "last_weights", None)
         if weights is None:
+            return []
+        if run.args.mask_preview:
+            try:
+                run.mask_images.extend(mask_image(weights[i]) for i in range(weights.shape[0]))
+            except Exception as e:  # noqa: BLE001
+                fail(p, e, "could not draw the CLoRA masks")
+        if not run.args.show_masks:
             return []
         folder = Path(getattr(p, "outpath_samples", None) or ".")
         seeds = list(getattr(p, "seeds", None) or [])
@@ -137,8 +145,20 @@ class CloraScriptLogic:
             fail(p, e, "could not save the CLoRA masks")
         return written
 
-    def postprocess(self, p: Any) -> None:
-        clora_run.finish(p)
+    def postprocess(self, p: Any, processed: Any = None) -> None:
+        """End the run; with ``mask_preview`` the masks join the result images (gallery and API), each
+        with the infotext of the first image."""
+        run = clora_run.finish(p)
+        if run is None or not run.mask_images or processed is None:
+            return
+        images = getattr(processed, "images", None)
+        if not isinstance(images, list):
+            return
+        images.extend(run.mask_images)
+        infotexts = getattr(processed, "infotexts", None)
+        if isinstance(infotexts, list) and infotexts:
+            infotexts.extend([infotexts[0]] * len(run.mask_images))
+        run.mask_images = []
 
     def unload(self) -> None:
         clora_run.remove_all()

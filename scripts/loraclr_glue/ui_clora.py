@@ -26,11 +26,15 @@ CLoRA with the options below; this switch adds the table's rows.
 
 #: option key → (default UI value, UI value → dict value)
 UI_DEFAULTS: dict[str, Any] = {
-    "latent_update": True,
+    "mode": ca.DEFAULTS.mode,
+    "layout": ca.DEFAULTS.layout,
+    "mask_rule": ca.DEFAULTS.mask_rule,
+    "latent_update": ca.DEFAULTS.latent_update,
     "update_steps": 0,  # 0 = recommended (None in the arguments)
     "mask_threshold": ca.DEFAULTS.mask_threshold,
     "masks_only": False,
     "show_masks": False,
+    "mask_preview": True,  # the gallery shows the masks unless the user turns it off
     "step_size": 0,  # 0 = engine default
     "refinement_steps": "0",
     "refinement_iters": ca.DEFAULTS.refinement_iters,
@@ -108,12 +112,23 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
     with InputAccordion(False, label="CLoRA", elem_id=f"loraclr_{tab}_accordion") as enabled:
         gr.HTML(HELP, elem_id=f"loraclr_{tab}_help")
         with gr.Row():
+            controls["mode"] = gr.Radio(list(ca.MODES), value=UI_DEFAULTS["mode"], label="Mode",
+                                        info="fusion: one pass per LoRA; routed: one pass, each LoRA in its region",
+                                        elem_id=f"loraclr_{tab}_mode")
+            controls["layout"] = gr.Textbox(value=UI_DEFAULTS["layout"], label="Layout (empty = automatic)",
+                                            placeholder="1,1 = two columns; 1,1;1 = two on top, one below",
+                                            elem_id=f"loraclr_{tab}_layout")
+            controls["mask_rule"] = gr.Radio(list(ca.MASK_RULES), value=UI_DEFAULTS["mask_rule"],
+                                             label="Automatic masks", elem_id=f"loraclr_{tab}_mask_rule")
+        with gr.Row():
             controls["latent_update"] = gr.Checkbox(UI_DEFAULTS["latent_update"], label="Latent update",
                                                     elem_id=f"loraclr_{tab}_latent_update")
             controls["masks_only"] = gr.Checkbox(UI_DEFAULTS["masks_only"], label="Masks only (fast, no gradients)",
                                                  elem_id=f"loraclr_{tab}_masks_only")
             controls["show_masks"] = gr.Checkbox(UI_DEFAULTS["show_masks"], label="Save masks beside the images",
                                                  elem_id=f"loraclr_{tab}_show_masks")
+            controls["mask_preview"] = gr.Checkbox(UI_DEFAULTS["mask_preview"], label="Show masks in the gallery",
+                                                   elem_id=f"loraclr_{tab}_mask_preview")
         with gr.Row():
             controls["update_steps"] = gr.Slider(0, 150, value=UI_DEFAULTS["update_steps"], step=1,
                                                  label="Latent update steps (0 = recommended)",

@@ -1,0 +1,367 @@
+"""Per-region generation in ONE UNet pass: each concept's LoRA and prompt act only inside its region.
+
+Once the layout is known (a user layout, or CLoRA's automatic one frozen after the first steps), a
+`RegionalDenoiser` runs one UNet call per step (cond and uncond rows batched, as the WebUI does), with
+
+- `RoutedLoras` in region mode: every spatial layer the LoRAs touch (attn1, attn2 queries and outputs,
+  ff, proj, convs) adds LoRA k only at the positions of region k;
+- `RegionalAttention`: every cross-attention layer computes, for each region k, the attention of all
+  queries against region k's own text (its branch prompt, encoded with its text-encoder LoRA; K/V with
+  its UNet LoRA) and keeps it at region k's positions; region 0 (background) uses the base prompt.
+
+Without LoRAs (``router=None``) the same pass is regional prompting of one model, e.g. a merged LoRA with
+a region prompt per concept (Mix-of-Show's regionally controllable sampling).
+
+Cost per step: one UNet call plus K − 1 extra cross-attention products (text length 77 per region).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import cross_attention_layers, map_hw
+from .conds import cat_conds, crossattn, token_length
+from .denoiser import COND, UNCOND, CloraDenoiser, _expand
+from .errors import ConditioningMismatchError
+from .routing import RoutedLoras
+
+
+class RegionalAttention:
+    """Instance-level ``forward`` of every ``attn2`` layer of ``unet`` that attends region by region.
+
+    Per call set ``contexts`` (``[K]`` tensors ``[R, T_k, D]``, rows aligned with the UNet batch) and
+    ``weights`` ``[R, K, H, W]`` (latent resolution). The layer's own ``context`` argument is ignored
+    while installed. ``router`` (optional) is told which region each context token belongs to, so the K/V
+    projections add each region's LoRA to its own tokens."""
+
+    def __init__(self, unet: nn.Module, router: RoutedLoras | None = None, bounded: bool = True) -> None:
+        self.unet = unet
+        self.router = router
+        self.bounded = bounded
+        self.layers = cross_attention_layers(unet)
+        self.self_layers = [n[: -len("attn2")] + "attn1" for n in self.layers] if bounded else []
+        self.contexts: list[torch.Tensor] = []
+        self.weights: torch.Tensor | None = None
+        self._saved: list[tuple[nn.Module, Any]] = []
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def set(self, contexts: Sequence[torch.Tensor], weights: torch.Tensor) -> None:
+        """Contexts ``[K]`` of ``[R, T_k, D]`` and weights ``[R, K, H, W]`` for the next calls. The contexts
+        of the regions that cover some position are concatenated along the tokens (``[R, ΣT, D]``), so each
+        layer runs ONE K/V projection and ONE attention whose mask lets a position see only its region's
+        tokens (its region = the argmax of its weights)."""
+        self.weights = weights
+        self._cache = {}
+        self._masks: dict[int, torch.Tensor | None] = {}
+        self._labels: dict[int, torch.Tensor] = {}
+        used = [k for k in range(len(contexts)) if bool((weights[:, k] > 0).any())]
+        self.contexts = [contexts[k] for k in used]
+        self._ctx = torch.cat(self.contexts, dim=1) if len(used) > 1 else self.contexts[0]
+        self._tok_region = torch.cat(
+            [torch.full((int(contexts[k].shape[1]),), k, dtype=torch.long) for k in used]
+        )
+        self._single = len(used) == 1
+        if self.router is not None:
+            self.router.context_tokens(self._tok_region)
+
+    def _weights_at(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """``[R, K, n]`` region weights at a layer with ``n`` query positions."""
+        got = self._cache.get(n)
+        if got is None:
+            assert self.weights is not None
+            H, W = self.weights.shape[-2:]
+            hw = map_hw(n, H, W)
+            w = self.weights.float()
+            if hw != (H, W):
+                w = F.interpolate(w, size=hw, mode="nearest")
+            got = w.flatten(2)
+            self._cache[n] = got
+        return got.to(device=like.device)
+
+    def _labels_at(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """``[R, n]`` region (argmax of the weights) of every position of a layer."""
+        got = self._labels.get(n)
+        if got is None:
+            got = self._weights_at(n, like).argmax(dim=1)
+            self._labels[n] = got
+        return got
+
+    def _cross_mask(self, n: int, like: torch.Tensor) -> torch.Tensor | None:
+        """``[R, 1, n, ΣT]`` True where a position may attend to a token (the token's region is its own)."""
+        if self._single:
+            return None
+        if n not in self._masks:
+            lab = self._labels_at(n, like)
+            tok = self._tok_region.to(lab.device)
+            self._masks[n] = (lab[:, :, None] == tok[None, None, :])[:, None]
+        return self._masks[n]
+
+    def _self_mask(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        key = -n  # cached beside the cross masks
+        if key not in self._masks:
+            lab = self._labels_at(n, like)
+            allowed = (lab[:, :, None] == lab[:, None, :]) | (lab[:, None, :] == 0) | (lab[:, :, None] == 0)
+            self._masks[key] = allowed[:, None]
+        got = self._masks[key]
+        assert got is not None
+        return got
+
+    def _self_forward(self, module: nn.Module) -> Callable[..., torch.Tensor]:
+        """Bounded self-attention: a position of concept region k attends to its own region and the
+        background only; background positions attend everywhere (Bounded Attention, Dahary et al. 2024)."""
+
+        def forward(
+            this: nn.Module, x: torch.Tensor, context: Any = None, mask: Any = None, **kwargs: Any
+        ) -> torch.Tensor:
+            heads = this.heads
+            ctx = x if context is None else context
+            q, k, v = this.to_q(x), this.to_k(ctx), this.to_v(ctx)
+            b, n, c = q.shape
+            qh, kh, vh = (t.reshape(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=self._self_mask(n, q))
+            return this.to_out(o.transpose(1, 2).reshape(b, n, c))
+
+        return types.MethodType(forward, module)
+
+    def _forward(self, module: nn.Module) -> Callable[..., torch.Tensor]:
+        def forward(
+            this: nn.Module, x: torch.Tensor, context: Any = None, mask: Any = None, **kwargs: Any
+        ) -> torch.Tensor:
+            heads = this.heads
+            q = this.to_q(x)
+            ctx = self._ctx.to(device=x.device, dtype=x.dtype)
+            kk, vv = this.to_k(ctx), this.to_v(ctx)
+            b, n, c = q.shape
+            qh, kh, vh = (t.reshape(b, -1, heads, c // heads).transpose(1, 2) for t in (q, kk, vv))
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=self._cross_mask(n, q))
+            return this.to_out(o.transpose(1, 2).reshape(b, n, c))
+
+        return types.MethodType(forward, module)
+
+    def install(self) -> RegionalAttention:
+        if self._saved:
+            return self
+        try:
+            for name in self.layers:
+                m = self.unet.get_submodule(name)
+                self._saved.append((m, m.__dict__.get("forward", None)))
+                m.forward = self._forward(m)
+            for name in self.self_layers:
+                m = self.unet.get_submodule(name)
+                self._saved.append((m, m.__dict__.get("forward", None)))
+                m.forward = self._self_forward(m)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        for m, prev in self._saved:
+            if prev is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = prev
+        self._saved.clear()
+
+    @contextmanager
+    def installed(self) -> Any:
+        self.install()
+        try:
+            yield self
+        finally:
+            self.remove()
+
+
+class RegionalDenoiser:
+    """CLoRA's routed mode: a denoiser wrapper (protocol of `lib_loraclr.tiny.sampling`) that runs ONE
+    UNet pass per step with per-region LoRAs and prompts.
+
+    Args:
+        inner_model: ``inner_model(x, sigma, cond=c)`` (k-diffusion wrapper).
+        unet: the UNet inside it.
+        conds / unconds: per branch (0 = base/background, k = concept k), the conditioning of the B images
+            (batch 1 is broadcast); ``unconds`` None = the call's ``uncond`` for every branch.
+        router: `RoutedLoras` on the UNet, one entry per branch (None: no per-region LoRA).
+        layout: ``[B or 1, K, h, w]`` 0/1 masks (column 0 = background); None = automatic: the steps
+            before ``estimator.options.layout_until`` run as branch fusion (`CloraDenoiser` ``estimator``)
+            which estimates and freezes the layout; routed passes follow.
+        estimator: the `CloraDenoiser` for the automatic layout (needed when ``layout`` is None).
+
+    Hooks are installed for each call and removed at its end (also on exceptions).
+    """
+
+    def __init__(
+        self,
+        inner_model: Callable[..., torch.Tensor],
+        unet: nn.Module,
+        conds: Sequence[Any],
+        unconds: Sequence[Any] | None = None,
+        router: RoutedLoras | None = None,
+        layout: torch.Tensor | None = None,
+        estimator: CloraDenoiser | None = None,
+        bounded: bool = True,
+        warmup_steps: int = 0,
+    ) -> None:
+        self.inner_model = inner_model
+        self.unet = unet
+        self.estimator = estimator
+        self.conds = list(conds)
+        self.n_branches = len(self.conds)
+        self.unconds = list(unconds) if unconds is not None else [None] * self.n_branches
+        if router is not None and router.n_branches != self.n_branches:
+            raise ValueError(
+                f"the router has {router.n_branches} branches, the conditionings {self.n_branches}"
+            )
+        if layout is None and estimator is None:
+            raise ValueError("a RegionalDenoiser needs a layout or an estimator (CloraDenoiser) to find one")
+        if layout is not None and layout.shape[1] != self.n_branches:
+            raise ValueError(f"the layout has {layout.shape[1]} columns for {self.n_branches} branches")
+        self.router = router
+        self.layout = layout
+        self.last_weights: torch.Tensor | None = None
+        self.attention = RegionalAttention(unet, router, bounded=bounded)
+        self.routed_steps = 0
+        self.branch_steps = 0
+        self.warmup_steps = int(warmup_steps)
+        if self.warmup_steps and estimator is None:
+            raise ValueError("warmup_steps need an estimator (the branch-fusion denoiser)")
+        self.step = -1
+        self._last_sigma: float | None = None
+
+    @property
+    def conds(self) -> list[Any]:
+        return self._conds
+
+    @conds.setter
+    def conds(self, value: Sequence[Any]) -> None:
+        """Per-branch conditionings; a host that sets them per step (A1111's prompt schedules) sets the
+        estimator's too."""
+        self._conds = list(value)
+        if self.estimator is not None:
+            self.estimator.conds = list(value)
+
+    @property
+    def unconds(self) -> list[Any]:
+        return self._unconds
+
+    @unconds.setter
+    def unconds(self, value: Sequence[Any]) -> None:
+        self._unconds = list(value)
+        if self.estimator is not None:
+            self.estimator.unconds = list(value)
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return self.estimator.fallback_reason if self.estimator is not None else None
+
+    @property
+    def layout_masks(self) -> torch.Tensor | None:
+        if self.layout is not None:
+            return self.layout
+        return self.estimator.layout_masks if self.estimator is not None else None
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Any = None,
+        uncond: Any = None,
+        cond_scale: float = 1.0,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        s = float(sigma.flatten()[0])
+        if self._last_sigma is None or s > self._last_sigma:
+            self.step = 0
+            if self.estimator is not None and self._last_sigma is not None:
+                self.estimator.reset()  # a new sampling run: estimate the layout again
+        elif s < self._last_sigma:
+            self.step += 1
+        self._last_sigma = s
+        masks = self.layout_masks
+        if masks is None or self.step < self.warmup_steps:
+            assert self.estimator is not None
+            self.branch_steps += 1
+            out = self.estimator(x, sigma, cond=cond, uncond=uncond, cond_scale=cond_scale, **kwargs)
+            self.last_weights = self.estimator.last_weights
+            return out
+        self.routed_steps += 1
+        return self.routed(x, sigma, masks, cond, uncond, cond_scale)
+
+    def routed(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        masks: torch.Tensor,
+        cond: Any = None,
+        uncond: Any = None,
+        cond_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """One routed step: guided denoised ``[B, C, H, W]`` with region masks ``[B or 1, K, h, w]``."""
+        b = x.shape[0]
+        use_cfg = cond_scale != 1.0 and (uncond is not None or all(u is not None for u in self.unconds))
+        halves = (COND, UNCOND) if use_cfg else (COND,)
+        table: dict[tuple[int, int], Any] = {}
+        for k in range(self.n_branches):
+            c = self.conds[k] if self.conds[k] is not None else cond
+            if c is None:
+                raise ConditioningMismatchError(f"branch {k} has no conditioning")
+            table[(COND, k)] = _expand(c, b)
+            if use_cfg:
+                u = self.unconds[k] if self.unconds[k] is not None else uncond
+                if u is None:
+                    raise ConditioningMismatchError(f"branch {k} has no negative conditioning")
+                table[(UNCOND, k)] = _expand(u, b)
+        m = masks.to(device=x.device, dtype=torch.float32)
+        if m.shape[0] == 1 and b > 1:
+            m = m.expand(b, -1, -1, -1)
+        lat = (int(x.shape[-2]), int(x.shape[-1]))
+        if tuple(m.shape[-2:]) != lat:
+            m = F.interpolate(m, size=lat, mode="nearest")
+        self.last_weights = (m / m.sum(1, keepdim=True).clamp_min(1e-12)).unsqueeze(2)
+        # one call for both halves when every branch's cond and uncond have one token length
+        same = (
+            all(
+                token_length(table[(COND, k)]) == token_length(table[(UNCOND, k)])
+                for k in range(self.n_branches)
+            )
+            if use_cfg
+            else True
+        )
+        calls = [halves] if same else [(h,) for h in halves]
+        outs: dict[int, torch.Tensor] = {}
+        if self.router is not None:
+            self.router.install()
+        try:
+            with self.attention.installed():
+                for call in calls:
+                    n = len(call)
+                    x_in = torch.cat([x] * n)
+                    sigma_in = torch.cat([sigma] * n)
+                    cond_in = cat_conds([table[(h, 0)] for h in call]) if n > 1 else table[(call[0], 0)]
+                    contexts = [
+                        torch.cat([crossattn(table[(h, k)]) for h in call]) for k in range(self.n_branches)
+                    ]
+                    weights = torch.cat([m] * n)
+                    if self.router is not None:
+                        self.router.set_regions(weights)
+                    self.attention.set(contexts, weights)
+                    out = self.inner_model(x_in, sigma_in, cond=cond_in)
+                    for i, h in enumerate(call):
+                        outs[h] = out[i * b : (i + 1) * b]
+        finally:
+            if self.router is not None:
+                self.router.set_regions(None)
+                self.router.remove()
+        if not use_cfg:
+            return outs[COND]
+        return outs[UNCOND] + (outs[COND] - outs[UNCOND]) * cond_scale
+
+
+__all__ = ["RegionalAttention", "RegionalDenoiser"]
