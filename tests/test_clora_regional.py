@@ -159,3 +159,55 @@ def test_regional_denoiser_needs_a_layout_or_an_estimator(world):
         RegionalDenoiser(lambda *a, **k: None, unet, [None, None])
     with pytest.raises(ValueError, match="columns"):
         RegionalDenoiser(lambda *a, **k: None, unet, [None, None], layout=torch.ones(1, 3, 2, 2))
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_tiny_models_routed_equals_fusion_with_one_region_and_runs_with_two(arch):
+    """SD1 and SDXL (dict conditioning with pooled vector): a layout giving the whole image to concept 1 makes
+    the routed pass equal the fusion of the same branches; two regions run with finite output, no hooks left."""
+    from lib_loraclr.clora import UNET_PREFIX, CloraDenoiser, CloraOptions, Concept, branch_prompts
+    from lib_loraclr.clora.layout import box_masks, layout_weights, parse_ratio_layout
+    from lib_loraclr.clora.synthetic import random_lora
+    from lib_loraclr.tiny.models import build_tiny_sd1, build_tiny_sdxl
+    from lib_loraclr.tiny.sampling import CFGDenoiser, sample
+
+    model = build_tiny_sd1(seed=0) if arch == "sd1" else build_tiny_sdxl(seed=0)
+    unet = model.model.diffusion_model
+    prompt = "a cat and a dog"
+    bp = branch_prompts(
+        prompt, [Concept("sks", "cat"), Concept("<d8>", "dog")], model.prompt_encoder.token_positions
+    )
+    loras = [random_lora(unet, 31 + i, prefix=UNET_PREFIX) for i in range(2)]
+    with torch.no_grad():
+        conds = [model.get_learned_conditioning([p]) for p in bp.prompts]
+        uncond = model.get_learned_conditioning([""])
+    if isinstance(conds[0], dict):  # SDXL: the routed pass takes the pooled vector (global) from branch 0
+        conds = [{**c, "vector": conds[0]["vector"]} for c in conds]
+    inner = CFGDenoiser(model).inner_model
+    kw = {"steps": 3, "cfg_scale": 5.0, "sampler": "euler", "seed": 2}
+    shape = tuple(model.latent_shape)
+    full = torch.zeros(1, 3, *shape[1:])
+    full[:, 1] = 1.0
+
+    def build(layout, routed):
+        router = RoutedLoras(unet, [[], [(loras[0], 1.0)], [(loras[1], 1.0)]], prefix=UNET_PREFIX)
+        den = CloraDenoiser(
+            inner,
+            unet,
+            conds,
+            bp.groups,
+            bp.mask_tokens,
+            CloraOptions.recommended(3),
+            unconds=[uncond] * 3,
+            router=router,
+            layout=None if routed else layout,
+        )
+        return RegionalDenoiser(inner, unet, conds, [uncond] * 3, router, layout=layout) if routed else den
+
+    a = sample(model, [prompt], denoiser=build(full, True), **kw)
+    b = sample(model, [prompt], denoiser=build(full, False), **kw)
+    assert (a - b).abs().max().item() < 1e-4
+    two = layout_weights(box_masks(parse_ratio_layout("1,1"), shape[1:]), 2)
+    out = sample(model, [prompt], denoiser=build(two, True), **kw)
+    assert bool(torch.isfinite(out).all()) and (out - a).abs().max().item() > 1e-4
+    assert count_hooks(model) == 0 and all("forward" not in m.__dict__ for m in unet.modules())

@@ -9,7 +9,8 @@ Once the layout is known (a user layout, or CLoRA's automatic one frozen after t
   queries against region k's own text (its branch prompt, encoded with its text-encoder LoRA; K/V with
   its UNet LoRA) and keeps it at region k's positions; region 0 (background) uses the base prompt.
 
-Without LoRAs (``router=None``) the same pass is regional prompting of one model, e.g. a merged LoRA with
+Global conditioning that is not per position (SDXL's pooled text vector, the time embedding) comes from
+branch 0, the base prompt. Without LoRAs (``router=None``) the same pass is regional prompting of one model, e.g. a merged LoRA with
 a region prompt per concept (Mix-of-Show's regionally controllable sampling).
 
 Cost per step: one UNet call plus K − 1 extra cross-attention products (text length 77 per region).
