@@ -8,7 +8,9 @@ Stages (LoRACLR's official order, methods.md §1.4):
    (official) or at every position of the concept prompt (recommended); targets analytic;
 3. every other LoRA'd UNet layer: inputs hooked during a short seeded sampling run per concept
    ("photo of a {trigger}", no CFG), with the merged TE and K/V and concept i's other UNet LoRA active.
-Each layer is solved independently from the base weight (``merge_layer``). Features are accumulated as
+Each layer is solved independently from the base weight (``merge_layer``). With ``MergeConfig.sequential``
+(the recommended default) the same stages run in depth order on inputs recorded from the partially merged
+model, paired with the concept's own-LoRA inputs (``_merge_sequential``, ``PairedStats``). Features are accumulated as
 bounded-memory sufficient statistics (``FeatureStats``): memory does not grow with steps or resolution.
 Spatial layers are grouped into passes under a memory budget; k×k convolutions (k > 1, LoCon) have no
 row form and fall back to the linear merge (reported).
