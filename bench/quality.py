@@ -415,6 +415,9 @@ class CloraMethod(Method):
             [self._slot_positions(world, p, bw, j) for p, bw in zip(prompts, branch_words)] for j in slots
         ]
         mask_tokens = [[]] + [list(groups[g][g + 1]) for g in range(len(slots))]
+        self.last_background = [
+            t for j in range(len(words)) if j not in slots for t in self._slot_positions(world, prompts[0], base, j)
+        ]
         return branch_words, groups, mask_tokens
 
     def denoiser(self, world: World, requests: Sequence[Request]):
@@ -459,6 +462,7 @@ class CloraMethod(Method):
             router=router,
             capture_layers=self.capture_layers,
             layout=layout if self.mode == "fusion" else None,
+            background_tokens=self.last_background,
         )
         if self.mode == "routed":
             from lib_loraclr.clora.regional import RegionalDenoiser

@@ -111,9 +111,9 @@ def test_layout_rule_concepts_compete_and_base_source_localises():
     assert not own[0, 2, :, 4:].any()  # the own branch misplaces concept 1: it loses its slot
     s = concept_scores(maps, groups, "both")
     assert s.shape == (1, 3, 32) and float(s[:, 0].abs().max()) == 0.0
-    # the background floor: a flat map gives no concept position
-    flat = torch.full((1, 3, 32, 4), 0.25)
-    assert layout_masks(flat, groups, (4, 8)).sum((2, 3))[0, 0] == 32
+    # a background floor: positions where no concept map reaches it go to branch 0
+    floor = layout_masks(maps, groups, (4, 8), background=1.01)
+    assert floor.sum((2, 3))[0, 0] == 32
     with pytest.raises(ValueError):
         concept_scores(maps, groups, "nowhere")
 
@@ -159,3 +159,26 @@ def test_resize_maps_keeps_distributions():
     assert up.shape == (2, 3, 32, 5)
     assert torch.allclose(up.sum(-1), torch.ones(2, 3, 32), atol=1e-5)
     assert torch.allclose(down, a, atol=0.35)
+
+
+def test_other_content_words_claim_the_background():
+    """ "a sks and a 7": the 7's map (base branch) takes the positions where it beats the concept."""
+    maps, groups = _maps_with_blobs()
+    one = [groups[0]]  # only concept 0 (left); token 2 is now another content word (right)
+    m = layout_masks(maps[:, :2], one, (4, 8), background=0.0)
+    assert bool(m[0, 1].all())  # no competitor: the concept takes the whole image (= the single LoRA)
+    m = layout_masks(maps[:, :2], one, (4, 8), background=0.0, background_tokens=[2])
+    assert bool(m[0, 1, :, :4].all()) and not bool(m[0, 1, :, 4:].any())
+    assert bool(m[0, 0, :, 4:].all())
+
+
+def test_content_tokens_skip_stop_words_and_concepts():
+    from lib_loraclr.clora.tokens import Concept, branch_prompts, content_tokens
+    from lib_loraclr.tiny.models import build_tiny_sd1
+
+    tp = build_tiny_sd1(seed=0).prompt_encoder.token_positions
+    prompt = "a cat and a dog in a park"
+    park = content_tokens(prompt, [(2, 5), (12, 15)], tp)  # cat and dog taken by concepts
+    assert park == tp(prompt, "park")
+    bp = branch_prompts(prompt, [Concept("sks", "cat")], tp)
+    assert bp.background_tokens == sorted(tp(prompt, "dog") + tp(prompt, "park"))

@@ -91,16 +91,17 @@ def test_base_requests_are_plain_sampling_bit_for_bit(world):
 
 
 def test_one_concept_branch_with_a_full_mask_is_the_single_lora(world):
-    """Background floor 0: the concept mask covers every pixel, so the fused prediction is the concept branch
-    alone, i.e. the single LoRA (applied by routing hooks instead of patched weights)."""
+    """Background floor 0 (the default) and no other content word: the concept mask covers every pixel, so
+    the fused prediction is the concept branch alone, i.e. the single LoRA (applied by routing hooks
+    instead of patched weights)."""
     reqs = [["sks"], ["sks"], ["ohwx"]]
-    m = _method(world, mask_background=0.0)
+    m = _method(world)
     single = q.METHODS["single"]()
     single.setup(world, NAMES)
     a, b = m.generate(world, reqs, 3.0, 5), single.generate(world, reqs, 3.0, 5)
     assert (a - b).abs().max() < 1e-3
-    # the default floor hands part of the image to the base branch: different images
-    c = _method(world).generate(world, reqs, 3.0, 5)
+    # a floor hands part of the image to the base branch: different images
+    c = _method(world, mask_background=0.5).generate(world, reqs, 3.0, 5)
     assert (c - b).abs().max() > 1e-2
 
 

@@ -50,6 +50,6 @@ def build_clora_denoiser(
     unconds = te_branch_conds(encode, [[negative_prompt] * batch_size for _ in bp.prompts], te_router)
     den = CloraDenoiser(
         inner_model, unet, conds, bp.groups, bp.mask_tokens, options, unconds=unconds, router=router,
-        capture_layers=capture_layers,
+        capture_layers=capture_layers, background_tokens=bp.background_tokens,
     )
     return den, bp

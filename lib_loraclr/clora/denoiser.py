@@ -90,6 +90,8 @@ class CloraDenoiser:
         capture_layers: ``attn2`` names relative to ``unet`` (default: `localizing_layers`, the layers
             next to the bottleneck, of possibly several resolutions).
         input_scale: ``c_in(σ)``; default from ``inner_model.get_scalings``.
+        background_tokens: base-prompt positions of the other content words (`BranchPrompts.background_tokens`),
+            which claim positions for branch 0 in the layout rule.
         layout: a fixed layout instead of attention masks: ``[B or 1, K, h, w]`` 0/1 (column 0 =
             background, `lib_loraclr.clora.layout.layout_weights`), any ``h × w`` (nearest-resized).
 
@@ -112,6 +114,7 @@ class CloraDenoiser:
         capture_layers: Sequence[str] | None = None,
         input_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
         layout: torch.Tensor | None = None,
+        background_tokens: Sequence[int] = (),
     ) -> None:
         self.inner_model = inner_model
         self.unet = unet
@@ -133,7 +136,7 @@ class CloraDenoiser:
         self.router = router
         if layout is not None and layout.shape[1] != self.n_branches:
             raise ValueError(f"the layout has {layout.shape[1]} columns for {self.n_branches} branches")
-        self.masks = MaskEstimator(self.options, self.groups, self.mask_tokens, layout)
+        self.masks = MaskEstimator(self.options, self.groups, self.mask_tokens, layout, background_tokens)
         if self.n_branches > 1:
             layers = list(capture_layers) if capture_layers is not None else localizing_layers(unet)
             self.capture: AttentionCapture | None = AttentionCapture(unet, layers)

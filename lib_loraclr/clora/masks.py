@@ -122,12 +122,15 @@ def layout_masks(
     maps: torch.Tensor,
     groups: Sequence[Sequence[Sequence[int]]],
     hw: tuple[int, int],
-    background: float = 0.25,
+    background: float = 0.0,
     source: str = "base",
+    background_tokens: Sequence[int] = (),
 ) -> torch.Tensor:
     """One-hot masks ``[B, K, h, w]`` (column 0 = background): each map position goes to the concept
     whose normalised token map (`concept_scores`) is highest there, or to the background (branch 0)
-    when even that score is below ``background``.
+    when even that score is below ``background`` or below the best normalised map (in branch 0) of the
+    prompt's other content words ``background_tokens`` (`lib_loraclr.clora.tokens.content_tokens`: "7"
+    in "a sks and a 7", "park" in "a sks man in a park").
 
     Unlike the paper's rule (`concept_masks`: one threshold per concept, overlaps averaged) the concepts
     compete for each position, so two concepts never share one and a weak map still gets the positions
@@ -142,7 +145,11 @@ def layout_masks(
         return out.reshape(b, k, h, w)
     s = concept_scores(maps, groups, source)[:, 1:]
     best, idx = s.max(dim=1)  # [B, N]
-    idx = torch.where(best >= background, idx + 1, torch.zeros_like(idx))
+    keep = best >= background
+    if len(background_tokens):
+        other = _minmax(maps.detach().float()[:, 0][:, :, list(background_tokens)].transpose(1, 2))  # [B, t, N]
+        keep &= best >= other.amax(dim=1)
+    idx = torch.where(keep, idx + 1, torch.zeros_like(idx))
     out.scatter_(1, idx[:, None, :], 1.0)
     return out.reshape(b, k, h, w)
 
@@ -175,8 +182,10 @@ class MaskEstimator:
         groups: Sequence[Sequence[Sequence[int]]],
         mask_tokens: Sequence[Sequence[int]],
         layout: torch.Tensor | None = None,
+        background_tokens: Sequence[int] = (),
     ) -> None:
         self.options = options
+        self.background_tokens = list(background_tokens)
         self.groups = [[list(t) for t in g] for g in groups]
         self.mask_tokens = [list(t) for t in mask_tokens]
         self.layout = layout
@@ -200,7 +209,9 @@ class MaskEstimator:
             return concept_masks(maps, self.mask_tokens, hw, o.mask_threshold, o.dilate, o.erode)  # type: ignore[attr-defined]
         acc = maps if self._acc is None or self._acc.shape != maps.shape else self._acc + maps
         self._acc = acc
-        masks = layout_masks(acc, self.groups, hw, o.mask_background, o.mask_source)  # type: ignore[attr-defined]
+        masks = layout_masks(
+            acc, self.groups, hw, o.mask_background, o.mask_source, self.background_tokens  # type: ignore[attr-defined]
+        )
         if o.dilate or o.erode:  # type: ignore[attr-defined]
             body = _erode(_dilate(masks[:, 1:], o.dilate), o.erode)  # type: ignore[attr-defined]
             masks = torch.cat([(body.sum(1, keepdim=True) == 0).float(), body], 1)

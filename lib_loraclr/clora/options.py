@@ -27,7 +27,7 @@ class CloraOptions:
     - ``mask_source``: whose maps place a concept for the layout rule: ``"base"`` (its words in the
       base branch, no LoRA), ``"own"`` (its own LoRA branch) or ``"both"``;
     - ``mask_background``: a position whose best normalised concept score is below this goes to the
-      base branch (layout rule);
+      base branch (layout rule; 0 = only the prompt's other content words claim positions for it);
     - ``layout_until``: sampler step at which the automatic layout is frozen (0: never frozen).
     """
 
@@ -48,7 +48,7 @@ class CloraOptions:
     stop_early: bool = True
     mask_rule: str = "layout"
     mask_source: str = "base"
-    mask_background: float = 0.25
+    mask_background: float = 0.0
     layout_until: int = 5
 
     def __post_init__(self) -> None:

@@ -43,6 +43,7 @@ class BranchPrompts:
     groups: list[list[list[int]]]
     mask_tokens: list[list[int]]
     concepts: list[Concept] = field(default_factory=list)
+    background_tokens: list[int] = field(default_factory=list)
 
     @property
     def n_branches(self) -> int:
@@ -144,4 +145,31 @@ def branch_prompts(
             groups[g][b] = _positions_of(token_positions, prompt, phrase, occ)
             if b == g + 1:
                 mask_tokens[b] = list(groups[g][b])
-    return BranchPrompts(prompts=prompts, groups=groups, mask_tokens=mask_tokens, concepts=list(concepts))
+    background = content_tokens(base_prompt, spans, token_positions)
+    return BranchPrompts(
+        prompts=prompts, groups=groups, mask_tokens=mask_tokens, concepts=list(concepts), background_tokens=background
+    )
+
+
+#: words that name nothing in the image (they never claim positions for the background)
+STOPWORDS = frozenset(
+    "a an the and or of with in on at to from by for next beside besides near then while is are".split()
+)
+
+
+def content_tokens(prompt: str, taken: Sequence[tuple[int, int]], token_positions: TokenPositions) -> list[int]:
+    """Token positions in ``prompt`` of its content words outside the character spans ``taken`` (the
+    concepts' words): what competes with the concepts for the image (e.g. "park" in "a sks man in a
+    park"). Stop words and prompt-syntax tags are skipped; a word the tokenizer cannot find is skipped."""
+    out: list[int] = []
+    for m in re.finditer(r"[^\W_]+", prompt):
+        if any(m.start() < e and s < m.end() for s, e in taken):
+            continue
+        word = m.group(0)
+        if word.lower() in STOPWORDS or prompt[max(0, m.start() - 1) : m.start()] == "<":
+            continue
+        try:
+            out += _positions_of(token_positions, prompt, word, _occurrence(prompt, m.start(), word))
+        except ConceptNotFoundError:
+            continue
+    return sorted(set(out))

@@ -207,6 +207,7 @@ class A1111Adapter:
             inner_model=cfg.inner_model, unet=unet, conds=[None] * bp.n_branches, groups=bp.groups,
             mask_tokens=bp.mask_tokens, options=options, router=unet_router(unet, specs),
             capture_layers=engine.attention_capture(unet).layers, layout=layout,
+            background_tokens=bp.background_tokens,
         )
         if run.args.mode == "routed" and not masks_only:
             denoiser = engine.regional_denoiser(denoiser, layout)
@@ -296,7 +297,7 @@ class ForgeFusion:
     def __init__(self, unet: Any, router: Any, capture: Any, groups: Any, mask_tokens: Sequence[Sequence[int]],
                  branch_conds: Sequence[Any], options: Any, previous: Callable[..., Any] | None = None,
                  input_scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 layout: torch.Tensor | None = None) -> None:
+                 layout: torch.Tensor | None = None, background_tokens: Sequence[int] = ()) -> None:
         from lib_loraclr.clora.masks import MaskEstimator
 
         self.unet = unet
@@ -307,7 +308,7 @@ class ForgeFusion:
         self.branch_conds = list(branch_conds)
         self.n_branches = len(self.branch_conds) + 1
         self.options = options
-        self.masks = MaskEstimator(options, groups, mask_tokens, layout)
+        self.masks = MaskEstimator(options, groups, mask_tokens, layout, background_tokens)
         self.previous = previous
         self.last_weights: torch.Tensor | None = None
         # latent update (see `forge_latent_update`): on only when the adapter can write x back
@@ -612,7 +613,8 @@ class ForgeAdapter:
         fusion = ForgeFusion(unet, unet_router(unet, specs), engine.attention_capture(unet), bp.groups,
                              bp.mask_tokens, branch_conds, options, previous=previous,
                              input_scale=forge_input_scale(patcher.model) if wants_update else None,
-                             layout=engine.user_layout(run.args, len(specs), latent_hw))
+                             layout=engine.user_layout(run.args, len(specs), latent_hw),
+                             background_tokens=bp.background_tokens)
         patcher.set_model_unet_function_wrapper(fusion)
         sd_model.forge_objects.unet = patcher
         self._original_unet, self._patched_unet, self._model = original, patcher, sd_model
