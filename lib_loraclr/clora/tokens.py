@@ -78,7 +78,9 @@ def _positions_of(token_positions: TokenPositions, prompt: str, words: str, occu
     n_tok = max(1, len(token_positions(words, words)))  # tokens per occurrence (BOS excluded)
     occurrences = [found[i : i + n_tok] for i in range(0, len(found), n_tok)]
     if occurrence >= len(occurrences):
-        raise ConceptNotFoundError(f"{words!r} does not occur {occurrence + 1} times in the prompt {prompt!r}")
+        raise ConceptNotFoundError(
+            f"{words!r} does not occur {occurrence + 1} times in the prompt {prompt!r}"
+        )
     return occurrences[occurrence]
 
 
@@ -137,8 +139,10 @@ def branch_prompts(
                 start = spans[g][0]
                 if b >= 1 and spans[b - 1][0] < start:  # text shifted by branch b's edit
                     own = concepts[b - 1]
-                    shift = len(own.trigger) + 1 if mode == "insert" else len(own.trigger) - (
-                        spans[b - 1][1] - spans[b - 1][0]
+                    shift = (
+                        len(own.trigger) + 1
+                        if mode == "insert"
+                        else len(own.trigger) - (spans[b - 1][1] - spans[b - 1][0])
                     )
                     start += shift
             occ = _occurrence(prompt, start, phrase)
@@ -147,17 +151,46 @@ def branch_prompts(
                 mask_tokens[b] = list(groups[g][b])
     background = content_tokens(base_prompt, spans, token_positions)
     return BranchPrompts(
-        prompts=prompts, groups=groups, mask_tokens=mask_tokens, concepts=list(concepts), background_tokens=background
+        prompts=prompts,
+        groups=groups,
+        mask_tokens=mask_tokens,
+        concepts=list(concepts),
+        background_tokens=background,
     )
 
 
 #: words that name nothing in the image (they never claim positions for the background)
 STOPWORDS = frozenset(
-    "a an the and or of with in on at to from by for next beside besides near then while is are".split()
+    [
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "of",
+        "with",
+        "in",
+        "on",
+        "at",
+        "to",
+        "from",
+        "by",
+        "for",
+        "next",
+        "beside",
+        "besides",
+        "near",
+        "then",
+        "while",
+        "is",
+        "are",
+    ]
 )
 
 
-def content_tokens(prompt: str, taken: Sequence[tuple[int, int]], token_positions: TokenPositions) -> list[int]:
+def content_tokens(
+    prompt: str, taken: Sequence[tuple[int, int]], token_positions: TokenPositions
+) -> list[int]:
     """Token positions in ``prompt`` of its content words outside the character spans ``taken`` (the
     concepts' words): what competes with the concepts for the image (e.g. "park" in "a sks man in a
     park"). Stop words and prompt-syntax tags are skipped; a word the tokenizer cannot find is skipped."""
