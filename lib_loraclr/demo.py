@@ -37,20 +37,26 @@ def _sample(model: Any, prompts: list[str], width: int, cfg: float, seed: int, s
 
 
 def clora_sampler(model: Any, loras: dict[str, Any], concept_digit: dict[str, int], names: list[str],
-                  steps: int) -> Callable[[list[str], int, float, int], torch.Tensor]:
+                  steps: int, routed: bool = False,
+                  layout: str = "") -> Callable[[list[str], int, float, int], torch.Tensor]:
     """CLoRA on the world: base branch = the prompt with the concepts' digits ("a 2 and a 5"), branch k =
-    concept k's trigger in place of its digit ("a sks and a 5") with LoRA k; one batched UNet call per step."""
+    concept k's trigger in place of its digit ("a sks and a 5") with LoRA k; one batched UNet call per step
+    (``routed``: one UNet pass with each LoRA in its region; ``layout``: a ratio string such as "1,1")."""
     from lib_loraclr.clora import CloraOptions, Concept, build_clora_denoiser
+    from lib_loraclr.clora.layout import box_masks, layout_weights, parse_ratio_layout
     from lib_loraclr.tiny.sampling import CFGDenoiser
 
     def run(words: list[str], n: int, cfg: float, seed: int) -> torch.Tensor:
         base = "a " + " and a ".join(str(concept_digit.get(w, w)) for w in words)
         concepts = [Concept(trigger=w, words=str(concept_digit[w])) for w in words if w in concept_digit]
+        lay = None
+        if layout:
+            lay = layout_weights(box_masks(parse_ratio_layout(layout), (8, 8 * len(words))), len(concepts))
         den, _ = build_clora_denoiser(
             CFGDenoiser(model).inner_model, model.model.diffusion_model, model.get_learned_conditioning,
             model.prompt_encoder.token_positions, base, concepts,
             [[(loras[c.trigger], 1.0)] for c in concepts], options=CloraOptions.recommended(steps),
-            te_model=model, batch_size=n, mode="replace",
+            te_model=model, batch_size=n, mode="replace", layout=lay, routed=routed,
         )
         return _sample(model, [base] * n, len(words), cfg, seed, steps, denoiser=den)
 
@@ -141,11 +147,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             grid_rows[label] = torch.cat(list(both[:8]), dim=-1)[None]
         rows[label] = r
         print(f"  {label}: done", flush=True)
-    both = clora(pair, n, cfg_scale, args.seed + 77)
-    rows["CLoRA (single LoRAs)"] = {**{f"alone: {w}": rows["single LoRA"][f"alone: {w}"] for w in names},
-                                    "both in one image": score(pair, both), "known digits": None}
-    grid_rows["CLoRA (single LoRAs)"] = torch.cat(list(both[:8]), dim=-1)[None]
-    print("  CLoRA: done", flush=True)
+    variants = {
+        "CLoRA (single LoRAs)": clora,
+        "CLoRA routed": clora_sampler(model, loras, digit, names, args.steps, routed=True),
+        "CLoRA routed + layout": clora_sampler(model, loras, digit, names, args.steps, routed=True, layout="1,1"),
+    }
+    for label, sampler in variants.items():
+        both = sampler(pair, n, cfg_scale, args.seed + 77)
+        # alone, CLoRA's concept mask covers the image (no other content word): the single LoRA's own images
+        rows[label] = {**{f"alone: {w}": rows["single LoRA"][f"alone: {w}"] for w in names},
+                       "both in one image": score(pair, both), "known digits": None}
+        grid_rows[label] = torch.cat(list(both[:8]), dim=-1)[None]
+        print(f"  {label}: done", flush=True)
 
     print("[3/4] results (fraction of images the judge accepts; "
           f"{n} samples per cell, CFG {cfg_scale}, {steps} DPM++ 2M steps)")

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from .denoiser import CloraDenoiser
 from .options import CloraOptions
+from .regional import RegionalDenoiser
 from .routing import UNET_PREFIX, Branch, RoutedLoras, te_branch_conds, te_key
 from .tokens import BranchPrompts, Concept, TokenPositions, branch_prompts
 
@@ -29,7 +31,9 @@ def build_clora_denoiser(
     unet_prefix: str = UNET_PREFIX,
     mode: str = "insert",
     capture_layers: Sequence[str] | None = None,
-) -> tuple[CloraDenoiser, BranchPrompts]:
+    layout: torch.Tensor | None = None,
+    routed: bool = False,
+) -> tuple[CloraDenoiser | RegionalDenoiser, BranchPrompts]:
     """Branch 0 = ``base_prompt`` without concept LoRA; branch k = concept k's prompt with
     ``concept_loras[k-1]`` (a list of ``(lora, weight)``); ``style`` LoRAs are active in every branch.
 
@@ -37,6 +41,10 @@ def build_clora_denoiser(
     (the module the text-encoder keys resolve in, e.g. the whole model object) each branch's prompt and
     negative prompt are encoded with that branch's text-encoder LoRAs active, else text-encoder keys
     are ignored. ``unet`` is the UNet module; UNet keys are resolved below ``unet_prefix``.
+
+    ``layout``: a user layout ``[1, K, h, w]`` (`lib_loraclr.clora.layout.layout_weights`) instead of the
+    automatic masks; ``routed``: return a `RegionalDenoiser` (one UNet pass per step, each LoRA in its
+    region) around the branch-fusion denoiser, which then only finds the layout when none is given.
     """
     if len(concept_loras) != len(concepts):
         raise ValueError(f"{len(concept_loras)} LoRA lists for {len(concepts)} concepts")
@@ -50,6 +58,10 @@ def build_clora_denoiser(
     unconds = te_branch_conds(encode, [[negative_prompt] * batch_size for _ in bp.prompts], te_router)
     den = CloraDenoiser(
         inner_model, unet, conds, bp.groups, bp.mask_tokens, options, unconds=unconds, router=router,
-        capture_layers=capture_layers, background_tokens=bp.background_tokens,
+        capture_layers=capture_layers, background_tokens=bp.background_tokens, layout=None if routed else layout,
     )
+    if routed:
+        return RegionalDenoiser(
+            inner_model, unet, conds, unconds, router, layout=layout, estimator=None if layout is not None else den
+        ), bp
     return den, bp
