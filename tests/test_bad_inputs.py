@@ -559,7 +559,7 @@ def test_sigint_during_a_merge_leaves_nothing(tmp_path: Path) -> None:
         time.sleep(0.05)
     assert proc.poll() is None, bytes(buf).decode(errors="replace")  # it is working, not finished
     proc.send_signal(signal.SIGINT)
-    rc = proc.wait(timeout=60)
+    rc = proc.wait(timeout=300)
     reader.join(timeout=10)
     err = bytes(buf).decode(errors="replace")
     assert rc == 130, err
