@@ -73,6 +73,27 @@ def _expand(cond: Any, b: int) -> Any:
     return cond
 
 
+def cond_table(
+    conds: Sequence[Any], unconds: Sequence[Any], b: int, cond: Any, uncond: Any, halves: Sequence[int]
+) -> dict[tuple[int, int], Any]:
+    """``{(half, branch): conditioning of B rows}``; a ``None`` branch entry takes the call's own cond/uncond."""
+    table: dict[tuple[int, int], Any] = {}
+    for k in range(len(conds)):
+        c = conds[k] if conds[k] is not None else cond
+        if c is None:
+            raise ConditioningMismatchError(f"branch {k} has no conditioning")
+        table[(COND, k)] = _expand(c, b)
+        if UNCOND in halves:
+            u = unconds[k] if unconds[k] is not None else uncond
+            if u is None:
+                raise ConditioningMismatchError(f"branch {k} has no negative conditioning")
+            table[(UNCOND, k)] = _expand(u, b)
+    for key, c in table.items():
+        if batch_size(c) != b:
+            raise ConditioningMismatchError(f"conditioning {key} has batch {batch_size(c)}, the latent {b}")
+    return table
+
+
 class CloraDenoiser:
     """CLoRA denoiser wrapper (see the module docstring).
 
@@ -250,21 +271,7 @@ class CloraDenoiser:
 
     # ------------------------------------------------------------------ pieces
     def _cond_table(self, b: int, cond: Any, uncond: Any, halves: Sequence[int]) -> dict[tuple[int, int], Any]:
-        table: dict[tuple[int, int], Any] = {}
-        for k in range(self.n_branches):
-            c = self.conds[k] if self.conds[k] is not None else cond
-            if c is None:
-                raise ConditioningMismatchError(f"branch {k} has no conditioning")
-            table[(COND, k)] = _expand(c, b)
-            if UNCOND in halves:
-                u = self.unconds[k] if self.unconds[k] is not None else uncond
-                if u is None:
-                    raise ConditioningMismatchError(f"branch {k} has no negative conditioning")
-                table[(UNCOND, k)] = _expand(u, b)
-        for key, c in table.items():
-            if batch_size(c) != b:
-                raise ConditioningMismatchError(f"conditioning {key} has batch {batch_size(c)}, the latent {b}")
-        return table
+        return cond_table(self.conds, self.unconds, b, cond, uncond, halves)
 
     def _run(
         self,

@@ -29,8 +29,7 @@ from torch import nn
 
 from .attention import cross_attention_layers, map_hw
 from .conds import cat_conds, crossattn, token_length
-from .denoiser import COND, UNCOND, CloraDenoiser, _expand
-from .errors import ConditioningMismatchError
+from .denoiser import COND, UNCOND, CloraDenoiser, cond_table
 from .routing import RoutedLoras
 
 
@@ -308,17 +307,7 @@ class RegionalDenoiser:
         b = x.shape[0]
         use_cfg = cond_scale != 1.0 and (uncond is not None or all(u is not None for u in self.unconds))
         halves = (COND, UNCOND) if use_cfg else (COND,)
-        table: dict[tuple[int, int], Any] = {}
-        for k in range(self.n_branches):
-            c = self.conds[k] if self.conds[k] is not None else cond
-            if c is None:
-                raise ConditioningMismatchError(f"branch {k} has no conditioning")
-            table[(COND, k)] = _expand(c, b)
-            if use_cfg:
-                u = self.unconds[k] if self.unconds[k] is not None else uncond
-                if u is None:
-                    raise ConditioningMismatchError(f"branch {k} has no negative conditioning")
-                table[(UNCOND, k)] = _expand(u, b)
+        table = cond_table(self.conds, self.unconds, b, cond, uncond, halves)
         m = masks.to(device=x.device, dtype=torch.float32)
         if m.shape[0] == 1 and b > 1:
             m = m.expand(b, -1, -1, -1)
