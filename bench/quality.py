@@ -367,7 +367,6 @@ class CloraMethod(Method):
         if mode not in ("fusion", "routed"):
             raise ValueError(f"mode must be 'fusion' or 'routed', got {mode!r}")
         self.mode, self.layout = mode, layout
-        self.warmup = int(option_overrides.pop("warmup_steps", 0))
         self.region_prompts = bool(option_overrides.pop("region_prompts", False))
         self.schedule = schedule
         self.option_overrides = option_overrides
@@ -440,8 +439,6 @@ class CloraMethod(Method):
         conds = te_branch_conds(model.get_learned_conditioning, prompts, te_router)
         if self.region_prompts:
             # routed: region k attends to its own short prompt ("a sks"), as a regional-prompting user types
-            rp = [[wdata.canonical_prompt(r)] * 0 for r in requests]
-            del rp
             slots = [j for j, w in enumerate(requests[0]) if w in world.concepts]
             region = [[wdata.canonical_prompt(r) for r in requests]] + [
                 [wdata.canonical_prompt([r[j]]) for r in requests] for j in slots
@@ -467,9 +464,6 @@ class CloraMethod(Method):
         if self.mode == "routed":
             from lib_loraclr.clora.regional import RegionalDenoiser
 
-            if layout is not None and self.warmup:
-                den.layout = layout
-            est = den if layout is None or self.warmup else None
             den = RegionalDenoiser(
                 self.inner,
                 unet,
@@ -477,8 +471,7 @@ class CloraMethod(Method):
                 unconds,
                 router,
                 layout=layout,
-                estimator=est,
-                warmup_steps=self.warmup,
+                estimator=den if layout is None else None,
             )
         self.last_denoiser, self.last_branches, self.last_prompts = den, branches, prompts
         return den
@@ -521,6 +514,7 @@ class MergedLayoutMethod(MergeMethod):
     def generate(self, world, requests, cfg, seed):
         from lib_loraclr.apply import patched
         from lib_loraclr.clora.regional import RegionalDenoiser
+        from lib_loraclr.tiny.sampling import CFGDenoiser
 
         width = len(requests[0])
         out = torch.zeros(len(requests), 1, 8, 8 * width)
@@ -529,6 +523,7 @@ class MergedLayoutMethod(MergeMethod):
             groups.setdefault(tuple(w if w in world.concepts else "#" for w in r), []).append(i)
         helper = CloraMethod()
         model = world.model
+        inner = CFGDenoiser(model).inner_model
         with patched(model, self.deltas):
             for key, idx in groups.items():
                 if not any(w in world.concepts for w in key):
@@ -547,16 +542,10 @@ class MergedLayoutMethod(MergeMethod):
                         conds = [model.get_learned_conditioning(p) for p in prompts]
                         unconds = [model.get_learned_conditioning([""] * len(rs))] * len(prompts)
                     lay = user_layout(world, rs[0])
-                    den = RegionalDenoiser(_inner_model(model), model.model.diffusion_model, conds, unconds,
+                    den = RegionalDenoiser(inner, model.model.diffusion_model, conds, unconds,
                                            layout=lay)
                     out[chunk] = world.sample(prompts[0], width, cfg, seed + chunk[0], denoiser=den)
         return out
-
-
-def _inner_model(model):
-    from lib_loraclr.tiny.sampling import CFGDenoiser
-
-    return CFGDenoiser(model).inner_model
 
 
 register_method("clora", lambda: CloraMethod("recommended"))

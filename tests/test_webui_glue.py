@@ -190,10 +190,12 @@ def test_adapter_picked_by_capability(loaded):
 
 # ------------------------------------------------------------------------------------------ A1111 end to end
 
-def test_a1111_clora_end_to_end(loaded, model, monkeypatch):
+@pytest.fixture
+def installed_runs(monkeypatch):
+    """``{"run": the CloraRun}`` of the last CLoRA install (the real install still runs)."""
     from loraclr_glue import clora_run
 
-    seen = {}
+    seen: dict = {}
     install = clora_run.CloraRun.install
 
     def spy(self, *a, **k):
@@ -201,6 +203,13 @@ def test_a1111_clora_end_to_end(loaded, model, monkeypatch):
         seen["run"] = self
 
     monkeypatch.setattr(clora_run.CloraRun, "install", spy)
+    return seen
+
+
+def test_a1111_clora_end_to_end(loaded, model, monkeypatch, installed_runs):
+    from loraclr_glue import clora_run
+
+    seen = installed_runs
     before = state_of(model)
     p, res = run_job(model, loaded.script, PROMPT, args=[False, {"latent_update": True}])
     run = seen["run"]
@@ -738,19 +747,10 @@ def test_routes_registered_with_fastapi(loaded, lora_dir):
 
 
 @pytest.mark.parametrize("mode", ["fusion", "routed"])
-def test_a1111_user_layout_and_routed_mode(loaded, model, monkeypatch, mode):
+def test_a1111_user_layout_and_routed_mode(loaded, model, monkeypatch, installed_runs, mode):
     """A ratio-string layout binds region r to the r-th concept; the routed mode runs one UNet call per step;
     the infotext restores both; nothing stays hooked."""
-    from loraclr_glue import clora_run
-
-    seen = {}
-    install = clora_run.CloraRun.install
-
-    def spy(self, *a, **k):
-        install(self, *a, **k)
-        seen["run"] = self
-
-    monkeypatch.setattr(clora_run.CloraRun, "install", spy)
+    seen = installed_runs
     calls = {"n": 0}
     real = type(model).apply_model
 

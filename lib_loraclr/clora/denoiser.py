@@ -176,8 +176,7 @@ class CloraDenoiser:
         self.step = -1
         self._last_sigma: float | None = None
         self._updated_step = -1
-        if hasattr(self, "masks"):
-            self.masks.reset()
+        self.masks.reset()
 
     def _advance(self, sigma: torch.Tensor) -> int:
         s = float(sigma.flatten()[0])
@@ -256,14 +255,6 @@ class CloraDenoiser:
         return fused[UNCOND] + (fused[COND] - fused[UNCOND]) * cond_scale
 
     # ------------------------------------------------------------------ masks
-    @property
-    def layout(self) -> torch.Tensor | None:
-        return self.masks.layout
-
-    @layout.setter
-    def layout(self, value: torch.Tensor | None) -> None:
-        self.masks.layout = value
-
     @property
     def layout_masks(self) -> torch.Tensor | None:
         """The frozen (or user) layout ``[B, K, h, w]``, once there is one."""

@@ -10,9 +10,13 @@ overlaps averaged, so the weights of the branches sum to 1 at every latent pixel
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .options import CloraOptions
 
 
 def _dilate(m: torch.Tensor, n: int) -> torch.Tensor:
@@ -157,12 +161,10 @@ def layout_masks(
 def slot_masks(batch: int, n_slots: int, concept_slots: Sequence[int], hw: tuple[int, int]) -> torch.Tensor:
     """``[B, K, h, w]`` truth of a row of ``n_slots`` equal columns: column g+1 = slot
     ``concept_slots[g]``, column 0 = the other slots (for diagnostics and the measuring world)."""
-    from .layout import box_masks, parse_ratio_layout
+    from .layout import box_masks, columns, layout_weights, parse_ratio_layout
 
-    cols = box_masks(parse_ratio_layout(",".join(["1"] * n_slots)), hw)
-    conc = cols[list(concept_slots)]
-    bg = (conc.sum(0, keepdim=True) == 0).float()
-    return torch.cat([bg, conc], 0)[None].expand(batch, -1, -1, -1).contiguous()
+    regions = box_masks(parse_ratio_layout(columns(n_slots)), hw)
+    return layout_weights(regions, len(concept_slots), batch, assign=concept_slots)
 
 
 class MaskEstimator:
@@ -178,7 +180,7 @@ class MaskEstimator:
 
     def __init__(
         self,
-        options: object,
+        options: CloraOptions,
         groups: Sequence[Sequence[Sequence[int]]],
         mask_tokens: Sequence[Sequence[int]],
         layout: torch.Tensor | None = None,
@@ -205,17 +207,14 @@ class MaskEstimator:
     def from_maps(self, maps: torch.Tensor, step: int, hw: tuple[int, int]) -> torch.Tensor:
         """Masks ``[B, K, h, w]`` from this step's branch maps ``[B, K, N, T]`` (``h·w = N``)."""
         o = self.options
-        if o.mask_rule == "paper":  # type: ignore[attr-defined]
-            return concept_masks(maps, self.mask_tokens, hw, o.mask_threshold, o.dilate, o.erode)  # type: ignore[attr-defined]
+        if o.mask_rule == "paper":
+            return concept_masks(maps, self.mask_tokens, hw, o.mask_threshold, o.dilate, o.erode)
         acc = maps if self._acc is None or self._acc.shape != maps.shape else self._acc + maps
         self._acc = acc
-        masks = layout_masks(
-            acc, self.groups, hw, o.mask_background, o.mask_source, self.background_tokens  # type: ignore[attr-defined]
-        )
-        if o.dilate or o.erode:  # type: ignore[attr-defined]
-            body = _erode(_dilate(masks[:, 1:], o.dilate), o.erode)  # type: ignore[attr-defined]
+        masks = layout_masks(acc, self.groups, hw, o.mask_background, o.mask_source, self.background_tokens)
+        if o.dilate or o.erode:
+            body = _erode(_dilate(masks[:, 1:], o.dilate), o.erode)
             masks = torch.cat([(body.sum(1, keepdim=True) == 0).float(), body], 1)
-        until = o.layout_until  # type: ignore[attr-defined]
-        if until and step + 1 >= until:
+        if o.layout_until and step + 1 >= o.layout_until:
             self.frozen = masks
         return masks

@@ -207,7 +207,6 @@ class RegionalDenoiser:
         layout: torch.Tensor | None = None,
         estimator: CloraDenoiser | None = None,
         bounded: bool = True,
-        warmup_steps: int = 0,
     ) -> None:
         self.inner_model = inner_model
         self.unet = unet
@@ -229,10 +228,6 @@ class RegionalDenoiser:
         self.attention = RegionalAttention(unet, router, bounded=bounded)
         self.routed_steps = 0
         self.branch_steps = 0
-        self.warmup_steps = int(warmup_steps)
-        if self.warmup_steps and estimator is None:
-            raise ValueError("warmup_steps need an estimator (the branch-fusion denoiser)")
-        self.step = -1
         self._last_sigma: float | None = None
 
     @property
@@ -277,15 +272,11 @@ class RegionalDenoiser:
         **kwargs: Any,
     ) -> torch.Tensor:
         s = float(sigma.flatten()[0])
-        if self._last_sigma is None or s > self._last_sigma:
-            self.step = 0
-            if self.estimator is not None and self._last_sigma is not None:
-                self.estimator.reset()  # a new sampling run: estimate the layout again
-        elif s < self._last_sigma:
-            self.step += 1
+        if self._last_sigma is not None and s > self._last_sigma and self.estimator is not None:
+            self.estimator.reset()  # a new sampling run: forget the frozen layout, estimate it again
         self._last_sigma = s
         masks = self.layout_masks
-        if masks is None or self.step < self.warmup_steps:
+        if masks is None:
             assert self.estimator is not None
             self.branch_steps += 1
             out = self.estimator(x, sigma, cond=cond, uncond=uncond, cond_scale=cond_scale, **kwargs)

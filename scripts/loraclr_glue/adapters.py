@@ -206,7 +206,7 @@ class A1111Adapter:
         denoiser = engine.clora_denoiser(
             inner_model=cfg.inner_model, unet=unet, conds=[None] * bp.n_branches, groups=bp.groups,
             mask_tokens=bp.mask_tokens, options=options, router=unet_router(unet, specs),
-            capture_layers=engine.attention_capture(unet).layers, layout=layout,
+            layout=layout,
             background_tokens=bp.background_tokens,
         )
         if run.args.mode == "routed" and not masks_only:
