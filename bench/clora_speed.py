@@ -87,20 +87,35 @@ def _parse() -> tuple[Config, str | None]:
     ap.add_argument("--loras", default="2,3,4", help="LoRA counts, comma separated")
     ap.add_argument("--latent", type=int, default=0, help="latent size (default: 16 tiny, 64 sd15)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--model", choices=["tiny", "tiny16", "mini15"], default="mini15",
-                    help="tiny: the default tiny SD1-layout model (8 heads of 4 channels); tiny16: the same with "
-                         "16-channel heads; mini15: SD1 layout with SD1.5's channel ratios (1,2,4,4), 16-channel heads")
-    ap.add_argument("--sd15", action="store_true", help="SD1.5-size UNet (320 ch, context 768), random weights")
+    ap.add_argument(
+        "--model",
+        choices=["tiny", "tiny16", "mini15"],
+        default="mini15",
+        help="tiny: the default tiny SD1-layout model (8 heads of 4 channels); tiny16: the same with "
+        "16-channel heads; mini15: SD1 layout with SD1.5's channel ratios (1,2,4,4), 16-channel heads",
+    )
+    ap.add_argument(
+        "--sd15", action="store_true", help="SD1.5-size UNet (320 ch, context 768), random weights"
+    )
     ap.add_argument("--quick", action="store_true", help="20 steps, 2 and 3 LoRAs")
     ap.add_argument("--no-official", action="store_true", help="skip the official loop")
-    ap.add_argument("--kinds", default="masks,paper,paper_cond,recommended,routed,routed_layout",
-                    help="cases besides plain (and official), comma separated")
+    ap.add_argument(
+        "--kinds",
+        default="masks,paper,paper_cond,recommended,routed,routed_layout",
+        help="cases besides plain (and official), comma separated",
+    )
     ap.add_argument("--cfg", type=float, default=7.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rec-until", type=int, default=None, help="override the recommended update window")
-    ap.add_argument("--rec-iters", type=int, default=None, help="override the recommended refinement iterations")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of the short cases (plain, masks, recommended); "
-                    "the minimum time is reported")
+    ap.add_argument(
+        "--rec-iters", type=int, default=None, help="override the recommended refinement iterations"
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of the short cases (plain, masks, recommended); the minimum time is reported",
+    )
     ap.add_argument("--run-case", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     steps, loras = a.steps, [int(v) for v in a.loras.split(",")]
@@ -108,8 +123,20 @@ def _parse() -> tuple[Config, str | None]:
         steps, loras = 20, [n for n in loras if n <= 3] or [2]
     model = "sd15" if a.sd15 else a.model
     latent = a.latent or (64 if model == "sd15" else 16)
-    cfg = Config(steps, loras, latent, a.device, model, a.cfg, a.seed, not a.no_official, a.rec_until, a.rec_iters,
-                 a.repeat, tuple(k for k in a.kinds.split(",") if k))
+    cfg = Config(
+        steps,
+        loras,
+        latent,
+        a.device,
+        model,
+        a.cfg,
+        a.seed,
+        not a.no_official,
+        a.rec_until,
+        a.rec_iters,
+        a.repeat,
+        tuple(k for k in a.kinds.split(",") if k),
+    )
     return cfg, a.run_case
 
 
@@ -178,9 +205,12 @@ def make_denoiser(kind: str, n_loras: int, model: Any, cfg: Config) -> Any:
 
         layout = None
         if kind == "routed_layout":
-            layout = layout_weights(box_masks(parse_ratio_layout(columns(n_loras)), (cfg.latent, cfg.latent)), n_loras)
-        return RegionalDenoiser(inner, unet, conds, unconds, router, layout=layout,
-                                estimator=den if layout is None else None)
+            layout = layout_weights(
+                box_masks(parse_ratio_layout(columns(n_loras)), (cfg.latent, cfg.latent)), n_loras
+            )
+        return RegionalDenoiser(
+            inner, unet, conds, unconds, router, layout=layout, estimator=den if layout is None else None
+        )
     return den
 
 
@@ -219,9 +249,15 @@ def run_case(cfg: Config, case: str, model: Any = None) -> dict[str, Any]:
         if d["i"] < window:
             recorded.append((d["x"].detach().clone(), d["sigma"].detach().clone().reshape(1)))
 
-    amp = torch.autocast("cuda", dtype=torch.float16) if cfg.device == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = (
+        torch.autocast("cuda", dtype=torch.float16)
+        if cfg.device == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
     with efficient_attention(unet), amp:
-        sample(model, [PROMPT], steps=2, cfg_scale=cfg.cfg, sampler="ddim", seed=cfg.seed, shape=shape)  # warm-up
+        sample(
+            model, [PROMPT], steps=2, cfg_scale=cfg.cfg, sampler="ddim", seed=cfg.seed, shape=shape
+        )  # warm-up
         if cfg.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -231,11 +267,22 @@ def run_case(cfg: Config, case: str, model: Any = None) -> dict[str, Any]:
             _reset_peak_rss()
         clock = time.perf_counter if cfg.device == "cuda" else time.process_time
         wall = float("inf")
-        for _ in range(1 if kind in ("paper", "paper_cond", "official") else cfg.repeat):  # short cases: min of N
+        for _ in range(
+            1 if kind in ("paper", "paper_cond", "official") else cfg.repeat
+        ):  # short cases: min of N
             recorded.clear()
             t0 = clock()
-            sample(model, [PROMPT], steps=cfg.steps, cfg_scale=cfg.cfg, sampler="ddim", seed=cfg.seed, shape=shape,
-                   denoiser=den, callback=record if den is not None else None)
+            sample(
+                model,
+                [PROMPT],
+                steps=cfg.steps,
+                cfg_scale=cfg.cfg,
+                sampler="ddim",
+                seed=cfg.seed,
+                shape=shape,
+                denoiser=den,
+                callback=record if den is not None else None,
+            )
             if cfg.device == "cuda":
                 torch.cuda.synchronize()
             wall = min(wall, clock() - t0)
@@ -251,14 +298,25 @@ def run_case(cfg: Config, case: str, model: Any = None) -> dict[str, Any]:
                     losses.append(ev.step_log[0]["loss_both"])
                     losses_cond.append(ev.step_log[0]["loss_cond"])
     n_updates = len(getattr(den, "history", []))
-    return {"case": case, "wall": wall, "peak_mb": peak / 2**20, "losses": losses, "losses_cond": losses_cond,
-            "updates": n_updates}
+    return {
+        "case": case,
+        "wall": wall,
+        "peak_mb": peak / 2**20,
+        "losses": losses,
+        "losses_cond": losses_cond,
+        "updates": n_updates,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- driver
 def _child(case: str) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--run-case", case], capture_output=True,
-                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    out = subprocess.run(
+        [sys.executable, __file__, *sys.argv[1:], "--run-case", case],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=False,
+    )
     for line in out.stdout.splitlines()[::-1]:
         if line.startswith("{"):
             return json.loads(line)
@@ -275,8 +333,10 @@ def main() -> None:
         cases += [f"{k}:{n}" for k in cfg.kinds]
         cases += [f"official:{n}"] if cfg.official else []
     dev = torch.cuda.get_device_name() if cfg.device == "cuda" else f"CPU, {os.cpu_count()} cores, 1 thread"
-    print(f"# model {cfg.model}, latent {cfg.latent}x{cfg.latent}, {cfg.steps} steps DDIM(σ-space Euler), "
-          f"CFG {cfg.cfg}, {dev}")
+    print(
+        f"# model {cfg.model}, latent {cfg.latent}x{cfg.latent}, {cfg.steps} steps DDIM(σ-space Euler), "
+        f"CFG {cfg.cfg}, {dev}"
+    )
     print(f"# paper: {options('paper', cfg)}")
     print(f"# recommended: {options('recommended', cfg)}")
     res: dict[str, dict[str, Any]] = {}
@@ -284,7 +344,9 @@ def main() -> None:
     for case in cases:
         res[case] = run_case(cfg, case, model) if model is not None else _child(case)
         r = res[case]
-        print(f"#   {case}: {r['wall']:.2f} s, peak {r['peak_mb']:.1f} MB, {r['updates']} updates", flush=True)
+        print(
+            f"#   {case}: {r['wall']:.2f} s, peak {r['peak_mb']:.1f} MB, {r['updates']} updates", flush=True
+        )
     plain = res["plain"]["wall"]
     print(f"plain: {plain:.2f} s, peak {res['plain']['peak_mb']:.1f} MB")
 
@@ -300,16 +362,20 @@ def main() -> None:
                 continue
             red = 1 - mean(r["losses"]) / ref if ref > 0 else 0.0
             red_c = 1 - mean(r["losses_cond"]) / ref_c if ref_c > 0 else 0.0
-            print(f"{n} LoRAs {kind}: ratio {r['wall'] / plain:.1f} (time {r['wall']:.1f} s, peak "
-                  f"{r['peak_mb']:.0f} MB, {r['updates']} updates, loss reduction {100 * red:.1f}% official loss, "
-                  f"{100 * red_c:.1f}% cond-maps loss)")
+            print(
+                f"{n} LoRAs {kind}: ratio {r['wall'] / plain:.1f} (time {r['wall']:.1f} s, peak "
+                f"{r['peak_mb']:.0f} MB, {r['updates']} updates, loss reduction {100 * red:.1f}% official loss, "
+                f"{100 * red_c:.1f}% cond-maps loss)"
+            )
         if f"official:{n}" in res and f"paper:{n}" in res and f"paper_cond:{n}" in res:
             o = res[f"official:{n}"]
             for kind in ("paper", "paper_cond"):
                 p = res[f"{kind}:{n}"]
                 mem = p["peak_mb"] / o["peak_mb"] if o["peak_mb"] > 0 else float("nan")
-                print(f"{n} LoRAs {kind} ours/official: time ratio {p['wall'] / o['wall']:.2f} "
-                      f"({o['wall'] / p['wall']:.1f}x faster), memory ratio {mem:.2f}")
+                print(
+                    f"{n} LoRAs {kind} ours/official: time ratio {p['wall'] / o['wall']:.2f} "
+                    f"({o['wall'] / p['wall']:.1f}x faster), memory ratio {mem:.2f}"
+                )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,9 @@ class HybridMethod(quality.Method):
         return patched(world.model, self.weights[concepts_in_request[0]])
 
 
-def fidelity(world: quality.World, method: quality.Method, names: Sequence[str], requests, cfg: float,
-             seed: int) -> dict[str, float]:
+def fidelity(
+    world: quality.World, method: quality.Method, names: Sequence[str], requests, cfg: float, seed: int
+) -> dict[str, float]:
     """Fraction of "a {trigger}" images that show their concept, per concept (``quality.evaluate``'s cell)."""
     _, reads, reqs = quality._run_cell(world, method, requests, cfg, seed)
     per: dict[str, list[bool]] = {n: [] for n in names}
@@ -79,8 +80,12 @@ def fidelity(world: quality.World, method: quality.Method, names: Sequence[str],
     return {n: sum(v) / len(v) for n, v in per.items() if v}
 
 
-def hybrid_rows(names: Sequence[str], own: dict[str, dict[str, torch.Tensor]], merged: dict[str, torch.Tensor],
-                ranks: Sequence[int]) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+def hybrid_rows(
+    names: Sequence[str],
+    own: dict[str, dict[str, torch.Tensor]],
+    merged: dict[str, torch.Tensor],
+    ranks: Sequence[int],
+) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     """Row label → concept → weights (dense ΔW per key) for every diagnostic row."""
     keys = sorted(merged)
     groups = {g: {k for k in keys if layer_group(k) == g} for g in ("te", "kv", "unet")}
@@ -93,8 +98,10 @@ def hybrid_rows(names: Sequence[str], own: dict[str, dict[str, torch.Tensor]], m
         out.update({k: d for k, d in own[c].items() if k not in use_merged})
         return out
 
-    rows: dict[str, dict[str, dict[str, torch.Tensor]]] = {"single": {c: own[c] for c in names},
-                                                          "merged": {c: merged for c in names}}
+    rows: dict[str, dict[str, dict[str, torch.Tensor]]] = {
+        "single": {c: own[c] for c in names},
+        "merged": {c: merged for c in names},
+    }
     for g, ks in groups.items():
         if ks:
             rows[f"only {g}"] = {c: mix(c, ks) for c in names}
@@ -152,8 +159,11 @@ def run(args: argparse.Namespace) -> dict:
     mm.setup(world, names)
     merged = {m.key: m.delta(torch.float32) for m in mm.deltas}
     own = {c: {m.key: m.delta(torch.float32) for m in world.loras[c]} for c in names}
-    print(f"[{time.time() - t0:5.0f}s] merged {names} with {args.method} ({args.preset}) {overrides} "
-          f"in {mm.seconds:.1f} s", flush=True)
+    print(
+        f"[{time.time() - t0:5.0f}s] merged {names} with {args.method} ({args.preset}) {overrides} "
+        f"in {mm.seconds:.1f} s",
+        flush=True,
+    )
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else []
     rows = hybrid_rows(names, own, merged, ranks)
     if args.rows:
@@ -166,19 +176,31 @@ def run(args: argparse.Namespace) -> dict:
         res[label] = {}
         for s in seeds:
             res[label][s] = fidelity(world, HybridMethod(weights), names, requests, args.cfg, s * 1_000_003)
-        print(f"[{time.time() - t0:5.0f}s] {label}: "
-              + ", ".join(f"{statistics.fmean(res[label][s].values()):.3f}" for s in seeds), flush=True)
+        print(
+            f"[{time.time() - t0:5.0f}s] {label}: "
+            + ", ".join(f"{statistics.fmean(res[label][s].values()):.3f}" for s in seeds),
+            flush=True,
+        )
     table = format_table(res, names, seeds)
     print(table)
-    out = {"args": vars(args), "overrides": overrides, "concepts": names, "fidelity": res, "table": table,
-           "merge_seconds": mm.seconds, "seconds": time.time() - t0}
+    out = {
+        "args": vars(args),
+        "overrides": overrides,
+        "concepts": names,
+        "fidelity": res,
+        "table": table,
+        "merge_seconds": mm.seconds,
+        "seconds": time.time() - t0,
+    }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1, default=str))
     return out
 
 
-def format_table(res: dict[str, dict[int, dict[str, float]]], names: Sequence[str], seeds: Sequence[int]) -> str:
+def format_table(
+    res: dict[str, dict[int, dict[str, float]]], names: Sequence[str], seeds: Sequence[int]
+) -> str:
     """Rows: fidelity (mean over concepts) and ratio to ``single`` (mean of per-concept ratios), ± half the
     spread over seeds; one column per concept (mean over seeds)."""
     head = f"{'weights':<16} {'fidelity':>14} {'ratio':>14} " + " ".join(f"{n:>6}" for n in names)
@@ -186,7 +208,11 @@ def format_table(res: dict[str, dict[int, dict[str, float]]], names: Sequence[st
 
     def pm(vals: list[float]) -> str:
         m = statistics.fmean(vals)
-        return f"{100 * m:5.1f}±{100 * (max(vals) - min(vals)) / 2:4.1f}%" if len(vals) > 1 else f"{100 * m:5.1f}%"
+        return (
+            f"{100 * m:5.1f}±{100 * (max(vals) - min(vals)) / 2:4.1f}%"
+            if len(vals) > 1
+            else f"{100 * m:5.1f}%"
+        )
 
     for label, by_seed in res.items():
         fid = [statistics.fmean(by_seed[s].values()) for s in seeds]
@@ -203,17 +229,26 @@ def format_table(res: dict[str, dict[int, dict[str, float]]], names: Sequence[st
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2, help="merge the first N concepts")
-    ap.add_argument("--concepts", default="", help="comma-separated concept names (default: the world's order)")
+    ap.add_argument(
+        "--concepts", default="", help="comma-separated concept names (default: the world's order)"
+    )
     ap.add_argument("--method", default="loraclr", help="lsq | loraclr | linear | svd")
     ap.add_argument("--preset", default="recommended")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="MergeConfig override (JSON value), repeatable, e.g. sequential=\"block\"")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help='MergeConfig override (JSON value), repeatable, e.g. sequential="block"',
+    )
     ap.add_argument("--samples", type=int, default=48, help="images per row (spread over the concepts)")
     ap.add_argument("--seeds", default="0", help="noise seeds")
     ap.add_argument("--prompt-seed", type=int, default=0)
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--ranks", default="", help="also rows of the merged ΔW re-ranked to these SVD ranks")
-    ap.add_argument("--rows", default="", help="only these rows (comma-separated labels; single, merged kept)")
+    ap.add_argument(
+        "--rows", default="", help="only these rows (comma-separated labels; single, merged kept)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="", help="write the numbers as JSON here")
     return ap.parse_args(argv)

@@ -138,7 +138,9 @@ def part1(quick: bool, text_only: bool = False) -> list[tuple[int, str, float, b
 
 def part2(quick: bool) -> None:
     d_in, pixels = 320, (1024 if quick else 4096)
-    print(f"\nPart 2: memory of one concept's features at a {d_in}-d spatial layer, {pixels} latent pixels/step")
+    print(
+        f"\nPart 2: memory of one concept's features at a {d_in}-d spatial layer, {pixels} latent pixels/step"
+    )
     held = {}
     g = torch.Generator().manual_seed(0)
     for steps in (5, 10, 20, 50):
@@ -149,8 +151,11 @@ def part2(quick: bool) -> None:
             peak = max(peak, fs.memory_bytes())
         raw = steps * pixels * (d_in + d_in) * 2  # official: inputs + outputs per step, fp16 on CPU
         held[steps] = peak
-        print(f"  {steps:2d} steps: stats peak {peak / 2**20:8.2f} MiB | raw features (official) "
-              f"{raw / 2**20:8.1f} MiB | raw/stats {raw / peak:6.1f}x", flush=True)
+        print(
+            f"  {steps:2d} steps: stats peak {peak / 2**20:8.2f} MiB | raw features (official) "
+            f"{raw / 2**20:8.1f} MiB | raw/stats {raw / peak:6.1f}x",
+            flush=True,
+        )
     print(f"  stats memory 50 vs 5 steps: {held[50] / held[5]:.3f}x (raw features: 10.000x)")
 
 
@@ -165,9 +170,11 @@ def main() -> None:
     if not args.text_only:
         part2(args.quick)
     twelve = [(r, ok) for n, _, r, ok in ratios if n == 12]
-    print(f"\nmin speed ratio at 12 concepts: {min(r for r, _ in twelve):.1f}x (target >= 20x); "
-          f"ours' objective <= official's in {sum(ok for _, ok in twelve)}/{len(twelve)} cases at 12 concepts, "
-          f"{sum(ok for *_, ok in ratios)}/{len(ratios)} overall")
+    print(
+        f"\nmin speed ratio at 12 concepts: {min(r for r, _ in twelve):.1f}x (target >= 20x); "
+        f"ours' objective <= official's in {sum(ok for _, ok in twelve)}/{len(twelve)} cases at 12 concepts, "
+        f"{sum(ok for *_, ok in ratios)}/{len(ratios)} overall"
+    )
 
 
 if __name__ == "__main__":

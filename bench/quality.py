@@ -155,7 +155,9 @@ class MergeMethod(Method):
         overrides: dict | None = None,
     ) -> None:
         self.method, self.preset, self.preserve_base = method, preset, preserve_base
-        self.overrides = dict(overrides or {})  # further MergeConfig fields (bench/merge_diagnose.py variants)
+        self.overrides = dict(
+            overrides or {}
+        )  # further MergeConfig fields (bench/merge_diagnose.py variants)
         self.name = name or method
         self.report: dict = {}
         self.seconds = 0.0
@@ -415,7 +417,10 @@ class CloraMethod(Method):
         ]
         mask_tokens = [[]] + [list(groups[g][g + 1]) for g in range(len(slots))]
         self.last_background = [
-            t for j in range(len(words)) if j not in slots for t in self._slot_positions(world, prompts[0], base, j)
+            t
+            for j in range(len(words))
+            if j not in slots
+            for t in self._slot_positions(world, prompts[0], base, j)
         ]
         return branch_words, groups, mask_tokens
 
@@ -537,13 +542,14 @@ class MergedLayoutMethod(MergeMethod):
                     lays = [helper.branch_layout(world, r)[0] for r in rs]
                     # branch 0 = the whole scene (global prompt), branch k = region k's prompt
                     prompts = [[wdata.canonical_prompt(r) for r in rs]]
-                    prompts += [[wdata.canonical_prompt(lay[b]) for lay in lays] for b in range(1, len(lays[0]))]
+                    prompts += [
+                        [wdata.canonical_prompt(lay[b]) for lay in lays] for b in range(1, len(lays[0]))
+                    ]
                     with torch.no_grad():
                         conds = [model.get_learned_conditioning(p) for p in prompts]
                         unconds = [model.get_learned_conditioning([""] * len(rs))] * len(prompts)
                     lay = user_layout(world, rs[0])
-                    den = RegionalDenoiser(inner, model.model.diffusion_model, conds, unconds,
-                                           layout=lay)
+                    den = RegionalDenoiser(inner, model.model.diffusion_model, conds, unconds, layout=lay)
                     out[chunk] = world.sample(prompts[0], width, cfg, seed + chunk[0], denoiser=den)
         return out
 

@@ -20,7 +20,11 @@ from lib_loraclr.errors import LoraclrError
 
 #: name → (module, function, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    "inspect": ("lib_loraclr.inspect", "main", "show architecture, format, ranks, keys and metadata of LoRA files"),
+    "inspect": (
+        "lib_loraclr.inspect",
+        "main",
+        "show architecture, format, ranks, keys and metadata of LoRA files",
+    ),
     "merge": ("lib_loraclr.merge.cli", "main", "merge several concept LoRAs into one (LoRACLR)"),
     "demo": ("lib_loraclr.demo", "main", "run the bundled tiny demo"),
 }
@@ -76,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - a bug: one line, the stack with --debug
         if debug:
             traceback.print_exc()
-        print(f"error: unexpected {type(e).__name__}: {e} (this is a bug in lib_loraclr: rerun with --debug and "
-              "report the stack trace)", file=sys.stderr)
+        print(
+            f"error: unexpected {type(e).__name__}: {e} (this is a bug in lib_loraclr: rerun with --debug and "
+            "report the stack trace)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -27,7 +27,7 @@ def target_weight(model: nn.Module, key: str, prefix: str = "") -> tuple[torch.T
     if prefix:
         if not key.startswith(prefix):
             raise KeyError(f"{key!r} is not under {prefix!r}")
-        key = key[len(prefix):]
+        key = key[len(prefix) :]
     path, part = split_fused_key(key)
     module = model.get_submodule(path)
     if part is None:

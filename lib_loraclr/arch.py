@@ -14,12 +14,22 @@ from collections.abc import Iterable, Mapping, Sequence
 
 _CTX_TO_ARCH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _DOWN_MARKERS = (
-    "lora_down.weight", "lora_A.weight", "lora_A.default.weight", "lora.down.weight",
-    "lora_linear_layer.down.weight", "hada_w1_b", "hada_w2_b", "lokr_w2_b",
+    "lora_down.weight",
+    "lora_A.weight",
+    "lora_A.default.weight",
+    "lora.down.weight",
+    "lora_linear_layer.down.weight",
+    "hada_w1_b",
+    "hada_w2_b",
+    "lokr_w2_b",
 )
-_RE_SDXL_ONLY_LDM = re.compile(r"(input_blocks|output_blocks|middle_block)[._]\d+[._]1[._]transformer_blocks[._][1-9]")
+_RE_SDXL_ONLY_LDM = re.compile(
+    r"(input_blocks|output_blocks|middle_block)[._]\d+[._]1[._]transformer_blocks[._][1-9]"
+)
 _RE_SD12_ONLY_LDM = re.compile(r"(input_blocks[._][12][._]1[._]|output_blocks[._](9|10|11)[._])")
-_RE_SD12_ONLY_DIFFUSERS = re.compile(r"(down_blocks[._]0[._]attentions|up_blocks[._]3[._]|down_blocks[._]3[._])")
+_RE_SD12_ONLY_DIFFUSERS = re.compile(
+    r"(down_blocks[._]0[._]attentions|up_blocks[._]3[._]|down_blocks[._]3[._])"
+)
 _RE_SDXL_ONLY_DIFFUSERS = re.compile(
     r"(down_blocks|up_blocks|mid_block)[._](\d+[._])?attentions[._]\d+[._]transformer_blocks[._][1-9]"
 )
@@ -67,8 +77,11 @@ def detect_arch(
     """
     keys = list(keys)
     shapes = shapes or {}
-    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "conditioner.embedders"))
-           or ".text_encoder_2." in k for k in keys):
+    if any(
+        k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "conditioner.embedders"))
+        or ".text_encoder_2." in k
+        for k in keys
+    ):
         return "sdxl"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "sd2"

@@ -27,8 +27,9 @@ class BaseModelError(LoraclrError):
 UNetFactory = Callable[[Any], torch.nn.Module]
 
 
-def load_base(path: str | os.PathLike[str], tokenizer: Any = None,
-              unet_factory: UNetFactory | None = None) -> torch.nn.Module:
+def load_base(
+    path: str | os.PathLike[str], tokenizer: Any = None, unet_factory: UNetFactory | None = None
+) -> torch.nn.Module:
     """A base model the pipeline can drive: a tiny reference checkpoint, or a full SD1.x checkpoint.
 
     Full SD1 checkpoints are rebuilt from the real classes (ldm UNet, transformers CLIP-L) on the CPU;
@@ -87,8 +88,10 @@ def load_base(path: str | os.PathLike[str], tokenizer: Any = None,
         raise BaseModelError(f"{p.name} lacks {len(missing)} weights of an SD1 model, e.g. {missing[:3]}")
     unexpected = [u for u in unexpected if not u.endswith("position_ids")]
     if unet_factory is not None and unexpected:
-        raise BaseModelError(f"the host's UNet does not fit {p.name}: {len(unexpected)} weights have no place "
-                             f"in it, e.g. {unexpected[:3]}")
+        raise BaseModelError(
+            f"the host's UNet does not fit {p.name}: {len(unexpected)} weights have no place "
+            f"in it, e.g. {unexpected[:3]}"
+        )
     for mod_name, mod in model.named_modules():  # non-persistent buffers are not in the file
         for b_name, buf in list(mod.named_buffers(recurse=False)):
             if buf.is_meta:
@@ -122,8 +125,10 @@ def _check_config_values(p: Path, key: str, obj: object, where: str = "") -> Non
         return
     if isinstance(obj, list):
         if len(obj) > _MAX_CONFIG_LIST:
-            raise BaseModelError(f"{p.name}: metadata {key!r} field {where} lists {len(obj)} values "
-                                 f"(at most {_MAX_CONFIG_LIST}); the checkpoint is damaged. Save it again")
+            raise BaseModelError(
+                f"{p.name}: metadata {key!r} field {where} lists {len(obj)} values "
+                f"(at most {_MAX_CONFIG_LIST}); the checkpoint is damaged. Save it again"
+            )
         for i, v in enumerate(obj):
             _check_config_values(p, key, v, f"{where}[{i}]")
         return
@@ -132,8 +137,10 @@ def _check_config_values(p: Path, key: str, obj: object, where: str = "") -> Non
     leaf = where.rsplit(".", 1)[-1].split("[")[0]
     ceiling = _MAX_CONFIG_COUNT if leaf in _COUNT_FIELDS else _MAX_CONFIG_INT
     if not math.isfinite(obj) or abs(obj) > ceiling:
-        raise BaseModelError(f"{p.name}: metadata {key!r} field {where} = {obj!r} is out of range (at most "
-                             f"{ceiling}); the checkpoint is damaged or not a tiny model. Save it again")
+        raise BaseModelError(
+            f"{p.name}: metadata {key!r} field {where} = {obj!r} is out of range (at most "
+            f"{ceiling}); the checkpoint is damaged or not a tiny model. Save it again"
+        )
 
 
 def _check_tiny_checkpoint(p: Path, raw_config: str) -> None:
@@ -147,8 +154,10 @@ def _check_tiny_checkpoint(p: Path, raw_config: str) -> None:
     try:
         cfg = json.loads(raw_config)
     except json.JSONDecodeError as e:
-        raise BaseModelError(f"{p.name}: metadata {key!r} is not valid JSON ({e.msg} at character {e.pos}); "
-                             "the checkpoint is damaged. Save or download it again") from None
+        raise BaseModelError(
+            f"{p.name}: metadata {key!r} is not valid JSON ({e.msg} at character {e.pos}); "
+            "the checkpoint is damaged. Save or download it again"
+        ) from None
     if not isinstance(cfg, dict):
         raise BaseModelError(f"{p.name}: metadata {key!r} must be a JSON object, got {type(cfg).__name__}")
     kind = cfg.get("kind", "sd1")
@@ -157,39 +166,73 @@ def _check_tiny_checkpoint(p: Path, raw_config: str) -> None:
     _check_config_values(p, key, cfg)
     try:
         with torch.device("meta"):
-            model = TinySD(TinySDConfig.from_dict(cfg)) if kind == "sd1" else TinySDXL(TinySDXLConfig.from_dict(cfg))
-    except (TypeError, ValueError, AssertionError, KeyError, IndexError, ZeroDivisionError, RuntimeError) as e:
-        raise BaseModelError(f"{p.name}: metadata {key!r} does not describe a buildable model ({type(e).__name__}: "
-                             f"{e}); the checkpoint is damaged. Save it again") from None
+            model = (
+                TinySD(TinySDConfig.from_dict(cfg))
+                if kind == "sd1"
+                else TinySDXL(TinySDXLConfig.from_dict(cfg))
+            )
+    except (
+        TypeError,
+        ValueError,
+        AssertionError,
+        KeyError,
+        IndexError,
+        ZeroDivisionError,
+        RuntimeError,
+    ) as e:
+        raise BaseModelError(
+            f"{p.name}: metadata {key!r} does not describe a buildable model ({type(e).__name__}: "
+            f"{e}); the checkpoint is damaged. Save it again"
+        ) from None
     with safe_open(str(p), framework="pt") as f:
         shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}  # noqa: SIM118
     _check_shapes(p, model.state_dict(), shapes, extra_ok=False)
 
 
-def _check_shapes(p: Path, expected: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], *,
-                  extra_ok: bool, prefixes: tuple[str, ...] = ()) -> None:
+def _check_shapes(
+    p: Path,
+    expected: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    extra_ok: bool,
+    prefixes: tuple[str, ...] = (),
+) -> None:
     """The model's state (built on meta) against the file's tensors: size ceiling, missing, extra and
     mis-shaped tensors, each named. Raises BaseModelError."""
-    want = {k: tuple(v.shape) for k, v in expected.items()
-            if not k.endswith("position_ids") and (not prefixes or k.startswith(prefixes))}
+    want = {
+        k: tuple(v.shape)
+        for k, v in expected.items()
+        if not k.endswith("position_ids") and (not prefixes or k.startswith(prefixes))
+    }
     total = sum(math.prod(s) for s in want.values())
     if total > MAX_BASE_PARAMS:
-        raise BaseModelError(f"{p.name}: its config asks for a model of {total:.3g} numbers, more than the "
-                             f"{MAX_BASE_PARAMS:.3g} of any supported base; the checkpoint is damaged")
+        raise BaseModelError(
+            f"{p.name}: its config asks for a model of {total:.3g} numbers, more than the "
+            f"{MAX_BASE_PARAMS:.3g} of any supported base; the checkpoint is damaged"
+        )
     missing = sorted(k for k in want if k not in shapes)
     if missing:
-        raise BaseModelError(f"{p.name} lacks {len(missing)} tensor(s) its model needs, e.g. {missing[0]!r}; the "
-                             "checkpoint is incomplete or damaged. Download or save it again")
+        raise BaseModelError(
+            f"{p.name} lacks {len(missing)} tensor(s) its model needs, e.g. {missing[0]!r}; the "
+            "checkpoint is incomplete or damaged. Download or save it again"
+        )
     for k, s in want.items():
         if tuple(shapes[k]) != s:
-            raise BaseModelError(f"{p.name}: tensor {k!r} has shape {list(shapes[k])} but its model needs "
-                                 f"{list(s)}; the checkpoint is damaged or mixes two models")
+            raise BaseModelError(
+                f"{p.name}: tensor {k!r} has shape {list(shapes[k])} but its model needs "
+                f"{list(s)}; the checkpoint is damaged or mixes two models"
+            )
     if not extra_ok:
-        extra = sorted(k for k in shapes if k not in want and not k.endswith("position_ids")
-                       and (not prefixes or k.startswith(prefixes)))
+        extra = sorted(
+            k
+            for k in shapes
+            if k not in want and not k.endswith("position_ids") and (not prefixes or k.startswith(prefixes))
+        )
         if extra:
-            raise BaseModelError(f"{p.name} holds {len(extra)} tensor(s) its model has no place for, e.g. "
-                                 f"{extra[0]!r}; the checkpoint does not match its config")
+            raise BaseModelError(
+                f"{p.name} holds {len(extra)} tensor(s) its model has no place for, e.g. "
+                f"{extra[0]!r}; the checkpoint does not match its config"
+            )
 
 
 def _check_finite_weights(p: Path, model: torch.nn.Module) -> torch.nn.Module:
@@ -197,8 +240,10 @@ def _check_finite_weights(p: Path, model: torch.nn.Module) -> torch.nn.Module:
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             n_bad = int((~torch.isfinite(t)).sum())
-            raise NonFiniteWeightsError(f"{p.name}: weight {name} holds {n_bad} NaN/Inf value(s); the base "
-                                        "checkpoint is broken. Download or save it again")
+            raise NonFiniteWeightsError(
+                f"{p.name}: weight {name} holds {n_bad} NaN/Inf value(s); the base "
+                "checkpoint is broken. Download or save it again"
+            )
     return model
 
 
@@ -219,15 +264,27 @@ def sd1_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]
     levels = 1 + sum(1 for n in shapes if n.startswith(u + "input_blocks.") and n.endswith(".0.op.weight"))
     mult = [shapes[f"{u}input_blocks.{1 + 3 * i}.0.out_layers.3.weight"][0] // mc for i in range(levels)]
     attn = [2**i for i in range(levels) if f"{u}input_blocks.{1 + 3 * i}.1.proj_in.weight" in shapes]
-    ctx = shapes[f"{u}input_blocks.{1 + 3 * (attn[0].bit_length() - 1)}.1.transformer_blocks.0.attn2.to_k.weight"][1]
+    ctx = shapes[
+        f"{u}input_blocks.{1 + 3 * (attn[0].bit_length() - 1)}.1.transformer_blocks.0.attn2.to_k.weight"
+    ][1]
     t = "cond_stage_model.transformer.text_model."
     hidden = shapes[t + "embeddings.token_embedding.weight"][1]
     layers = 1 + max(int(n.split(".")[5]) for n in shapes if n.startswith(t + "encoder.layers."))
     return {
-        "unet": {"in_channels": shapes[u + "input_blocks.0.0.weight"][1], "out_channels": shapes[u + "out.2.weight"][0],
-                 "model_channels": mc, "channel_mult": mult, "attention_resolutions": attn, "num_heads": 8,
-                 "context_dim": ctx},
-        "text": {"hidden_size": hidden, "layers": layers, "heads": max(1, hidden // 64),
-                 "intermediate": shapes[t + "encoder.layers.0.mlp.fc1.weight"][0],
-                 "max_position_embeddings": shapes[t + "embeddings.position_embedding.weight"][0]},
+        "unet": {
+            "in_channels": shapes[u + "input_blocks.0.0.weight"][1],
+            "out_channels": shapes[u + "out.2.weight"][0],
+            "model_channels": mc,
+            "channel_mult": mult,
+            "attention_resolutions": attn,
+            "num_heads": 8,
+            "context_dim": ctx,
+        },
+        "text": {
+            "hidden_size": hidden,
+            "layers": layers,
+            "heads": max(1, hidden // 64),
+            "intermediate": shapes[t + "encoder.layers.0.mlp.fc1.weight"][0],
+            "max_position_embeddings": shapes[t + "embeddings.position_embedding.weight"][0],
+        },
     }

@@ -181,8 +181,10 @@ def _weight(key: str, v: Any) -> float:
     """A LoRA weight: finite, ``|w|`` ≤ `lib_loraclr.validate.MAX_CONCEPT_WEIGHT`."""
     x = _number(key, v)
     if abs(x) > MAX_CONCEPT_WEIGHT:
-        raise CloraArgsError(f"CLoRA {key} is {x:g}; a LoRA weight must be between {-MAX_CONCEPT_WEIGHT:g} and "
-                             f"{MAX_CONCEPT_WEIGHT:g} (typically 0.5 to 1.5)")
+        raise CloraArgsError(
+            f"CLoRA {key} is {x:g}; a LoRA weight must be between {-MAX_CONCEPT_WEIGHT:g} and "
+            f"{MAX_CONCEPT_WEIGHT:g} (typically 0.5 to 1.5)"
+        )
     return x
 
 
@@ -238,8 +240,9 @@ def validate_row(row: Any, index: int = 0) -> LoraRow | None:
         data = dict(row)
     elif isinstance(row, Sequence) and not isinstance(row, str):
         if len(row) > len(ROW_KEYS):
-            raise CloraArgsError(f"CLoRA {where} has {len(row)} cells; expected at most {len(ROW_KEYS)}: "
-                                 f"{', '.join(ROW_KEYS)}")
+            raise CloraArgsError(
+                f"CLoRA {where} has {len(row)} cells; expected at most {len(ROW_KEYS)}: {', '.join(ROW_KEYS)}"
+            )
         data = dict(zip(ROW_KEYS, row))
     else:
         raise CloraArgsError(f"CLoRA {where} must be a dict or a list, got {row!r}")
@@ -249,7 +252,9 @@ def validate_row(row: Any, index: int = 0) -> LoraRow | None:
     if not lora:
         raise CloraArgsError(f"CLoRA {where}: choose a LoRA (the words {data.get('words')!r} have none)")
     weight = 1.0 if _is_blank(data.get("weight")) else _weight(f"{where} weight", data["weight"])
-    unet = None if _is_blank(data.get("unet_weight")) else _weight(f"{where} unet_weight", data["unet_weight"])
+    unet = (
+        None if _is_blank(data.get("unet_weight")) else _weight(f"{where} unet_weight", data["unet_weight"])
+    )
     words = _text(f"{where} words", data.get("words"))
     if not words:
         raise CloraArgsError(f"CLoRA {where} ({lora}): give the words of the prompt this LoRA binds to")
@@ -283,9 +288,13 @@ def validate(data: Mapping[str, Any] | CloraArgs | None = None, **overrides: Any
     else:
         step_size = _number("step_size", step_size)
         if step_size < 0:
-            raise CloraArgsError(f"CLoRA step_size must be positive (0 = the engine's default), got {step_size}")
+            raise CloraArgsError(
+                f"CLoRA step_size must be positive (0 = the engine's default), got {step_size}"
+            )
         if step_size > MAX_STEP_SIZE:
-            raise CloraArgsError(f"CLoRA step_size must be at most {MAX_STEP_SIZE:g} (default 20), got {step_size:g}")
+            raise CloraArgsError(
+                f"CLoRA step_size must be at most {MAX_STEP_SIZE:g} (default 20), got {step_size:g}"
+            )
         step_size = step_size or None  # 0 → the engine's default
     rows_in = get("loras", ())
     if rows_in is None:
@@ -306,7 +315,8 @@ def validate(data: Mapping[str, Any] | CloraArgs | None = None, **overrides: Any
         layout=layout,
         mask_rule=mask_rule,
         latent_update=_bool("latent_update", get("latent_update", d.latent_update)),
-        update_steps=None if _is_blank(get("update_steps")) or str(get("update_steps")).strip().lower() == "auto"
+        update_steps=None
+        if _is_blank(get("update_steps")) or str(get("update_steps")).strip().lower() == "auto"
         else _int("update_steps", get("update_steps"), 0, 1000),
         step_size=step_size,
         refinement_steps=_steps("refinement_steps", get("refinement_steps", d.refinement_steps)),
@@ -388,8 +398,10 @@ def to_infotext(args: CloraArgs, include_table: bool = True) -> dict[str, str]:
     opts = " ".join(f"{short}={_fmt(getattr(args, name))}" for name, short in _INFOTEXT_SHORT.items())
     out = {INFOTEXT_KEY: opts}
     if include_table and args.loras:
-        rows = [[r.lora, r.weight, r.words, r.trigger] + ([r.unet_weight] if r.unet_weight is not None else [])
-                for r in args.loras]
+        rows = [
+            [r.lora, r.weight, r.words, r.trigger] + ([r.unet_weight] if r.unet_weight is not None else [])
+            for r in args.loras
+        ]
         out[INFOTEXT_TABLE_KEY] = json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
     return out
 
@@ -440,7 +452,10 @@ def rows_from_prompt(parsed: ParsedPrompt) -> tuple[LoraRow, ...]:
     """The ``<clora:…>`` tags of a parsed prompt as table rows (the same fields as the table)."""
     return tuple(
         LoraRow(
-            lora=b.lora, weight=b.te_weight, words=b.words, trigger=b.trigger or "",
+            lora=b.lora,
+            weight=b.te_weight,
+            words=b.words,
+            trigger=b.trigger or "",
             unet_weight=None if b.unet_weight == b.te_weight else b.unet_weight,
         )
         for b in parsed.bindings
@@ -459,7 +474,9 @@ def resolve(args: CloraArgs, prompt: str) -> ParsedPrompt:
         _weight(f"<clora:{b.lora}> unet weight", b.unet_weight)
     if not args.enabled or not args.loras:
         return parsed
-    extra = [bind_words(parsed, r.lora, r.words, r.weight, r.unet_weight, r.trigger or None) for r in args.loras]
+    extra = [
+        bind_words(parsed, r.lora, r.words, r.weight, r.unet_weight, r.trigger or None) for r in args.loras
+    ]
     return with_bindings(parsed, extra)
 
 

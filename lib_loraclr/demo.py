@@ -27,18 +27,33 @@ import torch
 DEMO_FILES = ("merged_loraclr.safetensors", "grid.png", "results.json", "merge_report.json")
 
 
-def _sample(model: Any, prompts: list[str], width: int, cfg: float, seed: int, steps: int,
-            denoiser: Any = None) -> torch.Tensor:
+def _sample(
+    model: Any, prompts: list[str], width: int, cfg: float, seed: int, steps: int, denoiser: Any = None
+) -> torch.Tensor:
     from lib_loraclr.tiny.sampling import sample
 
     kw = {"denoiser": denoiser} if denoiser is not None else {}
-    return sample(model, prompts, cfg_scale=cfg, seed=seed, steps=steps, sampler="dpmpp_2m",
-                  shape=(1, 8, 8 * width), **kw)
+    return sample(
+        model,
+        prompts,
+        cfg_scale=cfg,
+        seed=seed,
+        steps=steps,
+        sampler="dpmpp_2m",
+        shape=(1, 8, 8 * width),
+        **kw,
+    )
 
 
-def clora_sampler(model: Any, loras: dict[str, Any], concept_digit: dict[str, int], names: list[str],
-                  steps: int, routed: bool = False,
-                  layout: str = "") -> Callable[[list[str], int, float, int], torch.Tensor]:
+def clora_sampler(
+    model: Any,
+    loras: dict[str, Any],
+    concept_digit: dict[str, int],
+    names: list[str],
+    steps: int,
+    routed: bool = False,
+    layout: str = "",
+) -> Callable[[list[str], int, float, int], torch.Tensor]:
     """CLoRA on the world: base branch = the prompt with the concepts' digits ("a 2 and a 5"), branch k =
     concept k's trigger in place of its digit ("a sks and a 5") with LoRA k; one batched UNet call per step
     (``routed``: one UNet pass with each LoRA in its region; ``layout``: a ratio string such as "1,1")."""
@@ -53,10 +68,19 @@ def clora_sampler(model: Any, loras: dict[str, Any], concept_digit: dict[str, in
         if layout:
             lay = layout_weights(box_masks(parse_ratio_layout(layout), (8, 8 * len(words))), len(concepts))
         den, _ = build_clora_denoiser(
-            CFGDenoiser(model).inner_model, model.model.diffusion_model, model.get_learned_conditioning,
-            model.prompt_encoder.token_positions, base, concepts,
-            [[(loras[c.trigger], 1.0)] for c in concepts], options=CloraOptions.recommended(steps),
-            te_model=model, batch_size=n, mode="replace", layout=lay, routed=routed,
+            CFGDenoiser(model).inner_model,
+            model.model.diffusion_model,
+            model.get_learned_conditioning,
+            model.prompt_encoder.token_positions,
+            base,
+            concepts,
+            [[(loras[c.trigger], 1.0)] for c in concepts],
+            options=CloraOptions.recommended(steps),
+            te_model=model,
+            batch_size=n,
+            mode="replace",
+            layout=lay,
+            routed=routed,
         )
         return _sample(model, [base] * n, len(words), cfg, seed, steps, denoiser=den)
 
@@ -91,17 +115,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     digit = {n: concepts[n].digit for n in names}
 
     print(f"[1/4] merging {', '.join(names)} with LoRACLR (recommended preset)…", flush=True)
-    cfg = MergeConfig(method="loraclr", preset="recommended", templates=("a {}", "{}", "a {} and a 3"),
-                      neutral_prompts=("a 0", "a 4 and a 7", "a 1, a 6 and a 9", ""), shape=(1, 8, 8),
-                      shape_for=canvas_for,
-                      seed=args.seed, ridge=args.ridge,
-                      loraclr_overrides={"iters": args.loraclr_iters, "ridge": args.ridge})
+    cfg = MergeConfig(
+        method="loraclr",
+        preset="recommended",
+        templates=("a {}", "{}", "a {} and a 3"),
+        neutral_prompts=("a 0", "a 4 and a 7", "a 1, a 6 and a 9", ""),
+        shape=(1, 8, 8),
+        shape_for=canvas_for,
+        seed=args.seed,
+        ridge=args.ridge,
+        loraclr_overrides={"iters": args.loraclr_iters, "ridge": args.ridge},
+    )
     res = merge_loras(model, [Concept(loras[n], concepts[n].trigger, name=n) for n in names], cfg)
     merged_path = out / DEMO_FILES[0]
-    errs = write_kohya_lora(res.deltas, merged_path, arch="sd1", rank=args.rank, overwrite=True,
-                            metadata=recipe_metadata(sources=list(names), method="loraclr",
-                                                     trigger=[concepts[n].trigger for n in names],
-                                                     tag_sources=[loras[n].metadata for n in names]))
+    errs = write_kohya_lora(
+        res.deltas,
+        merged_path,
+        arch="sd1",
+        rank=args.rank,
+        overwrite=True,
+        metadata=recipe_metadata(
+            sources=list(names),
+            method="loraclr",
+            trigger=[concepts[n].trigger for n in names],
+            tag_sources=[loras[n].metadata for n in names],
+        ),
+    )
     res.report["svd_error"] = sum(errs.values()) / len(errs)
     print(format_report(res.report))
     print(f"saved {merged_path} (rank {args.rank}, {len(errs)} modules)")
@@ -140,7 +179,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             grid_rows[label] = torch.cat([torch.cat(list(s), dim=-1) for s in singles], dim=-1)[None]
         else:
             with ctx(pair[0]), torch.no_grad():
-                both = _sample(model, [f"a {pair[0]} and a {pair[1]}"] * n, 2, cfg_scale, args.seed + 77, steps)
+                both = _sample(
+                    model, [f"a {pair[0]} and a {pair[1]}"] * n, 2, cfg_scale, args.seed + 77, steps
+                )
                 known = _sample(model, ["a 3 and a 7"] * n, 2, cfg_scale, args.seed + 99, steps)
             r["both in one image"] = score(pair, both)
             r["known digits"] = score(["3", "7"], known)
@@ -150,22 +191,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     variants = {
         "CLoRA (single LoRAs)": clora,
         "CLoRA routed": clora_sampler(model, loras, digit, names, args.steps, routed=True),
-        "CLoRA routed + layout": clora_sampler(model, loras, digit, names, args.steps, routed=True, layout="1,1"),
+        "CLoRA routed + layout": clora_sampler(
+            model, loras, digit, names, args.steps, routed=True, layout="1,1"
+        ),
     }
     for label, sampler in variants.items():
         both = sampler(pair, n, cfg_scale, args.seed + 77)
         # alone, CLoRA's concept mask covers the image (no other content word): the single LoRA's own images
-        rows[label] = {**{f"alone: {w}": rows["single LoRA"][f"alone: {w}"] for w in names},
-                       "both in one image": score(pair, both), "known digits": None}
+        rows[label] = {
+            **{f"alone: {w}": rows["single LoRA"][f"alone: {w}"] for w in names},
+            "both in one image": score(pair, both),
+            "known digits": None,
+        }
         grid_rows[label] = torch.cat(list(both[:8]), dim=-1)[None]
         print(f"  {label}: done", flush=True)
 
-    print("[3/4] results (fraction of images the judge accepts; "
-          f"{n} samples per cell, CFG {cfg_scale}, {steps} DPM++ 2M steps)")
+    print(
+        "[3/4] results (fraction of images the judge accepts; "
+        f"{n} samples per cell, CFG {cfg_scale}, {steps} DPM++ 2M steps)"
+    )
     print(format_table(rows))
     _save_grid(grid_rows, out / DEMO_FILES[1])
-    results = {"concepts": names, "samples": n, "cfg": cfg_scale, "steps": steps, "seed": args.seed,
-               "table": rows, "merge_seconds": res.report["seconds"], "total_seconds": time.time() - t0}
+    results = {
+        "concepts": names,
+        "samples": n,
+        "cfg": cfg_scale,
+        "steps": steps,
+        "seed": args.seed,
+        "table": rows,
+        "merge_seconds": res.report["seconds"],
+        "total_seconds": time.time() - t0,
+    }
     write_json(out / DEMO_FILES[2], results)
     print(f"[4/4] wrote {out / DEMO_FILES[1]} and {out / DEMO_FILES[2]} in {time.time() - t0:.0f} s")
     return results
@@ -176,7 +232,9 @@ def format_table(rows: dict[str, dict[str, float | None]]) -> str:
     head = f"{'method':<22}" + "".join(f"{c:>20}" for c in cols)
     lines = [head, "-" * len(head)]
     for name, r in rows.items():
-        lines.append(f"{name:<22}" + "".join(f"{'—' if r.get(c) is None else f'{r[c]:.0%}':>20}" for c in cols))
+        lines.append(
+            f"{name:<22}" + "".join(f"{'—' if r.get(c) is None else f'{r[c]:.0%}':>20}" for c in cols)
+        )
     return "\n".join(lines)
 
 
@@ -192,7 +250,9 @@ def _save_grid(rows: dict[str, torch.Tensor], path: Path, scale: int = 6) -> Non
     draw = ImageDraw.Draw(canvas)
     y = 0
     for name, t in imgs.items():
-        im = Image.fromarray(t.numpy(), mode="L").resize((t.shape[1] * scale, t.shape[0] * scale), Image.NEAREST)
+        im = Image.fromarray(t.numpy(), mode="L").resize(
+            (t.shape[1] * scale, t.shape[0] * scale), Image.NEAREST
+        )
         canvas.paste(im, (label_w, y))
         draw.text((4, y + t.shape[0] * scale // 2 - 6), name, fill=0)
         y += t.shape[0] * scale + 6
@@ -202,8 +262,11 @@ def _save_grid(rows: dict[str, torch.Tensor], path: Path, scale: int = 6) -> Non
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m lib_loraclr demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m lib_loraclr demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="out/demo")
     p.add_argument("--concepts", nargs="+", default=["sks", "ohwx"], help="bundled concept names")
     p.add_argument("--samples", type=int, default=32, help="images per cell")

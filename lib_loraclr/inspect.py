@@ -19,7 +19,13 @@ from lib_loraclr.keymap import canonical_part, format_loader_gaps, loader_gaps
 from lib_loraclr.metadata import tag_frequencies, trigger_words
 from lib_loraclr.readers import read_lora
 
-_LONG_METADATA = ("ss_tag_frequency", "ss_dataset_dirs", "ss_datasets", "ss_bucket_info", "modelspec.thumbnail")
+_LONG_METADATA = (
+    "ss_tag_frequency",
+    "ss_dataset_dirs",
+    "ss_datasets",
+    "ss_bucket_info",
+    "modelspec.thumbnail",
+)
 
 
 def _counter_str(c: Counter[Any] | dict[str, int]) -> str:
@@ -55,7 +61,9 @@ def inspect_file(path: str | os.PathLike[str], arch: str | None = None) -> dict[
         "modules": len(ds),
         "parts": dict(sorted(parts.items())),
         "kinds": dict(sorted(kinds.items())),
-        "ranks": dict(sorted(ranks.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0))),
+        "ranks": dict(
+            sorted(ranks.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0))
+        ),
         "alphas": dict(sorted(alphas.items())),
         "unmapped": list(ds.unmapped),
         "embeddings": {k: list(v.shape) for k, v in ds.embeddings.items()},
@@ -73,7 +81,10 @@ def format_summary(s: dict[str, Any], max_unmapped: int = 10, show_metadata: boo
         ("file", Path(s["file"]).name),
         ("architecture", {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}.get(s["arch"], s["arch"])),
         ("format", s["format"] + (f" ({', '.join(s['kinds'])})" if s["kinds"] else "")),
-        ("modules", f"{s['modules']}  " + ", ".join(f"{part_names.get(p, p)}: {n}" for p, n in s["parts"].items())),
+        (
+            "modules",
+            f"{s['modules']}  " + ", ".join(f"{part_names.get(p, p)}: {n}" for p, n in s["parts"].items()),
+        ),
         ("rank(s)", _counter_str(s["ranks"])),
         ("alpha(s)", _counter_str(s["alphas"]) or "-"),
         ("trigger words", ", ".join(s["trigger_words"]) or "-"),

@@ -250,7 +250,9 @@ def _ldm_unet_rest_to_ldm(rest: str) -> str | None:
 
 def unet_rest_to_ldm(rest: str, arch: str = "sd1") -> str | None:
     """UNet name after ``lora_unet_`` (either naming) → ldm/sgm dotted path, or None if unknown."""
-    if rest.startswith(("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_")):
+    if rest.startswith(
+        ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_")
+    ):
         return _ldm_unet_rest_to_ldm(rest)
     return _diffusers_unet_rest_to_ldm(rest, arch)
 
@@ -338,11 +340,11 @@ def kohya_to_canonical(kohya_module_name: str, arch: str = "sd1") -> str | None:
     arch = _check_arch(arch)
     name = kohya_module_name
     if name.startswith("lora_unet_"):
-        p = unet_rest_to_ldm(name[len("lora_unet_"):], arch)
+        p = unet_rest_to_ldm(name[len("lora_unet_") :], arch)
         return None if p is None else UNET_PREFIX + p
     for prefix, part in (("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te")):
         if name.startswith(prefix):
-            rest = name[len(prefix):]
+            rest = name[len(prefix) :]
             break
     else:
         return None
@@ -374,7 +376,7 @@ def _te_hf_rest(key: str) -> tuple[str, str] | None:
     ):
         if not key.startswith(root):
             continue
-        rest = key[len(root):]
+        rest = key[len(root) :]
         if openclip:
             if rest == "ln_final":
                 return part, "text_model_final_layer_norm"
@@ -418,7 +420,7 @@ def canonical_arch(key: str) -> str | None:
 def is_canonical(key: str) -> bool:
     """True if ``key`` is a canonical key this module knows how to name in every format."""
     if key.startswith(UNET_PREFIX):
-        return _is_ldm_unet_path(key[len(UNET_PREFIX):])
+        return _is_ldm_unet_path(key[len(UNET_PREFIX) :])
     return _te_hf_rest(key) is not None
 
 
@@ -437,7 +439,7 @@ def canonical_to_kohya(key: str, arch: str, unet_style: str | None = None) -> st
     if arch not in ARCHS:
         raise ValueError(f"canonical_to_kohya needs arch sd1, sd2 or sdxl, got {arch!r}")
     if key.startswith(UNET_PREFIX):
-        path = key[len(UNET_PREFIX):]
+        path = key[len(UNET_PREFIX) :]
         if not _is_ldm_unet_path(path):
             raise ValueError(f"{key!r} is not a known UNet module")
         style = unet_style or ("ldm" if arch == "sdxl" else "diffusers")
@@ -456,8 +458,16 @@ def canonical_to_kohya(key: str, arch: str, unet_style: str | None = None) -> st
 # --------------------------------------------------------------------------------------------------
 # diffusers / PEFT names
 
-_UNET_TOP = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "conv_norm_out",
-             "time_embedding.", "add_embedding.")
+_UNET_TOP = (
+    "down_blocks.",
+    "mid_block.",
+    "up_blocks.",
+    "conv_in",
+    "conv_out",
+    "conv_norm_out",
+    "time_embedding.",
+    "add_embedding.",
+)
 
 
 def _normalise_diffusers_path(path: str, te: bool) -> str:
@@ -489,7 +499,7 @@ def diffusers_to_canonical(name: str, arch: str = "sd1", component: str | None =
     if comp is None:
         for c in ("unet", "text_encoder_2", "text_encoder"):
             if path.startswith(c + "."):
-                comp, path = c, path[len(c) + 1:]
+                comp, path = c, path[len(c) + 1 :]
                 break
         else:
             if path.startswith(_UNET_TOP):
@@ -524,7 +534,7 @@ def canonical_to_diffusers(key: str, arch: str) -> str:
     if arch not in ARCHS:
         raise ValueError(f"canonical_to_diffusers needs arch sd1, sd2 or sdxl, got {arch!r}")
     if key.startswith(UNET_PREFIX):
-        d = _diffusers_name_if_exact(key[len(UNET_PREFIX):], arch)
+        d = _diffusers_name_if_exact(key[len(UNET_PREFIX) :], arch)
         if d is None:
             raise ValueError(f"{key!r} has no diffusers UNet counterpart (in the standard {arch} layout)")
         return "unet." + d
@@ -569,7 +579,7 @@ def diffusers_kohya_gaps(keys: Iterable[str]) -> list[str]:
     with a warning; in SDXL (sgm-named) files its block mapper raises, so the whole file fails to load there.
     A1111, Forge and ComfyUI load them. Callers that target diffusers can leave these modules out.
     """
-    return [k for k in keys if k.startswith(UNET_PREFIX) and k[len(UNET_PREFIX):] in OUTSIDE_KOHYA_BLOCKS]
+    return [k for k in keys if k.startswith(UNET_PREFIX) and k[len(UNET_PREFIX) :] in OUTSIDE_KOHYA_BLOCKS]
 
 
 def kohya_loader_gaps(keys: Iterable[str], arch: str) -> list[str]:
@@ -584,8 +594,10 @@ def kohya_loader_gaps(keys: Iterable[str], arch: str) -> list[str]:
     for k in keys:
         if not k.startswith(UNET_PREFIX):
             continue
-        path = k[len(UNET_PREFIX):]
-        ldm_named = arch in ("sd1", "sd2") and is_canonical(k) and _diffusers_name_if_exact(path, arch) is None
+        path = k[len(UNET_PREFIX) :]
+        ldm_named = (
+            arch in ("sd1", "sd2") and is_canonical(k) and _diffusers_name_if_exact(path, arch) is None
+        )
         if path in OUTSIDE_KOHYA_BLOCKS or ldm_named:
             out.append(k)
     return out
@@ -613,8 +625,10 @@ def format_loader_gaps(gaps: dict[str, list[str]], limit: int = 6) -> list[str]:
         shown = ", ".join(gap_label(k) for k in keys[:limit])
         more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
         n = len(keys)
-        lines.append(f"{name} ignores {n} module{'s' if n != 1 else ''} ({LOADER_GAP_NOTES.get(name, '')}): "
-                     f"{shown}{more}")
+        lines.append(
+            f"{name} ignores {n} module{'s' if n != 1 else ''} ({LOADER_GAP_NOTES.get(name, '')}): "
+            f"{shown}{more}"
+        )
     return lines
 
 
@@ -634,7 +648,7 @@ def canonical_to_module_path(key: str, root: str) -> str | None:
         prefix += "."
     if not key.startswith(prefix):
         return None
-    return key[len(prefix):]
+    return key[len(prefix) :]
 
 
 def module_path_to_canonical(path: str, root: str) -> str:
@@ -720,11 +734,13 @@ def conv_kernel_size(key: str, arch: str) -> int | None:
     """
     if not key.startswith(UNET_PREFIX):
         return None
-    path = key[len(UNET_PREFIX):]
+    path = key[len(UNET_PREFIX) :]
     last = path.rsplit(".", 1)[-1]
-    if path in ("input_blocks.0.0", "out.2") or path.endswith(
-        (".in_layers.2", ".out_layers.3", ".op")
-    ) or last == "conv":
+    if (
+        path in ("input_blocks.0.0", "out.2")
+        or path.endswith((".in_layers.2", ".out_layers.3", ".op"))
+        or last == "conv"
+    ):
         return 3
     if path.endswith(".skip_connection"):
         return 1

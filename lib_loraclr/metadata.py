@@ -123,8 +123,12 @@ def kohya_metadata(
 def checkpoint_metadata(arch: str, *, title: str, v_parameterization: bool = False) -> dict[str, str]:
     """ModelSpec fields of a full checkpoint (architecture without ``/lora``) plus ``format: pt``."""
     spec_arch = "sd2-v" if (arch == "sd2" and v_parameterization) else arch
-    meta = {"format": "pt", "modelspec.sai_model_spec": "1.0.0", "modelspec.title": title,
-            "modelspec.implementation": MODELSPEC_IMPLEMENTATION}
+    meta = {
+        "format": "pt",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.title": title,
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
+    }
     if spec_arch in MODELSPEC_ARCH:
         meta["modelspec.architecture"] = MODELSPEC_ARCH[spec_arch]
         meta["modelspec.resolution"] = MODELSPEC_RESOLUTION[spec_arch]

@@ -79,7 +79,7 @@ class PromptSyntaxError(LoraclrError, ValueError):
         col = self.position - start
         if len(text) > width:
             left = max(0, min(col - width // 2, len(text) - width))
-            shown = text[left:left + width]
+            shown = text[left : left + width]
             prefix = "…" if left > 0 else ""
             suffix = "…" if left + width < len(text) else ""
             return f"{prefix}{shown}{suffix}\n{' ' * (len(prefix) + col - left)}^"
@@ -187,9 +187,12 @@ def _find_phrase(words: list[_Word], phrase: Sequence[str], anchor: int) -> tupl
     """Word-index range of the occurrence of ``phrase`` nearest before ``anchor`` (else nearest after)."""
     k = len(phrase)
     want = [w.lower() for w in phrase]
-    hits = [i for i in range(len(words) - k + 1)
-            if [w.text.lower() for w in words[i:i + k]] == want
-            and not any(w.text in KEYWORDS for w in words[i:i + k])]
+    hits = [
+        i
+        for i in range(len(words) - k + 1)
+        if [w.text.lower() for w in words[i : i + k]] == want
+        and not any(w.text in KEYWORDS for w in words[i : i + k])
+    ]
     if not hits:
         return None
     before = [i for i in hits if words[i + k - 1].end <= anchor]
@@ -212,7 +215,7 @@ def _split_tags(source: str) -> tuple[str, str, list[_Tag]]:
     last = 0
     clean_len = 0
     for m in RE_EXTRA_NET.finditer(source):
-        chunk = source[last:m.start()]
+        chunk = source[last : m.start()]
         clean_parts.append(chunk)
         keep_parts.append(chunk)
         clean_len += len(chunk)
@@ -221,7 +224,9 @@ def _split_tags(source: str) -> tuple[str, str, list[_Tag]]:
         else:
             if m.group(1).lower() == TAG_NAME:
                 raise PromptSyntaxError(
-                    f"write the tag in lower case: <{TAG_NAME}:…>, not <{m.group(1)}:…>", source, m.start() + 1
+                    f"write the tag in lower case: <{TAG_NAME}:…>, not <{m.group(1)}:…>",
+                    source,
+                    m.start() + 1,
                 )
             keep_parts.append(m.group(0))
         last = m.end()
@@ -236,7 +241,9 @@ def _split_tags(source: str) -> tuple[str, str, list[_Tag]]:
             if nxt_close < 0 or (0 <= nxt_open < nxt_close):
                 msg = "unclosed <clora:…> tag: add '>' at its end"
             else:
-                msg = "malformed <clora:…> tag: write <clora:NAME> or <clora:NAME:WEIGHT>, no spaces before ':'"
+                msg = (
+                    "malformed <clora:…> tag: write <clora:NAME> or <clora:NAME:WEIGHT>, no spaces before ':'"
+                )
             raise PromptSyntaxError(msg, source, m.start())
     return "".join(clean_parts), "".join(keep_parts), tags
 
@@ -263,7 +270,8 @@ def _parse_tag(tag: _Tag, source: str, clean: str, words: list[_Word], ends: lis
             if key not in NAMED_KEYS:
                 raise PromptSyntaxError(
                     f"unknown option {parts[0].strip()!r} in <clora:…>; known: {', '.join(NAMED_KEYS)}",
-                    source, pos,
+                    source,
+                    pos,
                 )
             if key in named:
                 raise PromptSyntaxError(f"option {key!r} given twice", source, pos)
@@ -291,7 +299,9 @@ def _parse_tag(tag: _Tag, source: str, clean: str, words: list[_Word], ends: lis
     if "trigger" in named:
         trigger = named["trigger"][0].strip()
         if not trigger:
-            raise PromptSyntaxError("trigger= needs the trigger words, e.g. trigger=sks", source, named["trigger"][1])
+            raise PromptSyntaxError(
+                "trigger= needs the trigger words, e.g. trigger=sks", source, named["trigger"][1]
+            )
 
     if "words" in named:
         value, pos = named["words"]
@@ -310,18 +320,27 @@ def _parse_tag(tag: _Tag, source: str, clean: str, words: list[_Word], ends: lis
         if i < 0:
             raise PromptSyntaxError(
                 "nothing to bind to: put the tag right after a word (a cat<clora:NAME>) or give words=…",
-                source, tag.position,
+                source,
+                tag.position,
             )
         if words[i].text in KEYWORDS:
             raise PromptSyntaxError(
                 f"the tag follows {words[i].text}, not a word: put it right after the word it binds to",
-                source, tag.position,
+                source,
+                tag.position,
             )
         span = (words[i].start, words[i].end)
     subprompt = len(RE_AND.findall(clean, 0, span[0]))
     return Binding(
-        lora=name, te_weight=te, unet_weight=unet, words=clean[span[0]:span[1]], span=span,
-        trigger=trigger, subprompt=subprompt, source="tag", position=tag.position,
+        lora=name,
+        te_weight=te,
+        unet_weight=unet,
+        words=clean[span[0] : span[1]],
+        span=span,
+        trigger=trigger,
+        subprompt=subprompt,
+        source="tag",
+        position=tag.position,
     )
 
 
@@ -340,7 +359,9 @@ def check_overlaps(bindings: Iterable[Binding], source: str) -> None:
             if b.span[0] < o.span[1] and o.span[0] < b.span[1]:
                 raise PromptSyntaxError(
                     f"{b.lora!r} and {o.lora!r} are bound to the same words ({b.words!r}); "
-                    "bind each LoRA to its own words", source, pos,
+                    "bind each LoRA to its own words",
+                    source,
+                    pos,
                 )
         spans.append(b)
 
@@ -382,15 +403,22 @@ def bind_words(
     found = _find_phrase(tokens, phrase, -1)
     if found is None:
         raise PromptSyntaxError(
-            f"CLoRA table row {lora!r}: the words {' '.join(phrase)!r} are not in the prompt", parsed.source, 0
+            f"CLoRA table row {lora!r}: the words {' '.join(phrase)!r} are not in the prompt",
+            parsed.source,
+            0,
         )
     first, last = found
     span = (tokens[first].start, tokens[last - 1].end)
     return Binding(
-        lora=lora, te_weight=float(te_weight),
+        lora=lora,
+        te_weight=float(te_weight),
         unet_weight=float(te_weight if unet_weight is None else unet_weight),
-        words=parsed.prompt[span[0]:span[1]], span=span, trigger=(trigger or "").strip() or None,
-        subprompt=len(RE_AND.findall(parsed.prompt, 0, span[0])), source="table", position=-1,
+        words=parsed.prompt[span[0] : span[1]],
+        span=span,
+        trigger=(trigger or "").strip() or None,
+        subprompt=len(RE_AND.findall(parsed.prompt, 0, span[0])),
+        source="table",
+        position=-1,
     )
 
 

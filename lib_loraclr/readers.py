@@ -122,7 +122,9 @@ def _map_module(raw: str, arch: str) -> str | None:
 def _as_float(t: torch.Tensor | float, key: str, source: str) -> float:
     if isinstance(t, torch.Tensor):
         if t.numel() != 1:
-            raise ShapeMismatchError(f"{source}: {key} should hold one number but has shape {tuple(t.shape)}.")
+            raise ShapeMismatchError(
+                f"{source}: {key} should hold one number but has shape {tuple(t.shape)}."
+            )
         v = float(t.reshape(()).item())
     else:
         v = float(t)
@@ -156,13 +158,19 @@ def _cp_weight(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Ten
     return torch.einsum("i j k l, j r, i p -> p r k l", t, wb.flatten(1), wa.flatten(1))
 
 
-def _build_lora(key: str, raw: str, p: dict[str, torch.Tensor], arch: str, source: str, kind: str) -> LoraModule:
+def _build_lora(
+    key: str, raw: str, p: dict[str, torch.Tensor], arch: str, source: str, kind: str
+) -> LoraModule:
     if "down" not in p or "up" not in p:
         have = "lora_down" if "down" in p else "lora_up"
         miss = "lora_up" if "down" in p else "lora_down"
         raise LoraFormatError(f"{source}: module {raw} has {have} but no {miss}; the file is incomplete.")
     down, up = p["down"], p["up"]
-    if down.dim() not in (2, 4) or up.dim() not in (2, 4) or (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
+    if (
+        down.dim() not in (2, 4)
+        or up.dim() not in (2, 4)
+        or (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1))
+    ):
         raise ShapeMismatchError(
             f"{source}: module {raw}: unexpected shapes lora_down {tuple(down.shape)}, lora_up {tuple(up.shape)}."
         )
@@ -231,7 +239,9 @@ def _build_loha(key: str, raw: str, p: dict[str, torch.Tensor], arch: str, sourc
     else:
         d1, d2 = w1a @ w1b.flatten(1), w2a @ w2b.flatten(1)
     if d1.shape != d2.shape:
-        raise ShapeMismatchError(f"{source}: LoHa module {raw}: halves have shapes {tuple(d1.shape)}, {tuple(d2.shape)}.")
+        raise ShapeMismatchError(
+            f"{source}: LoHa module {raw}: halves have shapes {tuple(d1.shape)}, {tuple(d2.shape)}."
+        )
     scale = 1.0
     if "alpha" in p:
         alpha = _as_float(p["alpha"], raw + ".alpha", source)
@@ -272,7 +282,9 @@ def _build_lokr(key: str, raw: str, p: dict[str, torch.Tensor], arch: str, sourc
     return LoraModule(key=key, dense=_shape_dense(d, key, arch, source, raw), kind="lokr")
 
 
-def _unsupported_type(roles: Sequence[str], tensors: Mapping[str, torch.Tensor], keys: Sequence[str]) -> str | None:
+def _unsupported_type(
+    roles: Sequence[str], tensors: Mapping[str, torch.Tensor], keys: Sequence[str]
+) -> str | None:
     for role, k in zip(roles, keys):
         if role == "dora":
             return "DoRA (weight-decomposed LoRA)"
@@ -308,7 +320,7 @@ def deltas_from_state_dict(
         if isinstance(v, torch.Tensor):
             if k.startswith("bundle_emb."):
                 _check_finite(v, k, source)
-                embeddings[k[len("bundle_emb."):].replace(".string_to_param.*", "")] = v
+                embeddings[k[len("bundle_emb.") :].replace(".string_to_param.*", "")] = v
             else:
                 tensors[k] = v
         else:
@@ -342,7 +354,9 @@ def deltas_from_state_dict(
         group_keys.setdefault(raw, []).append((role, k))
 
     bad = _unsupported_type(
-        [r for v in group_keys.values() for r, _ in v], tensors, [k for v in group_keys.values() for _, k in v]
+        [r for v in group_keys.values() for r, _ in v],
+        tensors,
+        [k for v in group_keys.values() for _, k in v],
     )
     if bad:
         raise LoraFormatError(
@@ -365,7 +379,9 @@ def deltas_from_state_dict(
         elif any(r.startswith("lokr_") for r in roles):
             mod = _build_lokr(key, raw, p, map_arch, source)
         elif "diff" in roles:
-            mod = LoraModule(key=key, dense=_shape_dense(p["diff"].float(), key, map_arch, source, raw), kind="full")
+            mod = LoraModule(
+                key=key, dense=_shape_dense(p["diff"].float(), key, map_arch, source, raw), kind="full"
+            )
             if "diff_b" in p:
                 unmapped.extend(k for r, k in group_keys[raw] if r == "diff_b")
         elif roles & {"down", "up"}:
@@ -374,7 +390,9 @@ def deltas_from_state_dict(
             unmapped.extend(k for _, k in group_keys[raw])
             continue
         else:
-            raise LoraFormatError(f"{source}: module {raw} has an unknown combination of tensors: {sorted(roles)}.")
+            raise LoraFormatError(
+                f"{source}: module {raw} has an unknown combination of tensors: {sorted(roles)}."
+            )
         if key in modules:
             raise LoraFormatError(f"{source}: two entries target the same module {key} (second: {raw}).")
         modules[key] = mod
@@ -389,7 +407,9 @@ def deltas_from_state_dict(
                 "models folder instead."
             )
         if embeddings:
-            raise LoraFormatError(f"{source}: holds only embeddings ({short_list(list(embeddings))}), no LoRA weights.")
+            raise LoraFormatError(
+                f"{source}: holds only embeddings ({short_list(list(embeddings))}), no LoRA weights."
+            )
         raise LoraFormatError(
             f"{source}: none of its {len(tensors)} tensors is a LoRA weight we recognise "
             f"(e.g. {short_list(sorted(tensors), 5)}). Supported: kohya LoRA/LoCon/LoHa/LoKr, diffusers/PEFT, "
@@ -469,7 +489,9 @@ def read_lora(path: str | os.PathLike[str], arch: str | None = None) -> DeltaSet
         raise LoraFormatError(f"{source}: not a safetensors or PyTorch file (unknown content).")
     obj = load_torch_file(p)
     if not isinstance(obj, Mapping):
-        raise LoraFormatError(f"{source}: the PyTorch file holds a {type(obj).__name__}, not a LoRA state dict.")
+        raise LoraFormatError(
+            f"{source}: the PyTorch file holds a {type(obj).__name__}, not a LoRA state dict."
+        )
     if "params" in obj and isinstance(obj["params"], Mapping):
         return _from_edlora(obj["params"], arch=arch, source=source)
     if "string_to_param" in obj or "emb_params" in obj:

@@ -36,10 +36,21 @@ from lib_loraclr.errors import (
 from lib_loraclr.validate import check_input_file
 
 __all__ = [  # the errors are re-exported here for convenience (docs/DESIGN.md names safeio)
-    "ArchitectureMismatchError", "BadOutputNameError", "LoraFormatError", "LoraclrError",
-    "NonFiniteWeightsError", "OutputExistsError", "ShapeMismatchError", "UnmappedKeysError",
-    "UnsafeFileError", "atomic_write_safetensors", "check_output_name", "load_torch_file",
-    "read_safetensors", "read_safetensors_metadata", "sniff_format",
+    "ArchitectureMismatchError",
+    "BadOutputNameError",
+    "LoraFormatError",
+    "LoraclrError",
+    "NonFiniteWeightsError",
+    "OutputExistsError",
+    "ShapeMismatchError",
+    "UnmappedKeysError",
+    "UnsafeFileError",
+    "atomic_write_safetensors",
+    "check_output_name",
+    "load_torch_file",
+    "read_safetensors",
+    "read_safetensors_metadata",
+    "sniff_format",
 ]
 
 #: safetensors headers above this size are treated as corrupt (the format's own limit is 100 MB).
@@ -47,11 +58,46 @@ MAX_HEADER_BYTES = 100_000_000
 
 _ZIP_MAGIC = b"PK\x03\x04"
 #: bytes per element of the safetensors dtypes (sub-byte float types are left out of the size check)
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "C64": 8,
+}
 _SAFETENSORS_DTYPES = {
-    "F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "U16",
-    "U32", "U64", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64",
+    "F64",
+    "F32",
+    "F16",
+    "BF16",
+    "I64",
+    "I32",
+    "I16",
+    "I8",
+    "U8",
+    "BOOL",
+    "F8_E4M3",
+    "F8_E5M2",
+    "U16",
+    "U32",
+    "U64",
+    "F8_E8M0",
+    "F4",
+    "F6_E2M3",
+    "F6_E3M2",
+    "C64",
 }
 
 
@@ -199,8 +245,10 @@ def load_torch_file(path: str | os.PathLike[str]) -> Any:
 
 
 def _owns_storage(t: torch.Tensor) -> bool:
-    return t.is_contiguous() and t.storage_offset() == 0 and (
-        t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return (
+        t.is_contiguous()
+        and t.storage_offset() == 0
+        and (t.untyped_storage().nbytes() == t.numel() * t.element_size())
     )
 
 
@@ -268,8 +316,14 @@ def atomic_write_safetensors(
 
 
 _RESERVED_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
-_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
-                     *(f"LPT{i}" for i in range(1, 10))}
+_WINDOWS_RESERVED = {
+    "CON",
+    "PRN",
+    "AUX",
+    "NUL",
+    *(f"COM{i}" for i in range(1, 10)),
+    *(f"LPT{i}" for i in range(1, 10)),
+}
 
 
 def check_output_name(name: str, folder: str | os.PathLike[str], suffix: str = ".safetensors") -> Path:

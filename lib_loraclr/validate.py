@@ -98,7 +98,9 @@ def check_writable_folder(folder: str | os.PathLike[str], what: str = "output") 
     folder above it). Probes with a temporary file that is removed at once."""
     f = _existing_folder(Path(folder) if str(folder) else Path("."))
     if not f.is_dir():
-        raise OutputNotWritableError(f"cannot write the {what}: {f} is a file, not a folder; choose another path")
+        raise OutputNotWritableError(
+            f"cannot write the {what}: {f} is a file, not a folder; choose another path"
+        )
     try:
         fd, probe = tempfile.mkstemp(prefix=".loraclr-probe-", suffix=".tmp", dir=f)
     except OSError as e:
@@ -184,9 +186,13 @@ def int_in(lo: int, hi: int) -> Callable[[str], int]:
 def check_trigger(trigger: Any, what: str) -> str:
     """Trigger words: non-empty text without control characters; `ValueRangeError` otherwise."""
     if not isinstance(trigger, str) or not trigger.strip():
-        raise ValueRangeError(f"{what} has no trigger words; give the words the LoRA was trained with (e.g. \"sks\")")
+        raise ValueRangeError(
+            f'{what} has no trigger words; give the words the LoRA was trained with (e.g. "sks")'
+        )
     if any(ord(ch) < 32 and ch not in "\t" for ch in trigger):
-        raise ValueRangeError(f"{what}: trigger words {trigger!r} contain a control character; type plain words")
+        raise ValueRangeError(
+            f"{what}: trigger words {trigger!r} contain a control character; type plain words"
+        )
     return trigger.strip()
 
 
@@ -249,12 +255,29 @@ def check_merge_paths(
     check_output_file(out, overwrite=overwrite, inputs=inputs, what="output (--out)")
     if report is not None:
         if Path(report).resolve() == Path(out).resolve():
-            raise BadOutputNameError(f"report (--report) {report} is the output file too; give it another name")
+            raise BadOutputNameError(
+                f"report (--report) {report} is the output file too; give it another name"
+            )
         check_output_file(report, overwrite=True, inputs=inputs, what="report (--report)")
 
 
 __all__ = [
-    "MAX_BASE_PARAMS", "MAX_CONCEPT_WEIGHT", "MAX_LORA_SCALE", "MAX_LORA_VALUE", "MAX_RANK", "MAX_STEPS",
-    "check_alpha", "check_concept_weight", "check_input_file", "check_mapping_keys", "check_merge_paths", "check_number",
-    "check_output_file", "check_rank", "check_trigger", "check_values", "check_writable_folder", "int_in",
+    "MAX_BASE_PARAMS",
+    "MAX_CONCEPT_WEIGHT",
+    "MAX_LORA_SCALE",
+    "MAX_LORA_VALUE",
+    "MAX_RANK",
+    "MAX_STEPS",
+    "check_alpha",
+    "check_concept_weight",
+    "check_input_file",
+    "check_mapping_keys",
+    "check_merge_paths",
+    "check_number",
+    "check_output_file",
+    "check_rank",
+    "check_trigger",
+    "check_values",
+    "check_writable_folder",
+    "int_in",
 ]

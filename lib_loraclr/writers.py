@@ -35,8 +35,12 @@ from lib_loraclr.safeio import atomic_write_safetensors
 #: about the rounding error of the stored dtype itself (measured: casting a merged world LoRA's factors to
 #: fp16 moves each ΔW by 2.9e-4 relative on average), so the smaller file loses nothing the cast keeps.
 #: The SVD runs in float32, so float32/float64 share a tolerance well above its noise (~1e-7 per value).
-SVD_TOLERANCE: dict[torch.dtype, float] = {torch.float16: 3e-4, torch.bfloat16: 2e-3, torch.float32: 1e-5,
-                                           torch.float64: 1e-5}
+SVD_TOLERANCE: dict[torch.dtype, float] = {
+    torch.float16: 3e-4,
+    torch.bfloat16: 2e-3,
+    torch.float32: 1e-5,
+    torch.float64: 1e-5,
+}
 
 
 def svd_tolerance(dtype: torch.dtype) -> float:
@@ -44,7 +48,9 @@ def svd_tolerance(dtype: torch.dtype) -> float:
     return SVD_TOLERANCE.get(dtype, 1e-3)
 
 
-def _pick_rank(s: torch.Tensor, rank: int | None, energy: float | None, max_error: float | None = None) -> int:
+def _pick_rank(
+    s: torch.Tensor, rank: int | None, energy: float | None, max_error: float | None = None
+) -> int:
     """Number of singular values to keep: ``rank`` and/or the smallest r with Σ_{≤r} s² ≥ energy·Σ s², and/or
     the smallest r whose relative error ‖Δ − Δ_r‖_F / ‖Δ‖_F = √(Σ_{>r} s² / Σ s²) is ≤ ``max_error``
     (the minimum of those asked)."""
@@ -84,7 +90,9 @@ def _rel_tail(s: torch.Tensor, r: int) -> float:
     return float((s[r:].double() ** 2).sum() / tot) ** 0.5
 
 
-def _factor_shapes(up2: torch.Tensor, down2: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def _factor_shapes(
+    up2: torch.Tensor, down2: torch.Tensor, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     if len(shape) == 4:
         return up2[:, :, None, None], down2.reshape(down2.shape[0], *shape[1:])
     return up2, down2
@@ -131,7 +139,11 @@ def to_low_rank(
 
 
 def _low_rank_from_factors(
-    up2: torch.Tensor, down2: torch.Tensor, shape: tuple[int, ...], rank: int | None, energy: float | None,
+    up2: torch.Tensor,
+    down2: torch.Tensor,
+    shape: tuple[int, ...],
+    rank: int | None,
+    energy: float | None,
     max_error: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Truncated SVD of ``up2 @ down2`` without forming it: QR of both factors, SVD of the r×r core."""
@@ -208,7 +220,9 @@ def write_kohya_lora(
     """
     p = Path(path)
     if p.exists() and not overwrite:
-        raise OutputExistsError(f"{p.name} already exists in {p.parent}. Choose another name or allow overwriting.")
+        raise OutputExistsError(
+            f"{p.name} already exists in {p.parent}. Choose another name or allow overwriting."
+        )
     mods, src_arch = _as_modules(deltas)
     if not mods:
         raise ValueError("no deltas to write")
@@ -263,7 +277,9 @@ def write_checkpoint(
     """
     p = Path(path)
     if p.exists() and not overwrite:
-        raise OutputExistsError(f"{p.name} already exists in {p.parent}. Choose another name or allow overwriting.")
+        raise OutputExistsError(
+            f"{p.name} already exists in {p.parent}. Choose another name or allow overwriting."
+        )
     mods, _ = _as_modules(deltas)
     plan: dict[str, list[tuple[slice | None, LoraModule]]] = {}
     missing = []
@@ -286,7 +302,8 @@ def write_checkpoint(
             target_shape = (d, *w.shape[1:])
         ms = tuple(mod.shape)
         if ms != target_shape and not (
-            int(torch.Size(ms).numel()) == int(torch.Size(target_shape).numel()) and ms[:2] == target_shape[:2]
+            int(torch.Size(ms).numel()) == int(torch.Size(target_shape).numel())
+            and ms[:2] == target_shape[:2]
         ):
             raise ShapeMismatchError(
                 f"{key}: the delta has shape {ms} but the checkpoint's weight has shape {target_shape}."
@@ -359,7 +376,12 @@ def write_webui_sidecar(
             kept = {k: v for k, v in old.items() if k not in ("activation text", "sd version")}
             if not kept.get("description"):
                 kept["description"] = data["description"]
-            data = {**data, **kept, "activation text": data["activation text"], "sd version": data["sd version"]}
+            data = {
+                **data,
+                **kept,
+                "activation text": data["activation text"],
+                "sd version": data["sd version"],
+            }
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
     try:

@@ -14,8 +14,13 @@ def attention_keys(model: nn.Module, te: bool = True, kv: bool = True, other: bo
     keys = []
     for name, mod in model.named_modules():
         in_te = name.startswith(("cond_stage_model.", "conditioner.embedders."))
-        if te and in_te and isinstance(mod, nn.Linear) and \
-                name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "c_fc", "c_proj"):
+        if (
+            te
+            and in_te
+            and isinstance(mod, nn.Linear)
+            and name.rsplit(".", 1)[-1]
+            in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "c_fc", "c_proj")
+        ):
             keys.append(name)
         if te and in_te and isinstance(mod, nn.MultiheadAttention):
             keys += [f"{name}.in_proj:{p}" for p in "qkv"]
@@ -23,16 +28,23 @@ def attention_keys(model: nn.Module, te: bool = True, kv: bool = True, other: bo
             continue
         leaf = name.rsplit(".", 1)[-1]
         is_kv = ".attn2.to_k" in name or ".attn2.to_v" in name
-        if kv and is_kv or other and not is_kv and (
-            name.endswith(("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"))
-            or leaf in ("proj_in", "proj_out")
+        if (
+            kv
+            and is_kv
+            or other
+            and not is_kv
+            and (
+                name.endswith(("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"))
+                or leaf in ("proj_in", "proj_out")
+            )
         ):
             keys.append(name)
     return keys
 
 
-def random_lora(model: nn.Module, keys: list[str], rank: int = 4, scale: float = 0.3, seed: int = 0,
-                arch: str = "sd1") -> DeltaSet:
+def random_lora(
+    model: nn.Module, keys: list[str], rank: int = 4, scale: float = 0.3, seed: int = 0, arch: str = "sd1"
+) -> DeltaSet:
     """LoRA factors with ‖ΔW‖ ≈ scale·‖W0‖ per module (conv kernels kept 4-D)."""
     g = torch.Generator().manual_seed(seed)
     mods = {}
@@ -40,7 +52,7 @@ def random_lora(model: nn.Module, keys: list[str], rank: int = 4, scale: float =
         w, rows = target_weight(model, k)
         w = w if rows is None else w[rows]
         out, inp = w.shape[0], w[0].numel()
-        down = torch.randn(rank, inp, generator=g) / inp ** 0.5
+        down = torch.randn(rank, inp, generator=g) / inp**0.5
         up = torch.randn(out, rank, generator=g)
         d = up @ down
         up = up * (scale * w.detach().float().norm() / d.norm())

@@ -21,7 +21,9 @@ def test_plain_sd1_layout_file_loads_bit_exact(tmp_path) -> None:
     assert torch.equal(m.alphas_cumprod, ref.alphas_cumprod)
     x = torch.randn(1, 4, 16, 16)
     c = ref.get_learned_conditioning(["a photo of sks"])
-    torch.testing.assert_close(m.apply_model(x, torch.tensor([500]), c), ref.apply_model(x, torch.tensor([500]), c))
+    torch.testing.assert_close(
+        m.apply_model(x, torch.tensor([500]), c), ref.apply_model(x, torch.tensor([500]), c)
+    )
     torch.testing.assert_close(m.get_learned_conditioning(["a photo of sks"]), c)
 
 
@@ -30,8 +32,13 @@ def test_sd15_sizes_read_from_shapes_and_bad_files(tmp_path) -> None:
     cfg = sd1_config_from_shapes(shapes)
     assert cfg["unet"]["model_channels"] == 320 and cfg["unet"]["channel_mult"] == [1, 2, 4, 4]
     assert cfg["unet"]["attention_resolutions"] == [1, 2, 4] and cfg["unet"]["context_dim"] == 768
-    assert cfg["text"] == {"hidden_size": 768, "layers": 12, "heads": 12, "intermediate": 3072,
-                           "max_position_embeddings": 77}
+    assert cfg["text"] == {
+        "hidden_size": 768,
+        "layers": 12,
+        "heads": 12,
+        "intermediate": 3072,
+        "max_position_embeddings": 77,
+    }
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(BaseModelError, match="not an SD1.x checkpoint"):
         load_base(tmp_path / "other.safetensors")

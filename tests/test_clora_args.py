@@ -45,6 +45,7 @@ def parse_infotext_line(line: str) -> dict:
 
 # ------------------------------------------------------------------------------------------ validation
 
+
 def test_defaults_when_omitted():
     a = ca.validate({})
     assert a == ca.CloraArgs() == ca.validate(None) == ca.from_script_args([])
@@ -56,9 +57,15 @@ def test_defaults_when_omitted():
 
 def test_order_independent():
     d = {
-        "enabled": True, "latent_update": False, "update_steps": 7, "step_size": 12.5,
-        "refinement_steps": [20, 0, 10], "refinement_iters": 3, "mask_threshold": 0.4,
-        "masks_only": True, "show_masks": True,
+        "enabled": True,
+        "latent_update": False,
+        "update_steps": 7,
+        "step_size": 12.5,
+        "refinement_steps": [20, 0, 10],
+        "refinement_iters": 3,
+        "mask_threshold": 0.4,
+        "masks_only": True,
+        "show_masks": True,
         "loras": [{"words": "cat", "lora": "mycat", "trigger": "sks", "weight": 0.8}],
     }
     keys = list(d)
@@ -76,8 +83,17 @@ def test_order_independent():
 
 
 def test_string_and_numeric_forms_accepted():
-    a = ca.validate({"latent_update": "false", "masks_only": 1, "show_masks": "on", "update_steps": "12",
-                     "refinement_steps": "0, 10/20", "mask_threshold": "0.3", "step_size": ""})
+    a = ca.validate(
+        {
+            "latent_update": "false",
+            "masks_only": 1,
+            "show_masks": "on",
+            "update_steps": "12",
+            "refinement_steps": "0, 10/20",
+            "mask_threshold": "0.3",
+            "step_size": "",
+        }
+    )
     assert (a.latent_update, a.masks_only, a.show_masks) == (False, True, True)
     assert a.update_steps == 12 and a.refinement_steps == (0, 10, 20) and a.mask_threshold == 0.3
     assert a.step_size is None
@@ -104,7 +120,10 @@ def test_string_and_numeric_forms_accepted():
         ({"refinement_steps": [0, -1]}, "between 0 and 10000"),
         ({"refinement_iters": 101}, "between 0 and 100"),
         ({"loras": "mycat"}, "loras must be a list"),
-        ({"loras": [{"lora": "a", "word": "cat"}]}, "unknown CLoRA table row 1 key 'word' (did you mean 'words'?)"),
+        (
+            {"loras": [{"lora": "a", "word": "cat"}]},
+            "unknown CLoRA table row 1 key 'word' (did you mean 'words'?)",
+        ),
         ({"loras": [{"lora": "a"}]}, "give the words"),
         ({"loras": [{"words": "cat"}]}, "choose a LoRA"),
         ({"loras": [["a", "heavy", "cat"]]}, "table row 1 weight must be a number"),
@@ -122,10 +141,10 @@ def test_rejections(data, message):
 
 def test_table_rows_forms_and_blank_rows():
     rows = [
-        ["mycat", 0.9, "cat", "sks"],             # gradio Dataframe (type="array") row
-        ["", "", "", ""],                         # blank row: skipped
-        [None, float("nan"), None, None],         # pandas blank row: skipped
-        {"lora": "mydog", "words": "dog"},        # API dict, defaults
+        ["mycat", 0.9, "cat", "sks"],  # gradio Dataframe (type="array") row
+        ["", "", "", ""],  # blank row: skipped
+        [None, float("nan"), None, None],  # pandas blank row: skipped
+        {"lora": "mydog", "words": "dog"},  # API dict, defaults
         ca.LoraRow("owl", 0.5, "owl", unet_weight=0.2),
     ]
     a = ca.validate({"loras": rows})
@@ -163,13 +182,25 @@ def test_gradient_free():
 
 # ------------------------------------------------------------------------------------------ infotext
 
+
 def test_infotext_round_trip_through_webui_text():
-    a = ca.validate({
-        "enabled": True, "latent_update": False, "update_steps": 8, "step_size": 15,
-        "refinement_steps": [0, 10], "refinement_iters": 4, "mask_threshold": 0.42, "masks_only": True,
-        "show_masks": True,
-        "loras": [["my:cat", 0.75, "fluffy cat", "sks, \"x\""], {"lora": "dog", "words": "dog", "unet_weight": 0.5}],
-    })
+    a = ca.validate(
+        {
+            "enabled": True,
+            "latent_update": False,
+            "update_steps": 8,
+            "step_size": 15,
+            "refinement_steps": [0, 10],
+            "refinement_iters": 4,
+            "mask_threshold": 0.42,
+            "masks_only": True,
+            "show_masks": True,
+            "loras": [
+                ["my:cat", 0.75, "fluffy cat", 'sks, "x"'],
+                {"lora": "dog", "words": "dog", "unet_weight": 0.5},
+            ],
+        }
+    )
     params = ca.to_infotext(a)
     assert set(params) == {ca.INFOTEXT_KEY, ca.INFOTEXT_TABLE_KEY}
     # the options string needs no quoting in the WebUI's infotext
@@ -184,13 +215,18 @@ def test_infotext_round_trip_through_webui_text():
 def test_infotext_defaults_and_no_table():
     a = ca.CloraArgs()
     params = ca.to_infotext(a)
-    assert params == {ca.INFOTEXT_KEY: "mode=fusion layout=- masks=layout latent=0 steps=auto step=auto refine=0 "
-                                       "iters=5 threshold=0.3 masks_only=0 show_masks=0"}
+    assert params == {
+        ca.INFOTEXT_KEY: "mode=fusion layout=- masks=layout latent=0 steps=auto step=auto refine=0 "
+        "iters=5 threshold=0.3 masks_only=0 show_masks=0"
+    }
     assert ca.to_infotext(ca.CloraArgs(refinement_steps=()))[ca.INFOTEXT_KEY].count("refine=-") == 1
     back = ca.from_infotext(parse_infotext_line(infotext_line(params)))
     assert back == a  # tags-only run: the table stays off on paste (tags are in the pasted prompt)
     assert ca.from_infotext({"Steps": "20"}) is None
-    assert ca.to_infotext(ca.validate({"loras": [["a", 1, "cat"]], "enabled": True}), include_table=False) == params
+    assert (
+        ca.to_infotext(ca.validate({"loras": [["a", 1, "cat"]], "enabled": True}), include_table=False)
+        == params
+    )
 
 
 def test_infotext_errors():
@@ -207,16 +243,21 @@ def test_infotext_errors():
 
 # ------------------------------------------------------------------------------------------ syntax = table
 
+
 def test_syntax_and_table_produce_the_same_bindings():
     with_tags = "a fluffy cat<clora:mycat:0.8:words=fluffy cat:trigger=sks> and a dog<clora:mydog:0.5:0.25>"
     plain = "a fluffy cat and a dog"
     from_tags = ca.resolve(ca.CloraArgs(), with_tags)
     rows = ca.rows_from_prompt(from_tags)
     assert rows == (ca.LoraRow("mycat", 0.8, "fluffy cat", "sks"), ca.LoraRow("mydog", 0.5, "dog", "", 0.25))
-    from_table = ca.resolve(ca.validate({"enabled": True, "loras": [ca.validate_row(r) for r in rows]}), plain)
+    from_table = ca.resolve(
+        ca.validate({"enabled": True, "loras": [ca.validate_row(r) for r in rows]}), plain
+    )
     assert from_table.prompt == from_tags.prompt == plain
     key = [(b.lora, b.te_weight, b.unet_weight, b.words, b.span, b.trigger) for b in from_tags.bindings]
-    assert key == [(b.lora, b.te_weight, b.unet_weight, b.words, b.span, b.trigger) for b in from_table.bindings]
+    assert key == [
+        (b.lora, b.te_weight, b.unet_weight, b.words, b.span, b.trigger) for b in from_table.bindings
+    ]
 
 
 def test_resolve_mixes_tags_and_table_and_checks_conflicts():
@@ -245,20 +286,32 @@ def test_is_active():
 
 
 def test_mode_layout_and_mask_rule_validated_and_round_tripped():
-    a = ca.validate({"enabled": True, "mode": "Routed", "layout": " 1, 2 ; 1 ", "mask_rule": "paper",
-                     "loras": [["cat", 1, "cat"], ["dog", 1, "dog"]]})
+    a = ca.validate(
+        {
+            "enabled": True,
+            "mode": "Routed",
+            "layout": " 1, 2 ; 1 ",
+            "mask_rule": "paper",
+            "loras": [["cat", 1, "cat"], ["dog", 1, "dog"]],
+        }
+    )
     assert (a.mode, a.layout, a.mask_rule) == ("routed", "1,2;1", "paper")
     params = ca.to_infotext(a)
     assert webui_quote(params[ca.INFOTEXT_KEY]) == params[ca.INFOTEXT_KEY]  # no comma, no quoting
     assert "layout=1_2~1" in params[ca.INFOTEXT_KEY]
     assert ca.from_infotext(parse_infotext_line(infotext_line(params))) == a
-    for bad, msg in (({"mode": "sideways"}, "mode must be one of"), ({"layout": "1,x"}, "not a positive number"),
-                     ({"mask_rule": "magic"}, "mask_rule must be one of")):
+    for bad, msg in (
+        ({"mode": "sideways"}, "mode must be one of"),
+        ({"layout": "1,x"}, "not a positive number"),
+        ({"mask_rule": "magic"}, "mask_rule must be one of"),
+    ):
         with pytest.raises(ca.CloraArgsError, match=msg):
             ca.validate(bad)
 
 
 def test_old_infotext_without_mask_rule_restores_the_paper_masks():
-    old = {ca.INFOTEXT_KEY: "latent=1 steps=auto step=auto refine=0 iters=5 threshold=0.3 masks_only=0 show_masks=0"}
+    old = {
+        ca.INFOTEXT_KEY: "latent=1 steps=auto step=auto refine=0 iters=5 threshold=0.3 masks_only=0 show_masks=0"
+    }
     back = ca.from_infotext(old)
     assert back.mask_rule == "paper" and back.latent_update is True and back.mode == "fusion"

@@ -24,20 +24,35 @@ def sd1():
 
 def _inputs(b: int = 2, size: int = 16, ctx: int = 64):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(b, 4, size, size, generator=g), torch.full((b,), 400.0), torch.randn(b, 77, ctx, generator=g)
+    return (
+        torch.randn(b, 4, size, size, generator=g),
+        torch.full((b,), 400.0),
+        torch.randn(b, 77, ctx, generator=g),
+    )
 
 
 def test_layer_choice_sd1_and_sdxl(sd1):
     names = lowest_resolution_layers(sd1.model.diffusion_model)
     assert names == [
         f"{blk}.1.transformer_blocks.0.attn2"
-        for blk in ("input_blocks.7", "input_blocks.8", "output_blocks.3", "output_blocks.4", "output_blocks.5")
+        for blk in (
+            "input_blocks.7",
+            "input_blocks.8",
+            "output_blocks.3",
+            "output_blocks.4",
+            "output_blocks.5",
+        )
     ]
     xl = build_tiny_sdxl(seed=0).model.diffusion_model
     xl_names = lowest_resolution_layers(xl)
     blocks = sorted({n.split(".transformer_blocks")[0] for n in xl_names})
-    assert blocks == ["input_blocks.7.1", "input_blocks.8.1", "output_blocks.0.1", "output_blocks.1.1",
-                      "output_blocks.2.1"]
+    assert blocks == [
+        "input_blocks.7.1",
+        "input_blocks.8.1",
+        "output_blocks.0.1",
+        "output_blocks.1.1",
+        "output_blocks.2.1",
+    ]
     assert len(xl_names) == 10  # depth 2 in the tiny SDXL
     assert map_hw(16, 16, 16) == (4, 4) and map_hw(30, 12, 9) == (6, 5) and map_hw(9, 12, 9) == (3, 3)
     with pytest.raises(CaptureError):

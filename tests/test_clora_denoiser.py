@@ -42,12 +42,20 @@ class World:
             self.uncond = model.get_learned_conditioning([""])
 
     def router(self) -> RoutedLoras:
-        return RoutedLoras(self.unet, [[], [(self.loras[0], 1.0)], [(self.loras[1], 1.0)]], prefix=UNET_PREFIX)
+        return RoutedLoras(
+            self.unet, [[], [(self.loras[0], 1.0)], [(self.loras[1], 1.0)]], prefix=UNET_PREFIX
+        )
 
     def clora(self, options: CloraOptions, conds=None) -> CloraDenoiser:
         return CloraDenoiser(
-            self.cfg.inner_model, self.unet, conds or self.conds, self.bp.groups, self.bp.mask_tokens, options,
-            unconds=[self.uncond] * 3, router=self.router(),
+            self.cfg.inner_model,
+            self.unet,
+            conds or self.conds,
+            self.bp.groups,
+            self.bp.mask_tokens,
+            options,
+            unconds=[self.uncond] * 3,
+            router=self.router(),
         )
 
 
@@ -106,8 +114,9 @@ def test_batched_branches_equal_each_branch_run_alone(world):
     assert 0.0 < weights[:, 0].mean().item() < 1.0 or weights[:, 1:].sum().item() > 0
     # the branches' predictions really differ
     assert (outs[COND][1] - outs[COND][2]).abs().max().item() > 1e-3
-    assert den.step_log[0]["loss_cond"] == pytest.approx(clora_loss(torch.stack(maps, 1), world.bp.groups).item(),
-                                                         abs=1e-5)
+    assert den.step_log[0]["loss_cond"] == pytest.approx(
+        clora_loss(torch.stack(maps, 1), world.bp.groups).item(), abs=1e-5
+    )
 
 
 def test_update_lowers_the_loss(world):
@@ -160,8 +169,14 @@ def test_euler_steps_from_the_updated_latent(world):
     seen = {}
     extra = {"cond": None, "uncond": None, "cond_scale": 5.0}
     with torch.no_grad():
-        out = ks.sample_euler(den, x0.clone(), sigmas, extra_args=extra, disable=True,
-                              callback=lambda d: seen.update(x=d["x"].clone(), den=d["denoised"].clone()))
+        out = ks.sample_euler(
+            den,
+            x0.clone(),
+            sigmas,
+            extra_args=extra,
+            disable=True,
+            callback=lambda d: seen.update(x=d["x"].clone(), den=d["denoised"].clone()),
+        )
     x_new, d_new = seen["x"], seen["den"]
     assert not torch.equal(x_new, x0)
     d = (x_new - d_new) / sigmas[0]
@@ -183,8 +198,15 @@ def test_samplers_with_updates(world, sampler):
     assert all(torch.equal(before[k], after[k]) for k in before)
     if sampler == "euler":  # each image of the batch has its own branches: equal to one image at a time
         singles = [
-            sample(world.model, [PROMPT], steps=4, cfg_scale=5.0, sampler=sampler, seed=7 + i,
-                   denoiser=world.clora(opts))
+            sample(
+                world.model,
+                [PROMPT],
+                steps=4,
+                cfg_scale=5.0,
+                sampler=sampler,
+                seed=7 + i,
+                denoiser=world.clora(opts),
+            )
             for i in range(2)
         ]
         assert (out - torch.cat(singles)).abs().max().item() <= 1e-5
@@ -200,7 +222,16 @@ def test_nothing_hooked_after_an_exception_mid_sampling(world):
             raise KeyboardInterrupt("user pressed interrupt")
 
     with pytest.raises(KeyboardInterrupt):
-        sample(world.model, [PROMPT], steps=4, cfg_scale=5.0, sampler="euler", seed=0, denoiser=den, callback=boom)
+        sample(
+            world.model,
+            [PROMPT],
+            steps=4,
+            cfg_scale=5.0,
+            sampler="euler",
+            seed=0,
+            denoiser=den,
+            callback=boom,
+        )
     assert count_hooks(world.model) == n0 == 0
     after = world.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -210,7 +241,10 @@ def test_nothing_hooked_after_an_exception_mid_sampling(world):
 def test_masks_only_and_inference_mode_fallback(world):
     kw = {"steps": 3, "cfg_scale": 5.0, "sampler": "euler", "seed": 2}
     ref = sample(
-        world.model, [PROMPT], denoiser=world.clora(CloraOptions(latent_update=False, mask_rule="paper")), **kw
+        world.model,
+        [PROMPT],
+        denoiser=world.clora(CloraOptions(latent_update=False, mask_rule="paper")),
+        **kw,
     )
     den = world.clora(CloraOptions(masks_only=True, mask_rule="paper"))
     assert torch.equal(sample(world.model, [PROMPT], denoiser=den, **kw), ref)
@@ -220,7 +254,9 @@ def test_masks_only_and_inference_mode_fallback(world):
         out = sample(world.model, [PROMPT], denoiser=den, **kw)
     assert "inference_mode" in (den.fallback_reason or "")
     assert torch.equal(out, ref)
-    updated = sample(world.model, [PROMPT], denoiser=world.clora(CloraOptions.paper(4, refinement_iters=1)), **kw)
+    updated = sample(
+        world.model, [PROMPT], denoiser=world.clora(CloraOptions.paper(4, refinement_iters=1)), **kw
+    )
     assert (updated - ref).abs().max() > 1e-4
 
 
@@ -233,8 +269,16 @@ def test_cfg_off_uses_cond_rows_only(world):
 
 def test_official_loop_runs_and_lowers_its_loss(world):
     opts = CloraOptions.paper(4, refinement_iters=3)
-    loop = OfficialCloraLoop(world.cfg.inner_model, world.unet, world.conds, [world.uncond] * 3, world.bp.groups,
-                             world.bp.mask_tokens, opts, router=world.router())
+    loop = OfficialCloraLoop(
+        world.cfg.inner_model,
+        world.unet,
+        world.conds,
+        [world.uncond] * 3,
+        world.bp.groups,
+        world.bp.mask_tokens,
+        opts,
+        router=world.router(),
+    )
     out = sample(world.model, [PROMPT], steps=4, cfg_scale=5.0, sampler="euler", seed=0, denoiser=loop)
     assert bool(torch.isfinite(out).all()) and count_hooks(world.model) == 0
     assert len(loop.history) == opts.total_updates(4)
@@ -266,21 +310,35 @@ def test_sdxl_tiny_model():
 
 def test_builder_with_text_encoder_and_style_loras(world):
     m = world.model
-    te = random_lora(m.cond_stage_model.transformer, 21, prefix="cond_stage_model.transformer.",
-                     targets=("q_proj", "v_proj"))
+    te = random_lora(
+        m.cond_stage_model.transformer,
+        21,
+        prefix="cond_stage_model.transformer.",
+        targets=("q_proj", "v_proj"),
+    )
     unet_part = world.loras[0]
     both = type(unet_part)({**unet_part.modules, **te.modules})
     style = random_lora(world.unet, 31, std=0.1, prefix=UNET_PREFIX, targets=("attn1.to_v",))
     den, bp = build_clora_denoiser(
-        world.cfg.inner_model, world.unet, m.get_learned_conditioning, m.prompt_encoder.token_positions, PROMPT,
-        CONCEPTS, [[(both, 1.0)], [(world.loras[1], 0.8)]], style=[(style, 0.5)],
-        options=CloraOptions.paper(3, refinement_iters=1), te_model=m,
+        world.cfg.inner_model,
+        world.unet,
+        m.get_learned_conditioning,
+        m.prompt_encoder.token_positions,
+        PROMPT,
+        CONCEPTS,
+        [[(both, 1.0)], [(world.loras[1], 0.8)]],
+        style=[(style, 0.5)],
+        options=CloraOptions.paper(3, refinement_iters=1),
+        te_model=m,
     )
     assert bp.prompts == world.bp.prompts
     with torch.no_grad():
         assert torch.equal(den.conds[0], world.conds[0]) and torch.equal(den.conds[2], world.conds[2])
         assert (den.conds[1] - world.conds[1]).abs().max() > 1e-3  # branch 1's text-encoder LoRA
         assert (den.unconds[1] - den.unconds[0]).abs().max() > 1e-3
-    assert den.router.n_modules == len(unet_part) + len({k for k in world.loras[1].modules} - set(unet_part.modules)) + 16
+    assert (
+        den.router.n_modules
+        == len(unet_part) + len({k for k in world.loras[1].modules} - set(unet_part.modules)) + 16
+    )
     out = sample(m, [PROMPT], steps=3, cfg_scale=5.0, sampler="euler", seed=0, denoiser=den)
     assert bool(torch.isfinite(out).all()) and count_hooks(m) == 0

@@ -24,14 +24,20 @@ def _loras(model):
     # a dense delta (LyCORIS-like) on one conv
     key = UNET_PREFIX + "input_blocks.1.0.out_layers.3"
     w = unet.get_submodule("input_blocks.1.0.out_layers.3").weight
-    dense = DeltaSet({key: LoraModule(key, dense=torch.randn(w.shape, generator=torch.Generator().manual_seed(5)) * 0.05)})
+    dense = DeltaSet(
+        {key: LoraModule(key, dense=torch.randn(w.shape, generator=torch.Generator().manual_seed(5)) * 0.05)}
+    )
     style = random_lora(unet, 9, std=0.2, prefix=UNET_PREFIX, targets=("attn1.to_v",))
     return a, b, dense, style
 
 
 def _inputs(b: int):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(b, 4, 16, 16, generator=g), torch.full((b,), 321.0), torch.randn(b, 77, 64, generator=g)
+    return (
+        torch.randn(b, 4, 16, 16, generator=g),
+        torch.full((b,), 321.0),
+        torch.randn(b, 77, 64, generator=g),
+    )
 
 
 def test_batched_rows_equal_each_branch_alone(model):
@@ -79,12 +85,15 @@ def test_hooks_removed_and_weights_bit_identical_after_exception(model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     n_hooks = count_hooks(model)
     x, t, c = _inputs(2)
-    with pytest.raises(RuntimeError, match="boom"), RoutedLoras(unet, [[(a, 1.0)], [(b, 1.0)]], prefix=UNET_PREFIX) as router:
-            router.set_rows([0, 1])
-            assert count_hooks(model) > n_hooks
-            with torch.no_grad():
-                unet(x, t, context=c)
-            raise RuntimeError("boom")
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        RoutedLoras(unet, [[(a, 1.0)], [(b, 1.0)]], prefix=UNET_PREFIX) as router,
+    ):
+        router.set_rows([0, 1])
+        assert count_hooks(model) > n_hooks
+        with torch.no_grad():
+            unet(x, t, context=c)
+        raise RuntimeError("boom")
     assert count_hooks(model) == n_hooks
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -105,8 +114,13 @@ def test_row_count_mismatch_is_a_clear_error(model):
 def test_bad_keys_raise_before_hooking(model):
     unet = model.model.diffusion_model
     n = count_hooks(unet)
-    missing = DeltaSet({UNET_PREFIX + "nope.to_k": LoraModule(UNET_PREFIX + "nope.to_k", down=torch.ones(1, 2),
-                                                              up=torch.ones(2, 1))})
+    missing = DeltaSet(
+        {
+            UNET_PREFIX + "nope.to_k": LoraModule(
+                UNET_PREFIX + "nope.to_k", down=torch.ones(1, 2), up=torch.ones(2, 1)
+            )
+        }
+    )
     with pytest.raises(RoutingError, match="names no module"):
         RoutedLoras(unet, [[(missing, 1.0)]], prefix=UNET_PREFIX)
     fused_key = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj:q"
@@ -121,8 +135,12 @@ def test_bad_keys_raise_before_hooking(model):
 
 
 def test_text_encoder_lora_per_branch(model):
-    te = random_lora(model.cond_stage_model.transformer, 4, prefix="cond_stage_model.transformer.",
-                     targets=("q_proj", "v_proj", "fc1"))
+    te = random_lora(
+        model.cond_stage_model.transformer,
+        4,
+        prefix="cond_stage_model.transformer.",
+        targets=("q_proj", "v_proj", "fc1"),
+    )
     assert len(te) == 6
     prompts = [["a cat", ""], ["a sks cat", ""]]
     with torch.no_grad():

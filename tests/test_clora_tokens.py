@@ -29,8 +29,12 @@ def test_insert_mode_groups_and_masks(positions):
 
 
 def test_replace_mode_and_repeated_words(positions):
-    bp = branch_prompts("a dog next to a cat, a dog toy", [Concept("ohwx", "cat"), Concept("sks", "dog")],
-                        positions, mode="replace")
+    bp = branch_prompts(
+        "a dog next to a cat, a dog toy",
+        [Concept("ohwx", "cat"), Concept("sks", "dog")],
+        positions,
+        mode="replace",
+    )
     assert bp.prompts[1] == "a dog next to a ohwx, a dog toy"
     assert bp.prompts[2] == "a sks next to a cat, a dog toy"
     assert bp.groups[1][0] == [2]  # the first "dog", not the one in "dog toy"
@@ -40,8 +44,9 @@ def test_replace_mode_and_repeated_words(positions):
 
 
 def test_multi_word_binding(positions):
-    bp = branch_prompts("a red car and a small house", [Concept("<car-lora>", "red car"), Concept("sks", "house")],
-                        positions)
+    bp = branch_prompts(
+        "a red car and a small house", [Concept("<car-lora>", "red car"), Concept("sks", "house")], positions
+    )
     n_trig = len(positions("<car-lora>", "<car-lora>"))
     assert n_trig > 1
     assert bp.groups[0][0] == [2, 3]

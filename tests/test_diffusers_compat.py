@@ -41,8 +41,14 @@ from lib_loraclr.writers import write_kohya_lora
 #: modules diffusers 0.31's kohya converter cannot name (it turns ``conv_in`` into ``conv.in``); A1111, Forge
 #: and ComfyUI load them. SD1 files: diffusers skips them with a warning; SDXL files: its sgm block mapper
 #: raises, so these modules are left out of the SDXL file (keymap.diffusers_kohya_gaps names them).
-DIFFUSERS_KOHYA_GAPS = {"unet.conv_in", "unet.conv_out", "unet.time_embedding.linear_1",
-                        "unet.time_embedding.linear_2", "unet.add_embedding.linear_1", "unet.add_embedding.linear_2"}
+DIFFUSERS_KOHYA_GAPS = {
+    "unet.conv_in",
+    "unet.conv_out",
+    "unet.time_embedding.linear_1",
+    "unet.time_embedding.linear_2",
+    "unet.add_embedding.linear_1",
+    "unet.add_embedding.linear_2",
+}
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
@@ -76,23 +82,40 @@ def _tiny_unet(arch: str) -> UNet2DConditionModel:
     torch.manual_seed(0)
     if arch == "sd1":
         return UNet2DConditionModel(
-            sample_size=16, block_out_channels=(32, 32, 64, 64), layers_per_block=2, cross_attention_dim=64,
-            attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            sample_size=16,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=2,
+            cross_attention_dim=64,
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         )
     return UNet2DConditionModel(
-        sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=96,
+        sample_size=16,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        cross_attention_dim=96,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=[1, 2, 3], attention_head_dim=[2, 4, 4], use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=96,
+        transformer_layers_per_block=[1, 2, 3],
+        attention_head_dim=[2, 4, 4],
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=96,
     )
 
 
 def _tiny_clip(width: int, projection: bool = False) -> nn.Module:
     torch.manual_seed(1)
-    cfg = CLIPTextConfig(vocab_size=1000, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                         num_attention_heads=4, projection_dim=width)
+    cfg = CLIPTextConfig(
+        vocab_size=1000,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=width,
+    )
     return CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
 
 
@@ -156,11 +179,13 @@ def test_written_kohya_file_loads_in_diffusers_with_equal_deltas(tmp_path: Path,
     state_dict, alphas = mixin.lora_state_dict(str(tmp_path), weight_name=path.name, **kwargs)
     with caplog.at_level(logging.WARNING):
         mixin.load_lora_into_unet(state_dict, alphas, comps["unet"], adapter_name="ours")
-        mixin.load_lora_into_text_encoder(state_dict, alphas, comps["text_encoder"], prefix="text_encoder",
-                                          adapter_name="ours")
+        mixin.load_lora_into_text_encoder(
+            state_dict, alphas, comps["text_encoder"], prefix="text_encoder", adapter_name="ours"
+        )
         if arch == "sdxl":
-            mixin.load_lora_into_text_encoder(state_dict, alphas, comps["text_encoder_2"], prefix="text_encoder_2",
-                                              adapter_name="ours")
+            mixin.load_lora_into_text_encoder(
+                state_dict, alphas, comps["text_encoder_2"], prefix="text_encoder_2", adapter_name="ours"
+            )
     applied = _peft_deltas(comps, "ours")
 
     expected = {names[k]: m.delta() for k, m in ds.modules.items()}
@@ -181,8 +206,20 @@ def test_written_kohya_file_loads_in_diffusers_with_equal_deltas(tmp_path: Path,
 def test_peft_made_file_reads_to_the_same_deltas(tmp_path: Path) -> None:
     comps = {"unet": _tiny_unet("sd1"), "text_encoder": _tiny_clip(32)}
     targets = {
-        "unet": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                 "conv1", "conv2", "conv_shortcut", "time_emb_proj"],
+        "unet": [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "proj_in",
+            "proj_out",
+            "ff.net.0.proj",
+            "ff.net.2",
+            "conv1",
+            "conv2",
+            "conv_shortcut",
+            "time_emb_proj",
+        ],
         "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     }
     sd: dict[str, torch.Tensor] = {}

@@ -22,7 +22,9 @@ from lib_loraclr.tiny.models import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("loraclr_host_models", ROOT / "scripts" / "loraclr_glue" / "host_models.py")
+_spec = importlib.util.spec_from_file_location(
+    "loraclr_host_models", ROOT / "scripts" / "loraclr_glue" / "host_models.py"
+)
 host_models = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(host_models)
 
@@ -39,7 +41,9 @@ def test_factory_builds_the_unet_and_weights_come_from_the_file(plain_ckpt) -> N
     ref, path = plain_ckpt
     seen = []
 
-    class HostUNet(nn.Module):  # a host class with the ldm layout (here: wrapping ldm's, built by the factory)
+    class HostUNet(
+        nn.Module
+    ):  # a host class with the ldm layout (here: wrapping ldm's, built by the factory)
         def __init__(self, cfg):
             super().__init__()
             self.inner = _build_ldm_unet(cfg)
@@ -62,6 +66,7 @@ def test_factory_builds_the_unet_and_weights_come_from_the_file(plain_ckpt) -> N
     torch.testing.assert_close(m.get_learned_conditioning(["photo of sks", "ohwx"]), c, rtol=0, atol=0)
     assert set(vars(m)) == set(vars(ref)) and set(m._modules) == set(ref._modules)  # same object as TinySD
     assert m.alphas_cumprod.device.type == "cpu" and torch.equal(m.alphas_cumprod, ref.alphas_cumprod)
+
     # a UNet of another layout is refused with the reason, both ways
     def no_middle_attention(cfg):
         unet = _build_ldm_unet(cfg)
@@ -82,8 +87,17 @@ def test_forge_arguments_for_sd15_sizes() -> None:
     assert kw["transformer_depth"] == [1, 1, 1, 1, 1, 1, 0, 0]
     assert kw["transformer_depth_output"] == [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]
     assert kw["transformer_depth_middle"] == 1 and kw["num_res_blocks"] == [2, 2, 2, 2]
-    assert (kw["model_channels"], kw["context_dim"], kw["channel_mult"], kw["num_heads"]) == (320, 768, [1, 2, 4, 4], 8)
-    assert kw["use_spatial_transformer"] and kw["adm_in_channels"] is None and not kw["use_linear_in_transformer"]
+    assert (kw["model_channels"], kw["context_dim"], kw["channel_mult"], kw["num_heads"]) == (
+        320,
+        768,
+        [1, 2, 4, 4],
+        8,
+    )
+    assert (
+        kw["use_spatial_transformer"]
+        and kw["adm_in_channels"] is None
+        and not kw["use_linear_in_transformer"]
+    )
 
 
 def test_factory_chosen_by_capability() -> None:
@@ -95,8 +109,12 @@ def test_factory_chosen_by_capability() -> None:
             made.append(kw)
 
     f = host_models.forge_unet_factory(FakeForgeUNet)
-    assert isinstance(f(TinyUNetConfig()), FakeForgeUNet) and made[0]["transformer_depth"] == [1] * 6 + [0] * 2
+    assert (
+        isinstance(f(TinyUNetConfig()), FakeForgeUNet) and made[0]["transformer_depth"] == [1] * 6 + [0] * 2
+    )
     assert f.unet_class is FakeForgeUNet
-    assert importlib.util.find_spec("ldm") is not None and host_models.merge_unet_factory() is None  # ldm: default
+    assert (
+        importlib.util.find_spec("ldm") is not None and host_models.merge_unet_factory() is None
+    )  # ldm: default
     if importlib.util.find_spec("backend") is None:
         assert host_models.forge_unet_class() is None and host_models.forge_unet_factory() is None

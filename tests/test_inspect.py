@@ -57,8 +57,15 @@ def test_inspect_summary(tmp_path: Path) -> None:
     assert s["metadata"]["ss_network_dim"] == "8"
     assert s["metadata"]["ss_tag_frequency"].startswith("<")  # long fields are shortened
     table = format_summary(s)
-    for text in ["SD1.x", "TE: 2, UNet: 4", "4 (2 modules), 8 (3 modules), dense (1 module)", "sks, dog",
-                 "unmapped keys", "bogus_tensor", "ss_base_model_version"]:
+    for text in [
+        "SD1.x",
+        "TE: 2, UNet: 4",
+        "4 (2 modules), 8 (3 modules), dense (1 module)",
+        "sks, dog",
+        "unmapped keys",
+        "bogus_tensor",
+        "ss_base_model_version",
+    ]:
         assert text in table, text
 
 
@@ -88,8 +95,14 @@ def test_dispatcher(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_python_dash_m_runs(tmp_path: Path) -> None:
     p = _kohya_file(tmp_path)
-    r = subprocess.run([sys.executable, "-m", "lib_loraclr", "inspect", "--no-metadata", str(p)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120, check=False, env={"PATH": "", "OMP_NUM_THREADS": "1",
-                                                                         "HF_HUB_OFFLINE": "1"})
+    r = subprocess.run(
+        [sys.executable, "-m", "lib_loraclr", "inspect", "--no-metadata", str(p)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"PATH": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
     assert r.returncode == 0, r.stderr
     assert "architecture" in r.stdout and "ss_network_dim" not in r.stdout

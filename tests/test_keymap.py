@@ -32,10 +32,27 @@ from lib_loraclr.keymap import (
 
 ATTN_LEAVES = ["proj_in", "proj_out"] + [
     f"transformer_blocks_{{b}}_{x}"
-    for x in ["attn1_to_q", "attn1_to_k", "attn1_to_v", "attn1_to_out_0",
-              "attn2_to_q", "attn2_to_k", "attn2_to_v", "attn2_to_out_0", "ff_net_0_proj", "ff_net_2"]
+    for x in [
+        "attn1_to_q",
+        "attn1_to_k",
+        "attn1_to_v",
+        "attn1_to_out_0",
+        "attn2_to_q",
+        "attn2_to_k",
+        "attn2_to_v",
+        "attn2_to_out_0",
+        "ff_net_0_proj",
+        "ff_net_2",
+    ]
 ]
-TE_LEAVES = ["self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2"]
+TE_LEAVES = [
+    "self_attn_q_proj",
+    "self_attn_k_proj",
+    "self_attn_v_proj",
+    "self_attn_out_proj",
+    "mlp_fc1",
+    "mlp_fc2",
+]
 
 
 @functools.cache
@@ -67,14 +84,23 @@ def diffusers_unet(arch: str) -> nn.Module:
         if arch == "sd1":
             return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
         if arch == "sd2":
-            return UNet2DConditionModel(sample_size=96, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
-                                        use_linear_projection=True)
+            return UNet2DConditionModel(
+                sample_size=96,
+                cross_attention_dim=1024,
+                attention_head_dim=[5, 10, 20, 20],
+                use_linear_projection=True,
+            )
         return UNet2DConditionModel(
-            sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
+            sample_size=128,
+            cross_attention_dim=2048,
+            block_out_channels=(320, 640, 1280),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20], use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256,
+            transformer_layers_per_block=[1, 2, 10],
+            attention_head_dim=[5, 10, 20],
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,
         )
 
@@ -84,11 +110,19 @@ def hf_clip(hidden: int, layers: int, heads: int, inter: int) -> nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
-        return CLIPTextModel(CLIPTextConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                                            intermediate_size=inter))
+        return CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                intermediate_size=inter,
+            )
+        )
 
 
-def kohya_names(model: nn.Module, prefix: str, targets: tuple[str, ...], locon: bool) -> dict[str, tuple[int, ...]]:
+def kohya_names(
+    model: nn.Module, prefix: str, targets: tuple[str, ...], locon: bool
+) -> dict[str, tuple[int, ...]]:
     """kohya's naming: every Linear / (1×1 | any, with ``locon``) Conv2d below a module of a target class."""
     out: dict[str, tuple[int, ...]] = {}
     for name, module in model.named_modules():
@@ -114,15 +148,27 @@ def kohya_sd_unet(arch: str, locon: bool) -> dict[str, tuple[int, ...]]:
 
 
 def kohya_te(prefix: str, hidden: int, layers: int, heads: int, inter: int) -> dict[str, tuple[int, ...]]:
-    return kohya_names(hf_clip(hidden, layers, heads, inter), prefix, ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"),
-                       False)
+    return kohya_names(
+        hf_clip(hidden, layers, heads, inter),
+        prefix,
+        ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"),
+        False,
+    )
 
 
 def sdxl_sgm_attention_names() -> list[str]:
     """SDXL attention modules as kohya's sdxl trainer names them (sgm layout, 70 transformer blocks)."""
-    blocks = [("input_blocks_4_1", 2), ("input_blocks_5_1", 2), ("input_blocks_7_1", 10), ("input_blocks_8_1", 10),
-              ("middle_block_1", 10)] + [(f"output_blocks_{i}_1", 10) for i in (0, 1, 2)] + [
-        (f"output_blocks_{i}_1", 2) for i in (3, 4, 5)]
+    blocks = (
+        [
+            ("input_blocks_4_1", 2),
+            ("input_blocks_5_1", 2),
+            ("input_blocks_7_1", 10),
+            ("input_blocks_8_1", 10),
+            ("middle_block_1", 10),
+        ]
+        + [(f"output_blocks_{i}_1", 10) for i in (0, 1, 2)]
+        + [(f"output_blocks_{i}_1", 2) for i in (3, 4, 5)]
+    )
     names = []
     for blk, depth in blocks:
         names += [f"lora_unet_{blk}_proj_in", f"lora_unet_{blk}_proj_out"]
@@ -167,9 +213,14 @@ def test_sd15_full_lora_key_set_maps_to_every_module_and_back() -> None:
 
 def test_sd15_locon_conv_in_out_resnets_samplers_map() -> None:
     names = kohya_sd_unet("sd1", locon=True)
-    assert {"lora_unet_conv_in", "lora_unet_conv_out", "lora_unet_down_blocks_0_downsamplers_0_conv",
-            "lora_unet_up_blocks_0_upsamplers_0_conv", "lora_unet_up_blocks_2_resnets_2_conv_shortcut",
-            "lora_unet_mid_block_resnets_1_time_emb_proj"} <= set(names)
+    assert {
+        "lora_unet_conv_in",
+        "lora_unet_conv_out",
+        "lora_unet_down_blocks_0_downsamplers_0_conv",
+        "lora_unet_up_blocks_0_upsamplers_0_conv",
+        "lora_unet_up_blocks_2_resnets_2_conv_shortcut",
+        "lora_unet_mid_block_resnets_1_time_emb_proj",
+    } <= set(names)
     _check_all(names, sd15_tree(), "sd1")
 
 
@@ -264,41 +315,70 @@ def test_a1111_diffusers_to_compvis_examples() -> None:
     }
     for kohya, path in cases.items():
         assert kohya_to_canonical(kohya, "sd1") == UNET_PREFIX + path, kohya
-    assert kohya_to_canonical("lora_unet_up_blocks_0_upsamplers_0_conv", "sdxl") == UNET_PREFIX + "output_blocks.2.2.conv"
-    assert kohya_to_canonical("lora_te_text_model_encoder_layers_0_mlp_fc1", "sd2") == \
-        "cond_stage_model.model.transformer.resblocks.0.mlp.c_fc"
-    assert kohya_to_canonical("lora_te2_text_model_encoder_layers_7_mlp_fc2", "sdxl") == \
-        "conditioner.embedders.1.model.transformer.resblocks.7.mlp.c_proj"
+    assert (
+        kohya_to_canonical("lora_unet_up_blocks_0_upsamplers_0_conv", "sdxl")
+        == UNET_PREFIX + "output_blocks.2.2.conv"
+    )
+    assert (
+        kohya_to_canonical("lora_te_text_model_encoder_layers_0_mlp_fc1", "sd2")
+        == "cond_stage_model.model.transformer.resblocks.0.mlp.c_fc"
+    )
+    assert (
+        kohya_to_canonical("lora_te2_text_model_encoder_layers_7_mlp_fc2", "sdxl")
+        == "conditioner.embedders.1.model.transformer.resblocks.7.mlp.c_proj"
+    )
     assert kohya_to_canonical("lora_te_text_model_encoder_layers_0_mlp_fc1", "sdxl") is None
 
 
-@pytest.mark.parametrize("name", [
-    "lora_unet_down_blocks_0_attentions_5_proj_in", "lora_unet_down_blocks_0_resnets_0_conv9",
-    "lora_unet_input_blocks_1_0_proj_in", "lora_unet_mid_block_attentions_1_proj_in", "lora_unet_something",
-    "lora_te_text_model_encoder_layers_0_self_attn_x_proj", "lora_transformer_blocks_0_attn_to_q",
-    "lora_te3_text_model_encoder_layers_0_mlp_fc1", "lora_unet_input_blocks_0_1_proj_in", "",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "lora_unet_down_blocks_0_attentions_5_proj_in",
+        "lora_unet_down_blocks_0_resnets_0_conv9",
+        "lora_unet_input_blocks_1_0_proj_in",
+        "lora_unet_mid_block_attentions_1_proj_in",
+        "lora_unet_something",
+        "lora_te_text_model_encoder_layers_0_self_attn_x_proj",
+        "lora_transformer_blocks_0_attn_to_q",
+        "lora_te3_text_model_encoder_layers_0_mlp_fc1",
+        "lora_unet_input_blocks_0_1_proj_in",
+        "",
+    ],
+)
 def test_unknown_names_map_to_none(name: str) -> None:
     assert kohya_to_canonical(name, "sd1") is None
 
 
 def test_diffusers_and_peft_names() -> None:
     c = UNET_PREFIX + "output_blocks.3.1.transformer_blocks.0.attn1.to_out.0"
-    for n in ["unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
-              "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
-              "base_model.model.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
-              "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora",
-              "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out_lora"]:
+    for n in [
+        "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
+        "base_model.model.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
+        "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora",
+        "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out_lora",
+    ]:
         assert diffusers_to_canonical(n, "sd1") == c, n
-    assert canonical_to_diffusers(c, "sd1") == "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0"
-    assert diffusers_to_canonical("text_encoder.text_model.encoder.layers.2.self_attn.to_k_lora", "sd1") == \
-        "cond_stage_model.transformer.text_model.encoder.layers.2.self_attn.k_proj"
-    assert diffusers_to_canonical("text_encoder.text_model.encoder.layers.2.mlp.fc1", "sdxl") == \
-        "conditioner.embedders.0.transformer.text_model.encoder.layers.2.mlp.fc1"
-    assert diffusers_to_canonical("text_encoder.text_model.encoder.layers.2.self_attn.q_proj", "sd2") == \
-        "cond_stage_model.model.transformer.resblocks.2.attn.in_proj:q"
+    assert (
+        canonical_to_diffusers(c, "sd1")
+        == "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    )
+    assert (
+        diffusers_to_canonical("text_encoder.text_model.encoder.layers.2.self_attn.to_k_lora", "sd1")
+        == "cond_stage_model.transformer.text_model.encoder.layers.2.self_attn.k_proj"
+    )
+    assert (
+        diffusers_to_canonical("text_encoder.text_model.encoder.layers.2.mlp.fc1", "sdxl")
+        == "conditioner.embedders.0.transformer.text_model.encoder.layers.2.mlp.fc1"
+    )
+    assert (
+        diffusers_to_canonical("text_encoder.text_model.encoder.layers.2.self_attn.q_proj", "sd2")
+        == "cond_stage_model.model.transformer.resblocks.2.attn.in_proj:q"
+    )
     k2 = "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj:q"
-    assert canonical_to_diffusers(k2, "sdxl") == "text_encoder_2.text_model.encoder.layers.31.self_attn.q_proj"
+    assert (
+        canonical_to_diffusers(k2, "sdxl") == "text_encoder_2.text_model.encoder.layers.31.self_attn.q_proj"
+    )
     assert diffusers_to_canonical(canonical_to_diffusers(k2, "sdxl"), "sdxl") == k2
     assert diffusers_to_canonical("vae.decoder.conv_in", "sd1") is None
 
@@ -342,5 +422,7 @@ def test_canonical_to_kohya_refuses_non_canonical() -> None:
         canonical_to_kohya("model.diffusion_model.foo.bar", "sd1")
     with pytest.raises(ValueError):
         canonical_to_kohya(UNET_PREFIX + "input_blocks.1.1.proj_in", "unknown")
-    assert canonical_to_kohya(UNET_PREFIX + "input_blocks.1.1.proj_in", "sd1", unet_style="ldm") == \
-        "lora_unet_input_blocks_1_1_proj_in"
+    assert (
+        canonical_to_kohya(UNET_PREFIX + "input_blocks.1.1.proj_in", "sd1", unet_style="ldm")
+        == "lora_unet_input_blocks_1_1_proj_in"
+    )

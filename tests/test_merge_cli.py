@@ -21,21 +21,53 @@ def files(tmp_path_factory):
     save_tiny_checkpoint(model, d / "base.safetensors")
     keys = attention_keys(model)
     for i, name in enumerate(("cat", "dog")):
-        write_kohya_lora(random_lora(model, keys, seed=i + 1), d / f"{name}.safetensors", arch="sd1",
-                         metadata={"loraclr_trigger": '["sks"]'}, dtype=torch.float32)
+        write_kohya_lora(
+            random_lora(model, keys, seed=i + 1),
+            d / f"{name}.safetensors",
+            arch="sd1",
+            metadata={"loraclr_trigger": '["sks"]'},
+            dtype=torch.float32,
+        )
     return d
 
 
 def _args(d, out: str, *extra: str) -> list[str]:
-    return ["merge", "--base", str(d / "base.safetensors"),
-            "--concept", str(d / "cat.safetensors"), "sks", "--weight", "0.9",
-            "--concept", str(d / "dog.safetensors"), "ohwx", "--te-weight", "0.8",
-            "--out", str(d / out), "--steps", "2", "--no-progress", *extra]
+    return [
+        "merge",
+        "--base",
+        str(d / "base.safetensors"),
+        "--concept",
+        str(d / "cat.safetensors"),
+        "sks",
+        "--weight",
+        "0.9",
+        "--concept",
+        str(d / "dog.safetensors"),
+        "ohwx",
+        "--te-weight",
+        "0.8",
+        "--out",
+        str(d / out),
+        "--steps",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_merge_cli_writes_lora_and_report(files, capsys) -> None:
-    rc = cli(_args(files, "merged.safetensors", "--method", "lsq", "--rank", "8",
-                   "--report", str(files / "report.json")))
+    rc = cli(
+        _args(
+            files,
+            "merged.safetensors",
+            "--method",
+            "lsq",
+            "--rank",
+            "8",
+            "--report",
+            str(files / "report.json"),
+        )
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "fidelity" in out and "saved" in out
@@ -58,8 +90,19 @@ def test_merge_cli_checkpoint_and_refusals(files, capsys) -> None:
     assert "already exists" in capsys.readouterr().err
     assert (files / "merged_ckpt.safetensors").stat().st_mtime_ns == before
     # a prompt without the trigger words: clear error, no output
-    args = ["merge", "--base", str(files / "base.safetensors"), "--concept", str(files / "cat.safetensors"), "sks",
-            "--prompt", "a photo of a dog", "--out", str(files / "y.safetensors"), "--no-progress"]
+    args = [
+        "merge",
+        "--base",
+        str(files / "base.safetensors"),
+        "--concept",
+        str(files / "cat.safetensors"),
+        "sks",
+        "--prompt",
+        "a photo of a dog",
+        "--out",
+        str(files / "y.safetensors"),
+        "--no-progress",
+    ]
     assert cli(args) == 1
     assert "sks" in capsys.readouterr().err
     assert not (files / "y.safetensors").exists()

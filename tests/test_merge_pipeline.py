@@ -24,12 +24,16 @@ def model():
 @pytest.fixture(scope="module")
 def concepts(model):
     keys = attention_keys(model)
-    return [Concept(random_lora(model, keys, seed=1), "sks", name="a"),
-            Concept(random_lora(model, keys, seed=2), "ohwx", name="b")]
+    return [
+        Concept(random_lora(model, keys, seed=1), "sks", name="a"),
+        Concept(random_lora(model, keys, seed=2), "ohwx", name="b"),
+    ]
 
 
 def _fast(**kw) -> MergeConfig:
-    kw.setdefault("sequential", False)  # the one-pass feature collection; tests/test_merge_sequential.py: the other
+    kw.setdefault(
+        "sequential", False
+    )  # the one-pass feature collection; tests/test_merge_sequential.py: the other
     return MergeConfig(sample_steps=2, sampler="euler", **kw)
 
 
@@ -66,8 +70,9 @@ def test_single_concept_lsq_reproduces_its_lora(model, concepts) -> None:
 
 def test_saved_lora_and_checkpoint_load_back(model, concepts, tmp_path) -> None:
     res = merge_loras(model, concepts, _fast(method="lsq"))
-    errs = write_kohya_lora(res.deltas, tmp_path / "merged.safetensors", arch="sd1", rank=None,
-                            dtype=torch.float32)
+    errs = write_kohya_lora(
+        res.deltas, tmp_path / "merged.safetensors", arch="sd1", rank=None, dtype=torch.float32
+    )
     back = read_lora(tmp_path / "merged.safetensors")
     assert set(back.modules) == set(res.deltas.modules)
     for k, m in back.modules.items():
@@ -75,7 +80,9 @@ def test_saved_lora_and_checkpoint_load_back(model, concepts, tmp_path) -> None:
         rel = float((m.delta() - ref).norm() / ref.norm())
         assert rel <= errs[k] + 1e-4, (k, rel, errs[k])
     # the saved LoRA applied to the base reproduces the merged weights within the reported SVD error
-    write_checkpoint(model.state_dict(), res.deltas, tmp_path / "merged_ckpt.safetensors", dtype=torch.float32)
+    write_checkpoint(
+        model.state_dict(), res.deltas, tmp_path / "merged_ckpt.safetensors", dtype=torch.float32
+    )
     from safetensors.torch import load_file
 
     sd = load_file(tmp_path / "merged_ckpt.safetensors")
@@ -146,8 +153,13 @@ def test_mean_prior_single_concept_and_all_prompts(model, concepts) -> None:
         shapes.append((c, h, w if " and " not in prompt else 2 * w))
         return shapes[-1]
 
-    cfg = _fast(method="lsq", prior="mean", sample_prompts="all", shape_for=shape_for,
-                templates=("photo of a {}", "a {} and a dog"))
+    cfg = _fast(
+        method="lsq",
+        prior="mean",
+        sample_prompts="all",
+        shape_for=shape_for,
+        templates=("photo of a {}", "a {} and a dog"),
+    )
     res = merge_loras(model, concepts, cfg)
     assert (c, h, 2 * w) in shapes and (c, h, w) in shapes
     for name in ("a", "b"):

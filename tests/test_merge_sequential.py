@@ -38,23 +38,34 @@ def test_effective_delta_is_the_least_squares_fit_of_the_teacher() -> None:
 
 
 def test_unet_stages_follow_depth() -> None:
-    keys = ["model.diffusion_model.output_blocks.3.1.transformer_blocks.0.attn1.to_q",
-            "model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q",
-            "model.diffusion_model.input_blocks.11.1.transformer_blocks.0.attn1.to_q",
-            "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn1.to_q"]
+    keys = [
+        "model.diffusion_model.output_blocks.3.1.transformer_blocks.0.attn1.to_q",
+        "model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q",
+        "model.diffusion_model.input_blocks.11.1.transformer_blocks.0.attn1.to_q",
+        "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn1.to_q",
+    ]
     assert [k.split(".")[2] + k.split(".")[3] for k in sorted(keys, key=unet_stage)] == [
-        "input_blocks2", "input_blocks11", "middle_block1", "output_blocks3"]
+        "input_blocks2",
+        "input_blocks11",
+        "middle_block1",
+        "output_blocks3",
+    ]
 
 
 @pytest.fixture(scope="module")
 def small():
     """The tiny SD1 model and two random LoRAs on a few layers (TE layer 0, two UNet blocks): seconds."""
     model = build_tiny_sd1(seed=0)
-    keys = [k for k in attention_keys(model)
-            if ".encoder.layers.0." in k or ".input_blocks.1." in k or ".output_blocks.11." in k]
+    keys = [
+        k
+        for k in attention_keys(model)
+        if ".encoder.layers.0." in k or ".input_blocks.1." in k or ".output_blocks.11." in k
+    ]
     assert any(".attn2.to_k" in k for k in keys) and any(".attn1.to_q" in k for k in keys)
-    return model, [Concept(random_lora(model, keys, seed=1), "sks", name="a"),
-                   Concept(random_lora(model, keys, seed=2), "ohwx", name="b")]
+    return model, [
+        Concept(random_lora(model, keys, seed=1), "sks", name="a"),
+        Concept(random_lora(model, keys, seed=2), "ohwx", name="b"),
+    ]
 
 
 def _fast(**kw) -> MergeConfig:
@@ -67,8 +78,11 @@ def test_sequential_one_concept_reproduces_it_without_drift(small) -> None:
     too; with ``kv_rows="prompt"`` the padding's K/V differ and the next layers see drift)."""
     model, concepts = small
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = merge_loras(model, concepts[:1], _fast(method="lsq", preserve_base=False, ridge=1e-8,
-                                                 sequential_ridge=1e-8, kv_rows="all"))
+    res = merge_loras(
+        model,
+        concepts[:1],
+        _fast(method="lsq", preserve_base=False, ridge=1e-8, sequential_ridge=1e-8, kv_rows="all"),
+    )
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert set(res.deltas.modules) == set(concepts[0].deltas.modules)

@@ -35,7 +35,9 @@ def literal_official_loss(W0, delta, X, Y, margin=0.5, lambda_con=1.0, lambda_ms
     """The official formula written out with explicit loops (no shared code with lib_loraclr)."""
     n_c = X.shape[0]
     pred = [X[i] @ (W0 + delta).T for i in range(n_c)]
-    dist = [[torch.linalg.vector_norm(pred[i].flatten() - Y[j].flatten()) for j in range(n_c)] for i in range(n_c)]
+    dist = [
+        [torch.linalg.vector_norm(pred[i].flatten() - Y[j].flatten()) for j in range(n_c)] for i in range(n_c)
+    ]
     con = 0.0
     for i in range(n_c):
         neg = min(float(dist[i][j]) for j in range(n_c) if j != i)
@@ -316,8 +318,15 @@ def test_different_row_counts_per_concept():
     d_in, d_out = 20, 10
     W0 = torch.randn(d_out, d_in, generator=g)
     counts = (30, 55, 80)
-    stats = [ConceptStats.from_rows(torch.randn(n, d_in, generator=g), torch.randn(d_out, d_in, generator=g) * 0.05,
-                                    sketch_rows=40, max_raw_rows=0) for n in counts]
+    stats = [
+        ConceptStats.from_rows(
+            torch.randn(n, d_in, generator=g),
+            torch.randn(d_out, d_in, generator=g) * 0.05,
+            sketch_rows=40,
+            max_raw_rows=0,
+        )
+        for n in counts
+    ]
     for params in (LoraclrParams.official(), LoraclrParams.recommended()):
         delta, info = solve_loraclr(W0, stats, replace(params, margin=50.0))
         assert torch.isfinite(delta).all() and math.isfinite(info.final_loss)

@@ -34,10 +34,11 @@ def webui_parse_prompt(prompt: str) -> tuple[str, dict[str, list[list[str]]]]:
 
 def words_of(p, i=0):
     b = p.bindings[i]
-    return p.prompt[b.span[0]:b.span[1]]
+    return p.prompt[b.span[0] : b.span[1]]
 
 
 # ------------------------------------------------------------------------------------------ basic binding
+
 
 def test_binds_preceding_word_and_weights():
     p = parse_prompt("a cat<clora:mycat:0.9> and a dog<clora:mydog>")
@@ -115,6 +116,7 @@ def test_empty_prompt():
 
 # ------------------------------------------------------------------------------------------ coexistence
 
+
 @pytest.mark.parametrize(
     ("prompt", "bound"),
     [
@@ -177,11 +179,18 @@ def test_name_with_spaces_trimmed_and_dots():
 
 # ------------------------------------------------------------------------------------------ table rows
 
+
 def test_bind_words_for_table_rows():
     p = parse_prompt("a cat and a fluffy dog")
     b = bind_words(p, "dogl", "fluffy dog", 0.7, None, " sks ")
     assert (b.span, b.words, b.te_weight, b.unet_weight, b.trigger, b.source) == (
-        (12, 22), "fluffy dog", 0.7, 0.7, "sks", "table")
+        (12, 22),
+        "fluffy dog",
+        0.7,
+        0.7,
+        "sks",
+        "table",
+    )
     assert bind_words(p, "x", "cat", 1.0, 0.3).unet_weight == 0.3
     with pytest.raises(PromptSyntaxError, match="not in the prompt"):
         bind_words(p, "x", "horse")
@@ -200,6 +209,7 @@ def test_with_bindings_checks_conflicts():
 
 
 # ------------------------------------------------------------------------------------------ errors
+
 
 @pytest.mark.parametrize(
     ("prompt", "column", "message"),
@@ -256,7 +266,7 @@ def test_error_on_second_line_and_long_line():
         parse_prompt(long)
     text, caret = str(ei.value).splitlines()[-2:]
     assert len(text) <= 102 and text.startswith("…") and text.endswith("…")
-    assert text[caret.index("^"):].startswith("oops")
+    assert text[caret.index("^") :].startswith("oops")
 
 
 # ------------------------------------------------------------------------------------------ properties
@@ -293,9 +303,9 @@ def test_random_prompts_bind_the_preceding_word():
         assert p.prompt == webui_parse_prompt(prompt)[0]
         assert not RE_EXTRA_NET.search(p.prompt)
         for b in p.bindings:
-            assert p.prompt[b.span[0]:b.span[1]] == b.words
-            assert b.subprompt == len(re.findall(r"\bAND\b", p.prompt[:b.span[0]]))
-            assert prompt[b.position:].startswith(f"<clora:{b.lora}")
+            assert p.prompt[b.span[0] : b.span[1]] == b.words
+            assert b.subprompt == len(re.findall(r"\bAND\b", p.prompt[: b.span[0]]))
+            assert prompt[b.position :].startswith(f"<clora:{b.lora}")
 
 
 def test_random_garbage_never_crashes():
@@ -305,7 +315,7 @@ def test_random_garbage_never_crashes():
     for _ in range(3000):
         s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
         if rng.random() < 0.5:
-            s = s[: len(s) // 2] + "<clora:" + s[len(s) // 2:]
+            s = s[: len(s) // 2] + "<clora:" + s[len(s) // 2 :]
         try:
             p = parse_prompt(s)
         except PromptSyntaxError as e:
@@ -330,6 +340,6 @@ def test_hypothesis_properties():
         else:
             assert p.prompt == webui_parse_prompt(s)[0]
             for b in p.bindings:
-                assert p.prompt[b.span[0]:b.span[1]] == b.words
+                assert p.prompt[b.span[0] : b.span[1]] == b.words
 
     prop()

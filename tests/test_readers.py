@@ -34,8 +34,16 @@ def _g(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _lora(sd: dict, name: str, out: int, inp: int, r: int, k: int | None = None, alpha: float | None = None,
-          seed: int = 0) -> None:
+def _lora(
+    sd: dict,
+    name: str,
+    out: int,
+    inp: int,
+    r: int,
+    k: int | None = None,
+    alpha: float | None = None,
+    seed: int = 0,
+) -> None:
     g = _g(seed)
     if k is None:
         sd[f"{name}.lora_down.weight"] = torch.randn(r, inp, generator=g)
@@ -81,10 +89,16 @@ def test_kohya_lora_and_locon(tmp_path: Path) -> None:
 
 def test_ldm_named_unet_keys_read_like_diffusers_named(tmp_path: Path) -> None:
     sd = _sd1_kohya()
-    renamed = {k.replace(K_ATTN, "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k")
-               .replace(K_CONV, "lora_unet_input_blocks_4_0_in_layers_2")
-               .replace(K_PROJ, "lora_unet_middle_block_1_proj_in"): v for k, v in sd.items()}
-    a, b = read_lora(_save(tmp_path, sd, "a.safetensors")), read_lora(_save(tmp_path, renamed, "b.safetensors"))
+    renamed = {
+        k.replace(K_ATTN, "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k")
+        .replace(K_CONV, "lora_unet_input_blocks_4_0_in_layers_2")
+        .replace(K_PROJ, "lora_unet_middle_block_1_proj_in"): v
+        for k, v in sd.items()
+    }
+    a, b = (
+        read_lora(_save(tmp_path, sd, "a.safetensors")),
+        read_lora(_save(tmp_path, renamed, "b.safetensors")),
+    )
     assert set(a.modules) == set(b.modules)
     for k in a.modules:
         assert torch.equal(a[k].delta(), b[k].delta())
@@ -93,10 +107,17 @@ def test_ldm_named_unet_keys_read_like_diffusers_named(tmp_path: Path) -> None:
 def test_locon_cp_mid_folds_exactly() -> None:
     g = _g(5)
     r, cin, cout = 3, 8, 6
-    down, mid, up = torch.randn(r, cin, 1, 1, generator=g), torch.randn(r, r, 3, 3, generator=g), \
-        torch.randn(cout, r, 1, 1, generator=g)
-    sd = {f"{K_CONV}.lora_down.weight": down, f"{K_CONV}.lora_mid.weight": mid,
-          f"{K_CONV}.lora_up.weight": up, f"{K_CONV}.alpha": torch.tensor(1.5)}
+    down, mid, up = (
+        torch.randn(r, cin, 1, 1, generator=g),
+        torch.randn(r, r, 3, 3, generator=g),
+        torch.randn(cout, r, 1, 1, generator=g),
+    )
+    sd = {
+        f"{K_CONV}.lora_down.weight": down,
+        f"{K_CONV}.lora_mid.weight": mid,
+        f"{K_CONV}.lora_up.weight": up,
+        f"{K_CONV}.alpha": torch.tensor(1.5),
+    }
     ds = deltas_from_state_dict(sd, arch="sd1")
     m = ds[C_CONV]
     # A1111's rebuild_cp_decomposition: einsum('n m k l, i n, m j -> i j k l', mid, up, down)
@@ -156,13 +177,20 @@ def test_sdxl_peft_text_encoder_2_maps_to_fused_openclip_rows() -> None:
 def test_edlora_pth_with_embeddings(tmp_path: Path) -> None:
     g = _g(7)
     params = {
-        "new_concept_embedding": {"<cat1>": torch.randn(16, 768, generator=g), "<cat2>": torch.randn(16, 768)},
+        "new_concept_embedding": {
+            "<cat1>": torch.randn(16, 768, generator=g),
+            "<cat2>": torch.randn(16, 768),
+        },
         "text_encoder": {
-            "text_model.encoder.layers.0.self_attn.q_proj.lora_down.weight": torch.randn(32, 768, generator=g),
+            "text_model.encoder.layers.0.self_attn.q_proj.lora_down.weight": torch.randn(
+                32, 768, generator=g
+            ),
             "text_model.encoder.layers.0.self_attn.q_proj.lora_up.weight": torch.randn(768, 32, generator=g),
         },
         "unet": {
-            "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_down.weight": torch.randn(32, 768),
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_down.weight": torch.randn(
+                32, 768
+            ),
             "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_up.weight": torch.randn(320, 32),
             # Mix-of-Show stores the 1x1-conv proj_in LoRA as linear factors
             "down_blocks.0.attentions.0.proj_in.lora_down.weight": torch.randn(32, 320),
@@ -187,28 +215,49 @@ def test_edlora_pth_with_embeddings(tmp_path: Path) -> None:
 def test_loha_linear_conv_and_cp() -> None:
     g = _g(8)
     r = 4
-    lin = {f"{K_ATTN}.hada_w1_a": torch.randn(320, r, generator=g), f"{K_ATTN}.hada_w1_b": torch.randn(r, 768, generator=g),
-           f"{K_ATTN}.hada_w2_a": torch.randn(320, r, generator=g), f"{K_ATTN}.hada_w2_b": torch.randn(r, 768, generator=g),
-           f"{K_ATTN}.alpha": torch.tensor(2.0)}
-    conv = {f"{K_CONV}.hada_w1_a": torch.randn(640, r, generator=g),
-            f"{K_CONV}.hada_w1_b": torch.randn(r, 320 * 9, generator=g),
-            f"{K_CONV}.hada_w2_a": torch.randn(640, r, generator=g),
-            f"{K_CONV}.hada_w2_b": torch.randn(r, 320 * 9, generator=g)}
+    lin = {
+        f"{K_ATTN}.hada_w1_a": torch.randn(320, r, generator=g),
+        f"{K_ATTN}.hada_w1_b": torch.randn(r, 768, generator=g),
+        f"{K_ATTN}.hada_w2_a": torch.randn(320, r, generator=g),
+        f"{K_ATTN}.hada_w2_b": torch.randn(r, 768, generator=g),
+        f"{K_ATTN}.alpha": torch.tensor(2.0),
+    }
+    conv = {
+        f"{K_CONV}.hada_w1_a": torch.randn(640, r, generator=g),
+        f"{K_CONV}.hada_w1_b": torch.randn(r, 320 * 9, generator=g),
+        f"{K_CONV}.hada_w2_a": torch.randn(640, r, generator=g),
+        f"{K_CONV}.hada_w2_b": torch.randn(r, 320 * 9, generator=g),
+    }
     ds = deltas_from_state_dict({**lin, **conv}, arch="sd1")
     assert ds.fmt == "lycoris"
-    ref = (lin[f"{K_ATTN}.hada_w1_a"] @ lin[f"{K_ATTN}.hada_w1_b"]) * (
-        lin[f"{K_ATTN}.hada_w2_a"] @ lin[f"{K_ATTN}.hada_w2_b"]) * (2.0 / r)
+    ref = (
+        (lin[f"{K_ATTN}.hada_w1_a"] @ lin[f"{K_ATTN}.hada_w1_b"])
+        * (lin[f"{K_ATTN}.hada_w2_a"] @ lin[f"{K_ATTN}.hada_w2_b"])
+        * (2.0 / r)
+    )
     torch.testing.assert_close(ds[C_ATTN].delta(), ref)
-    refc = ((conv[f"{K_CONV}.hada_w1_a"] @ conv[f"{K_CONV}.hada_w1_b"])
-            * (conv[f"{K_CONV}.hada_w2_a"] @ conv[f"{K_CONV}.hada_w2_b"])).reshape(640, 320, 3, 3)
+    refc = (
+        (conv[f"{K_CONV}.hada_w1_a"] @ conv[f"{K_CONV}.hada_w1_b"])
+        * (conv[f"{K_CONV}.hada_w2_a"] @ conv[f"{K_CONV}.hada_w2_b"])
+    ).reshape(640, 320, 3, 3)
     torch.testing.assert_close(ds[C_CONV].delta(), refc)
     assert ds[C_CONV].kind == "loha"
     # CP (Tucker) LoHa: each half = einsum('i j k l, j r, i p -> p r k l', t, w_b, w_a)
     t1, t2 = torch.randn(r, r, 3, 3, generator=g), torch.randn(r, r, 3, 3, generator=g)
-    w1a, w1b, w2a, w2b = (torch.randn(r, 640, generator=g), torch.randn(r, 320, generator=g),
-                          torch.randn(r, 640, generator=g), torch.randn(r, 320, generator=g))
-    cp = {f"{K_CONV}.hada_t1": t1, f"{K_CONV}.hada_t2": t2, f"{K_CONV}.hada_w1_a": w1a,
-          f"{K_CONV}.hada_w1_b": w1b, f"{K_CONV}.hada_w2_a": w2a, f"{K_CONV}.hada_w2_b": w2b}
+    w1a, w1b, w2a, w2b = (
+        torch.randn(r, 640, generator=g),
+        torch.randn(r, 320, generator=g),
+        torch.randn(r, 640, generator=g),
+        torch.randn(r, 320, generator=g),
+    )
+    cp = {
+        f"{K_CONV}.hada_t1": t1,
+        f"{K_CONV}.hada_t2": t2,
+        f"{K_CONV}.hada_w1_a": w1a,
+        f"{K_CONV}.hada_w1_b": w1b,
+        f"{K_CONV}.hada_w2_a": w2a,
+        f"{K_CONV}.hada_w2_b": w2b,
+    }
     d = deltas_from_state_dict(cp, arch="sd1")[C_CONV].delta()
     h1 = torch.einsum("ijkl,jr,ip->prkl", t1, w1b, w1a)
     h2 = torch.einsum("ijkl,jr,ip->prkl", t2, w2b, w2a)
@@ -220,8 +269,12 @@ def test_lokr_linear_and_conv() -> None:
     g = _g(9)
     w1 = torch.randn(4, 8, generator=g)
     w2a, w2b = torch.randn(80, 2, generator=g), torch.randn(2, 96, generator=g)
-    sd = {f"{K_ATTN}.lokr_w1": w1, f"{K_ATTN}.lokr_w2_a": w2a, f"{K_ATTN}.lokr_w2_b": w2b,
-          f"{K_ATTN}.alpha": torch.tensor(1.0)}
+    sd = {
+        f"{K_ATTN}.lokr_w1": w1,
+        f"{K_ATTN}.lokr_w2_a": w2a,
+        f"{K_ATTN}.lokr_w2_b": w2b,
+        f"{K_ATTN}.alpha": torch.tensor(1.0),
+    }
     cw1, cw2 = torch.randn(4, 4, generator=g), torch.randn(160, 80, 3, 3, generator=g)
     sd.update({f"{K_CONV}.lokr_w1": cw1, f"{K_CONV}.lokr_w2": cw2})
     ds = deltas_from_state_dict(sd, arch="sd1")
@@ -275,7 +328,9 @@ def test_non_finite_weights_name_the_key(tmp_path: Path, bad: float) -> None:
 def test_rank_mismatch(tmp_path: Path) -> None:
     sd = _sd1_kohya()
     sd[f"{K_ATTN}.lora_up.weight"] = torch.randn(320, 5)
-    with pytest.raises(ShapeMismatchError, match=rf"{K_ATTN}: rank mismatch, lora_down has rank 4 .* lora_up has rank 5"):
+    with pytest.raises(
+        ShapeMismatchError, match=rf"{K_ATTN}: rank mismatch, lora_down has rank 4 .* lora_up has rank 5"
+    ):
         read_lora(_save(tmp_path, sd))
 
 
@@ -293,14 +348,21 @@ def test_unknown_keys_are_reported_not_dropped(tmp_path: Path) -> None:
     sd["something_else"] = torch.zeros(2)
     ds = read_lora(_save(tmp_path, sd))
     assert len(ds) == 4
-    assert sorted(ds.unmapped) == ["lora_unet_made_up_module.lora_down.weight",
-                                   "lora_unet_made_up_module.lora_up.weight", "something_else"]
+    assert sorted(ds.unmapped) == [
+        "lora_unet_made_up_module.lora_down.weight",
+        "lora_unet_made_up_module.lora_up.weight",
+        "something_else",
+    ]
 
 
 def test_unknown_key_family_only(tmp_path: Path) -> None:
-    sd = {"lora_transformer_single_blocks_0_attn_to_q.lora_down.weight": torch.randn(4, 8),
-          "lora_transformer_single_blocks_0_attn_to_q.lora_up.weight": torch.randn(8, 4)}
-    with pytest.raises(LoraFormatError, match="none of its 2 tensors is a LoRA weight we recognise.*lora_transformer"):
+    sd = {
+        "lora_transformer_single_blocks_0_attn_to_q.lora_down.weight": torch.randn(4, 8),
+        "lora_transformer_single_blocks_0_attn_to_q.lora_up.weight": torch.randn(8, 4),
+    }
+    with pytest.raises(
+        LoraFormatError, match="none of its 2 tensors is a LoRA weight we recognise.*lora_transformer"
+    ):
         read_lora(_save(tmp_path, sd))
     ck = {UNET + "input_blocks.1.1.proj_in.weight": torch.randn(4, 4)}
     with pytest.raises(LoraFormatError, match="full model checkpoint"):
@@ -315,7 +377,9 @@ def test_sdxl_lora_for_sd1_model(tmp_path: Path) -> None:
     p = _save(tmp_path, sd, "xl.safetensors")
     ds = read_lora(p)
     assert ds.arch == "sdxl"
-    with pytest.raises(ArchitectureMismatchError, match="xl.safetensors is a SDXL LoRA, but SD1.x was expected"):
+    with pytest.raises(
+        ArchitectureMismatchError, match="xl.safetensors is a SDXL LoRA, but SD1.x was expected"
+    ):
         read_lora(p, arch="sd1")
     sd1_model = {C_ATTN + ".weight": (320, 768), C_TE + ".weight": (3072, 768)}
     with pytest.raises(ArchitectureMismatchError, match="is a SDXL LoRA but the model is SD1.x"):
@@ -324,14 +388,20 @@ def test_sdxl_lora_for_sd1_model(tmp_path: Path) -> None:
 
 def test_check_compatible_shapes_and_missing() -> None:
     ds = deltas_from_state_dict(_sd1_kohya())
-    shapes = {C_ATTN + ".weight": (320, 768), C_CONV + ".weight": (640, 320, 3, 3),
-              C_PROJ + ".weight": (1280, 1280),  # linear proj_in (SD2-style) accepts a 1x1 conv delta
-              C_TE + ".weight": (3072, 768)}
+    shapes = {
+        C_ATTN + ".weight": (320, 768),
+        C_CONV + ".weight": (640, 320, 3, 3),
+        C_PROJ + ".weight": (1280, 1280),  # linear proj_in (SD2-style) accepts a 1x1 conv delta
+        C_TE + ".weight": (3072, 768),
+    }
     assert check_compatible(ds, shapes, arch="sd1") == []
     bad = dict(shapes)
     bad[C_ATTN + ".weight"] = (320, 1024)
-    with pytest.raises(ShapeMismatchError, match=r"to_k: the LoRA delta has shape \(320, 768\) but the model's weight "
-                                                 r"has shape \(320, 1024\)"):
+    with pytest.raises(
+        ShapeMismatchError,
+        match=r"to_k: the LoRA delta has shape \(320, 768\) but the model's weight "
+        r"has shape \(320, 1024\)",
+    ):
         check_compatible(ds, bad, arch="sd1")
     part = dict(shapes)
     del part[C_TE + ".weight"]
@@ -354,8 +424,10 @@ def test_check_compatible_with_module_and_fused_rows() -> None:
     m.cond_stage_model.model.transformer.resblocks = torch.nn.ModuleList([Attn()])  # type: ignore[attr-defined]
     shapes = weight_shapes(m)
     assert shapes["cond_stage_model.model.transformer.resblocks.0.attn.in_proj:v"] == (16, 16)
-    sd = {"lora_te_text_model_encoder_layers_0_self_attn_v_proj.lora_down.weight": torch.randn(2, 16),
-          "lora_te_text_model_encoder_layers_0_self_attn_v_proj.lora_up.weight": torch.randn(16, 2)}
+    sd = {
+        "lora_te_text_model_encoder_layers_0_self_attn_v_proj.lora_down.weight": torch.randn(2, 16),
+        "lora_te_text_model_encoder_layers_0_self_attn_v_proj.lora_up.weight": torch.randn(16, 2),
+    }
     ds = deltas_from_state_dict(sd, arch="sd2")
     assert check_compatible(ds, m, arch="sd2") == []
 
@@ -368,10 +440,15 @@ def test_detect_arch_rules() -> None:
     assert detect_arch([k], {k: (4, 2048)}) == "sdxl"
     t = f"{K_TE}.lora_down.weight"
     assert detect_arch([t], {t: (4, 1024)}) == "sd2"
-    assert detect_arch(["lora_unet_input_blocks_7_1_transformer_blocks_3_attn1_to_q.lora_up.weight"]) == "sdxl"
+    assert (
+        detect_arch(["lora_unet_input_blocks_7_1_transformer_blocks_3_attn1_to_q.lora_up.weight"]) == "sdxl"
+    )
     assert detect_arch(["x.lora_up.weight"], metadata={"ss_base_model_version": "sdxl_base_v1-0"}) == "sdxl"
     assert detect_arch(["x.lora_up.weight"], metadata={"ss_v2": "True"}) == "sd2"
-    assert detect_arch(["x.lora_up.weight"], metadata={"modelspec.architecture": "stable-diffusion-v1/lora"}) == "sd1"
+    assert (
+        detect_arch(["x.lora_up.weight"], metadata={"modelspec.architecture": "stable-diffusion-v1/lora"})
+        == "sd1"
+    )
     assert detect_arch(["x.lora_up.weight"]) == "unknown"
     assert detect_checkpoint_arch({"conditioner.embedders.1.model.ln_final.weight": (1280,)}) == "sdxl"
     assert detect_checkpoint_arch({C_ATTN + ".weight": (320, 1024)}) == "sd2"

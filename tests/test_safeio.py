@@ -180,7 +180,8 @@ def test_atomic_write_cleans_temp_file_on_error(tmp_path: Path) -> None:
 def test_atomic_write_handles_views_and_json_metadata(tmp_path: Path) -> None:
     base = torch.arange(24.0).reshape(4, 6)
     p = atomic_write_safetensors(
-        {"view_t": base.T, "slice": base[1:3], "whole": base, "again": base}, tmp_path / "v.safetensors",
+        {"view_t": base.T, "slice": base[1:3], "whole": base, "again": base},
+        tmp_path / "v.safetensors",
         {"n": 3, "s": "x"},
     )
     tensors, meta = read_safetensors(p)
@@ -190,8 +191,27 @@ def test_atomic_write_handles_views_and_json_metadata(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["../evil", "..", "a/b", "a\\b", "/abs/path", "C:\\x", "C:x", "", "   ", "a|b", 'a"b', "a?b", "a*b",
-     "CON", "nul.safetensors", ".hidden", "trailing.", "x" * 250, "a\x00b"],
+    [
+        "../evil",
+        "..",
+        "a/b",
+        "a\\b",
+        "/abs/path",
+        "C:\\x",
+        "C:x",
+        "",
+        "   ",
+        "a|b",
+        'a"b',
+        "a?b",
+        "a*b",
+        "CON",
+        "nul.safetensors",
+        ".hidden",
+        "trailing.",
+        "x" * 250,
+        "a\x00b",
+    ],
 )
 def test_bad_output_names(tmp_path: Path, name: str) -> None:
     with pytest.raises(BadOutputNameError):
@@ -216,8 +236,16 @@ def test_bad_output_name_message_is_helpful(tmp_path: Path) -> None:
 def test_all_errors_share_the_base_class() -> None:
     from lib_loraclr import errors
 
-    names = ["LoraFormatError", "UnsafeFileError", "ArchitectureMismatchError", "UnmappedKeysError",
-             "OutputExistsError", "BadOutputNameError", "NonFiniteWeightsError", "ShapeMismatchError"]
+    names = [
+        "LoraFormatError",
+        "UnsafeFileError",
+        "ArchitectureMismatchError",
+        "UnmappedKeysError",
+        "OutputExistsError",
+        "BadOutputNameError",
+        "NonFiniteWeightsError",
+        "ShapeMismatchError",
+    ]
     for n in names:
         assert issubclass(getattr(errors, n), LoraclrError)
 

@@ -33,6 +33,7 @@ PROMPT = "a cat<clora:catlora:trigger=sks> and a dog<clora:doglora:trigger=ohwx>
 
 # ------------------------------------------------------------------------------------------ fixtures
 
+
 @pytest.fixture(scope="module")
 def model():
     m = build_tiny_sd1(0)
@@ -46,9 +47,15 @@ def model():
 def lora_dir(model, tmp_path_factory):
     d = tmp_path_factory.mktemp("loras")
     for i, name in enumerate(["catlora", "doglora"]):
-        write_kohya_lora(random_lora(model, attention_keys(model), seed=i + 1), d / f"{name}.safetensors", arch="sd1",
-                         metadata={"loraclr_trigger": json.dumps([["sks", "ohwx"][i]])})
-    write_kohya_lora(random_lora(model, attention_keys(model), seed=9), d / "notrigger.safetensors", arch="sd1")
+        write_kohya_lora(
+            random_lora(model, attention_keys(model), seed=i + 1),
+            d / f"{name}.safetensors",
+            arch="sd1",
+            metadata={"loraclr_trigger": json.dumps([["sks", "ohwx"][i]])},
+        )
+    write_kohya_lora(
+        random_lora(model, attention_keys(model), seed=9), d / "notrigger.safetensors", arch="sd1"
+    )
     return d
 
 
@@ -66,8 +73,13 @@ def loaded(lora_dir):
 
 
 def run_job(model, script, prompt, args=None, steps=3, runner_cls=processing.ScriptRunner, **kw):
-    p = processing.StableDiffusionProcessing(sd_model=model, prompt=prompt, steps=steps,
-                                             scripts=runner_cls([(script, list(args or [False, {}]))]), **kw)
+    p = processing.StableDiffusionProcessing(
+        sd_model=model,
+        prompt=prompt,
+        steps=steps,
+        scripts=runner_cls([(script, list(args or [False, {}]))]),
+        **kw,
+    )
     return p, processing.process_images(p)
 
 
@@ -81,18 +93,27 @@ def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 # ------------------------------------------------------------------------------------------ loading
 
+
 def test_library_never_imports_the_webui():
-    code = ("import sys, lib_loraclr.prompt_syntax, lib_loraclr.clora_args, lib_loraclr.clora, lib_loraclr.merge; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('modules', 'backend', 'modules_forge')]; "
-            "print(bad); sys.exit(1 if bad else 0)")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    code = (
+        "import sys, lib_loraclr.prompt_syntax, lib_loraclr.clora_args, lib_loraclr.clora, lib_loraclr.merge; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('modules', 'backend', 'modules_forge')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_script_loads_like_the_webui(loaded):
     assert [c.__name__ for c in loaded.classes] == ["LoraclrScript"]  # exactly one Script subclass
     s = loaded.script
-    assert s.title() == "CLoRA" and s.show(False) is scripts.AlwaysVisible and s.show(True) is scripts.AlwaysVisible
+    assert (
+        s.title() == "CLoRA"
+        and s.show(False) is scripts.AlwaysVisible
+        and s.show(True) is scripts.AlwaysVisible
+    )
     counts = {k: len(v) for k, v in script_callbacks.callback_map.items() if v}
     assert counts == {"before_ui": 1, "ui_tabs": 1, "app_started": 1, "script_unloaded": 1}
     assert "loraclr_glue" in sys.modules
@@ -114,7 +135,9 @@ def test_old_a1111_registers_the_cfg_denoiser_fallback(monkeypatch, lora_dir):
 def test_clora_network_registered_and_receives_params(loaded):
     net = extra_networks.extra_network_registry["clora"]
     assert net.name == "clora" and isinstance(net, extra_networks.ExtraNetwork)
-    prompts, data = extra_networks.parse_prompts(["a cat<clora:mycat:0.9> <lora:style:1> and a dog<clora:mydog>"])
+    prompts, data = extra_networks.parse_prompts(
+        ["a cat<clora:mycat:0.9> <lora:style:1> and a dog<clora:mydog>"]
+    )
     assert prompts == ["a cat  and a dog"]
     p = SimpleNamespace()
     extra_networks.activate(p, data)
@@ -130,7 +153,10 @@ def test_ui_components_when_gradio_is_available(loaded):
     with gr.Blocks():
         comps = loaded.script.ui(False)
     assert len(comps) == 2 and comps[1].value == loaded.module.ui_clora.default_state()
-    assert loaded.script.infotext_fields and loaded.script.paste_field_names == [ca.INFOTEXT_KEY, ca.INFOTEXT_TABLE_KEY]
+    assert loaded.script.infotext_fields and loaded.script.paste_field_names == [
+        ca.INFOTEXT_KEY,
+        ca.INFOTEXT_TABLE_KEY,
+    ]
 
 
 def test_ui_state_and_paste_helpers(loaded):
@@ -140,10 +166,19 @@ def test_ui_state_and_paste_helpers(loaded):
     assert st["update_steps"] is None
     st = ui.update_state(st, "update_steps", 7)
     st = ui.update_state(st, "loras", [["catlora", 0.5, "cat", "sks"], ["", "", "", ""]])
-    assert ca.from_script_args([True, st]) == ca.validate({"enabled": True, "update_steps": 7, "mask_preview": True,
-                                                           "loras": [["catlora", 0.5, "cat", "sks"]]})
-    params = ca.to_infotext(ca.validate({"enabled": True, "update_steps": 4, "refinement_steps": [0, 3],
-                                         "loras": [["catlora", 0.5, "cat", "sks"]]}))
+    assert ca.from_script_args([True, st]) == ca.validate(
+        {"enabled": True, "update_steps": 7, "mask_preview": True, "loras": [["catlora", 0.5, "cat", "sks"]]}
+    )
+    params = ca.to_infotext(
+        ca.validate(
+            {
+                "enabled": True,
+                "update_steps": 4,
+                "refinement_steps": [0, 3],
+                "loras": [["catlora", 0.5, "cat", "sks"]],
+            }
+        )
+    )
     assert ui.paste_value("enabled")(params) is True
     assert ui.paste_value("update_steps")(params) == 4
     assert ui.paste_value("refinement_steps")(params) == "0, 3"
@@ -154,6 +189,7 @@ def test_ui_state_and_paste_helpers(loaded):
 
 
 # ------------------------------------------------------------------------------------------ capability
+
 
 class StubUnetPatcher:
     """Forge's ``UnetPatcher`` surface the adapter uses (``clone`` deep-copies ``model_options``)."""
@@ -171,7 +207,9 @@ class StubUnetPatcher:
         self.model_options["model_function_wrapper"] = fn
 
     def set_model_attn2_replace(self, patch, block_name, number, transformer_index=None):
-        self.model_options["transformer_options"].setdefault("patches_replace", {})[(block_name, number)] = patch
+        self.model_options["transformer_options"].setdefault("patches_replace", {})[(block_name, number)] = (
+            patch
+        )
 
 
 def test_adapter_picked_by_capability(loaded):
@@ -189,6 +227,7 @@ def test_adapter_picked_by_capability(loaded):
 
 
 # ------------------------------------------------------------------------------------------ A1111 end to end
+
 
 @pytest.fixture
 def installed_runs(monkeypatch):
@@ -214,7 +253,9 @@ def test_a1111_clora_end_to_end(loaded, model, monkeypatch, installed_runs):
     p, res = run_job(model, loaded.script, PROMPT, args=[False, {"latent_update": True}])
     run = seen["run"]
     # infotext: every option written; no error
-    assert res.extra_generation_params[ca.INFOTEXT_KEY].startswith("mode=fusion layout=- masks=layout latent=1 ")
+    assert res.extra_generation_params[ca.INFOTEXT_KEY].startswith(
+        "mode=fusion layout=- masks=layout latent=1 "
+    )
     assert "CLoRA error" not in res.extra_generation_params
     # the engine ran: three branches, the latent update lowered the loss at step 0, masks sum to 1
     hist = [h for h in run.denoiser.history if h["step"] == 0]
@@ -248,8 +289,11 @@ def test_a1111_weights_patched_in_place_inside_the_forward(loaded, model):
     def restore_from_backup(mod, _inputs):
         mod.weight.copy_(backup.setdefault(mod, mod.weight.detach().clone()))
 
-    handles = [m.register_forward_pre_hook(restore_from_backup) for m in unet.modules()
-               if isinstance(m, torch.nn.Linear)]
+    handles = [
+        m.register_forward_pre_hook(restore_from_backup)
+        for m in unet.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     try:
         for q in params:
             q.requires_grad_(True)
@@ -272,7 +316,9 @@ def test_table_rows_give_the_same_image_as_tags(loaded, model):
     _, rows = run_job(model, loaded.script, "a cat and a dog", args=[True, table], steps=2)
     assert torch.equal(tags.images[0], rows.images[0])
     assert json.loads(rows.extra_generation_params[ca.INFOTEXT_TABLE_KEY]) == [
-        ["catlora", 1.0, "cat", "sks"], ["doglora", 1.0, "dog", "ohwx"]]
+        ["catlora", 1.0, "cat", "sks"],
+        ["doglora", 1.0, "dog", "ohwx"],
+    ]
     assert ca.INFOTEXT_TABLE_KEY not in tags.extra_generation_params
 
 
@@ -324,8 +370,12 @@ def test_hooks_removed_after_an_exception_mid_sampling(loaded, model, monkeypatc
         return real(self, x, t, cond)
 
     monkeypatch.setattr(type(model), "apply_model", failing)
-    p = processing.StableDiffusionProcessing(sd_model=model, prompt=PROMPT, steps=3,
-                                             scripts=processing.ScriptRunner([(loaded.script, [False, {}])]))
+    p = processing.StableDiffusionProcessing(
+        sd_model=model,
+        prompt=PROMPT,
+        steps=3,
+        scripts=processing.ScriptRunner([(loaded.script, [False, {}])]),
+    )
     with pytest.raises(RuntimeError, match="simulated"):
         processing.process_images(p)
     monkeypatch.setattr(type(model), "apply_model", real)
@@ -353,8 +403,14 @@ def test_old_a1111_installs_from_the_cfg_denoiser_callback(loaded, model):
 
 
 def test_masks_saved_when_asked(loaded, model, tmp_path):
-    _, res = run_job(model, loaded.script, PROMPT, args=[False, {"show_masks": True}], steps=2,
-                     outpath_samples=str(tmp_path))
+    _, res = run_job(
+        model,
+        loaded.script,
+        PROMPT,
+        args=[False, {"show_masks": True}],
+        steps=2,
+        outpath_samples=str(tmp_path),
+    )
     files = sorted(tmp_path.glob("clora-mask-*.png"))
     assert len(files) == 1
     from PIL import Image
@@ -395,13 +451,15 @@ def test_adetailer_inner_pass_is_left_alone(loaded, model):
 
 # ------------------------------------------------------------------------------------------ Forge
 
+
 def forge_model_of(model):
     unet = model.model.diffusion_model
     kmodel = SimpleNamespace(diffusion_model=unet)
     enc = model.prompt_encoder
     return SimpleNamespace(
-        forge_objects=SimpleNamespace(unet=StubUnetPatcher(kmodel),
-                                      clip=SimpleNamespace(cond_stage_model=model.cond_stage_model)),
+        forge_objects=SimpleNamespace(
+            unet=StubUnetPatcher(kmodel), clip=SimpleNamespace(cond_stage_model=model.cond_stage_model)
+        ),
         get_learned_conditioning=lambda prompts: model.get_learned_conditioning(list(prompts)),
         text_processing_engine=SimpleNamespace(tokenize_line=lambda t: (enc.chunks(t), len(enc.tokenize(t)))),
         is_sdxl=False,
@@ -415,9 +473,12 @@ def forge_call(model, wrapper, x, t, cond, uncond):
     def apply_model(xx, tt, c_crossattn, transformer_options=None, **kw):
         return unet(xx, timesteps=tt, context=c_crossattn)
 
-    args = {"input": torch.cat([x, x]), "timestep": torch.cat([t, t]),
-            "c": {"c_crossattn": torch.cat([cond, uncond]), "transformer_options": {"cond_or_uncond": [0, 1]}},
-            "cond_or_uncond": [0, 1]}
+    args = {
+        "input": torch.cat([x, x]),
+        "timestep": torch.cat([t, t]),
+        "c": {"c_crossattn": torch.cat([cond, uncond]), "transformer_options": {"cond_or_uncond": [0, 1]}},
+        "cond_or_uncond": [0, 1],
+    }
     return wrapper(apply_model, args), apply_model(args["input"], args["timestep"], args["c"]["c_crossattn"])
 
 
@@ -457,13 +518,21 @@ def test_forge_fusion_with_zero_weight_loras_equals_plain(loaded, model, lora_di
     from loraclr_glue import adapters, engine
 
     unet = model.model.diffusion_model
-    spec = SimpleNamespace(deltas=engine.read_lora(lora_dir / "catlora.safetensors"), te_weight=0.0, unet_weight=0.0)
+    spec = SimpleNamespace(
+        deltas=engine.read_lora(lora_dir / "catlora.safetensors"), te_weight=0.0, unet_weight=0.0
+    )
     cond = model.get_learned_conditioning(["a cat and a dog"])
     uncond = model.get_learned_conditioning([""])
     opts = engine.clora_options(ca.CloraArgs(masks_only=True), 4)
-    fusion = adapters.ForgeFusion(unet, adapters.unet_router(unet, [spec, spec]), engine.attention_capture(unet),
-                                  groups=[[[2], [2], [2]], [[5], [5], [5]]], mask_tokens=[[], [2], [5]],
-                                  branch_conds=[cond, cond], options=opts)
+    fusion = adapters.ForgeFusion(
+        unet,
+        adapters.unet_router(unet, [spec, spec]),
+        engine.attention_capture(unet),
+        groups=[[[2], [2], [2]], [[5], [5], [5]]],
+        mask_tokens=[[], [2], [5]],
+        branch_conds=[cond, cond],
+        options=opts,
+    )
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([300.0, 300.0])
     with torch.no_grad():
@@ -474,13 +543,18 @@ def test_forge_fusion_with_zero_weight_loras_equals_plain(loaded, model, lora_di
 
 # ------------------------------------------------------------------------------------------ helpers
 
+
 def test_token_positions_match_the_engine_tokenizer(model):
     from loraclr_glue import engine
 
     enc = model.prompt_encoder
     pos = engine.token_positions_from(model.cond_stage_model.tokenize_line)
-    for prompt, words in [("a photo of a cat", "cat"), ("a sks cat and a dog, a cat", "cat"),
-                          ("a <d8> dog", "<d8>"), ("x " * 80 + "cat", "cat")]:
+    for prompt, words in [
+        ("a photo of a cat", "cat"),
+        ("a sks cat and a dog, a cat", "cat"),
+        ("a <d8> dog", "<d8>"),
+        ("x " * 80 + "cat", "cat"),
+    ]:
         assert pos(prompt, words) == enc.token_positions(prompt, words)
     with pytest.raises(ValueError):
         pos("a dog", "cat")
@@ -501,6 +575,7 @@ def test_mask_image_colours(loaded):
 
 # ------------------------------------------------------------------------------------------ merge service
 
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -511,7 +586,10 @@ def test_mask_image_colours(loaded):
         ({"loras": ["a", "b"], "output": {"name": ""}}, "give the output a name"),
         ({"loras": ["a", "b"], "output": {"name": "x", "rank": 0}}, "rank must be"),
         ({"loras": ["a", "b"], "output": {"name": "x", "kind": "ckpt"}}, "output kind"),
-        ({"loras": [{"name": "a", "te_weight": "x"}, "b"], "output": {"name": "x"}}, "te_weight must be a number"),
+        (
+            {"loras": [{"name": "a", "te_weight": "x"}, "b"], "output": {"name": "x"}},
+            "te_weight must be a number",
+        ),
         ("nope", "JSON object"),
     ],
 )
@@ -533,9 +611,11 @@ def test_merge_request_defaults(loaded):
 def make_service(lora_dir, ckpt=None):
     from loraclr_glue.api import MergeService
 
-    sh = SimpleNamespace(cmd_opts=SimpleNamespace(lora_dir=str(lora_dir), ckpt_dir=str(lora_dir)),
-                         state=shared.state,
-                         sd_model=SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename=ckpt)))
+    sh = SimpleNamespace(
+        cmd_opts=SimpleNamespace(lora_dir=str(lora_dir), ckpt_dir=str(lora_dir)),
+        state=shared.state,
+        sd_model=SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename=ckpt)),
+    )
     return MergeService(shared=sh, runner=lambda fn: fn())
 
 
@@ -594,7 +674,9 @@ class RecordingLora(extra_networks.ExtraNetwork):
         self.calls = []
 
     def activate(self, p, params_list):
-        self.calls.append(([x.items for x in params_list], [q.strip() for q in p.prompts], list(p.seeds), p.steps, p.width))
+        self.calls.append(
+            ([x.items for x in params_list], [q.strip() for q in p.prompts], list(p.seeds), p.steps, p.width)
+        )
 
     def deactivate(self, p):
         pass
@@ -619,16 +701,25 @@ def test_merge_service_success_writes_and_reports(loaded, model, lora_dir, tmp_p
 
     monkeypatch.setattr(engine, "load_base_model", fake_load)
     merged = random_lora(model, attention_keys(model, te=False, other=False), seed=5)
-    report = {"groups": {"kv": {"concepts": {"catlora": {"rel_err": 0.01, "interference": 0.2},
-                                             "doglora": {"rel_err": 0.02, "interference": 0.1}},
-                                "base_change_neutral": 0.05}}}
+    report = {
+        "groups": {
+            "kv": {
+                "concepts": {
+                    "catlora": {"rel_err": 0.01, "interference": 0.2},
+                    "doglora": {"rel_err": 0.02, "interference": 0.1},
+                },
+                "base_change_neutral": 0.05,
+            }
+        }
+    }
     monkeypatch.setattr(engine, "merge_loras", lambda m, c, cfg, progress: MergeResult(merged, report))
     lora_net = RecordingLora()
     extra_networks.register_extra_network(lora_net)
     try:
         table = [["catlora", "sks", 1.0, 1.0], ["doglora", "", 0.8, 1.0], ["", "", 1.0, 1.0]]
-        rows, prompt, images, status = ui_merge.merge_click(svc, "task(x)", table, "lsq", "recommended", 5, 7, "LoRA",
-                                                            "merged_pair", 8, False, True, 128, 2)
+        rows, prompt, images, status = ui_merge.merge_click(
+            svc, "task(x)", table, "lsq", "recommended", 5, 7, "LoRA", "merged_pair", 8, False, True, 128, 2
+        )
         out = lora_dir / "merged_pair.safetensors"
         assert out.is_file() and "Saved" in status and "Preview failed" not in status, status
         assert seen["factory"] is None  # ldm is importable here: load_base's own UNet
@@ -637,24 +728,35 @@ def test_merge_service_success_writes_and_reports(loaded, model, lora_dir, tmp_p
         # preview: one txt2img job, one image per concept + all concepts, same seed, the merged LoRA at weight 1
         assert [c for _, c in images] == ["catlora", "doglora", "all concepts"]
         assert [call[0] for call in lora_net.calls] == [[["merged_pair", "1"]]] * 3
-        assert [call[1] for call in lora_net.calls] == [["photo of sks"], ["photo of ohwx"], ["photo of sks and ohwx"]]
-        assert {tuple(call[2]) for call in lora_net.calls} == {(7,)} and {c[3:] for c in lora_net.calls} == {(2, 128)}
+        assert [call[1] for call in lora_net.calls] == [
+            ["photo of sks"],
+            ["photo of ohwx"],
+            ["photo of sks and ohwx"],
+        ]
+        assert {tuple(call[2]) for call in lora_net.calls} == {(7,)} and {c[3:] for c in lora_net.calls} == {
+            (2, 128)
+        }
         lat = [img for img, _ in images]
         assert all(bool(torch.isfinite(x).all()) for x in lat) and not torch.equal(lat[0], lat[1])
         back = read_lora(out)
         assert len(back) == len(merged) and json.loads(back.metadata["loraclr_trigger"]) == ["sks", "ohwx"]
         lora_net.calls.clear()
-        rows, prompt, images, status = ui_merge.merge_click(svc, "task(y)", table, "lsq", "recommended", 5, 0, "LoRA",
-                                                            "merged_pair", 8, False, True, 128, 2)
+        rows, prompt, images, status = ui_merge.merge_click(
+            svc, "task(y)", table, "lsq", "recommended", 5, 0, "LoRA", "merged_pair", 8, False, True, 128, 2
+        )
         assert rows == [] and images == [] and "already exists" in status and "class='error'" in status
         assert lora_net.calls == []
         # preview off: no txt2img; a failing preview keeps the saved file and says why
-        rows, _, images, status = ui_merge.merge_click(svc, "task(z)", table, "lsq", "recommended", 5, 0, "LoRA",
-                                                       "merged_pair", 8, True, False, 128, 2)
+        rows, _, images, status = ui_merge.merge_click(
+            svc, "task(z)", table, "lsq", "recommended", 5, 0, "LoRA", "merged_pair", 8, True, False, 128, 2
+        )
         assert images == [] and lora_net.calls == [] and "Saved" in status
-        monkeypatch.setattr(processing, "process_images", lambda p: (_ for _ in ()).throw(RuntimeError("no VRAM")))
-        rows, _, images, status = ui_merge.merge_click(svc, "task(w)", table, "lsq", "recommended", 5, 0, "LoRA",
-                                                       "merged_pair", 8, True, True, 128, 2)
+        monkeypatch.setattr(
+            processing, "process_images", lambda p: (_ for _ in ()).throw(RuntimeError("no VRAM"))
+        )
+        rows, _, images, status = ui_merge.merge_click(
+            svc, "task(w)", table, "lsq", "recommended", 5, 0, "LoRA", "merged_pair", 8, True, True, 128, 2
+        )
         assert images == [] and "Saved" in status and "Preview failed: RuntimeError: no VRAM" in status
         assert out.is_file() and len(rows) == 2
     finally:
@@ -666,8 +768,10 @@ def test_preview_prompts_and_render_arguments(loaded):
     from loraclr_glue import preview
 
     assert preview.preview_prompts("m", [("a", "sks cat"), ("b", "ohwx dog")]) == [
-        ("a", "<lora:m:1> photo of sks cat"), ("b", "<lora:m:1> photo of ohwx dog"),
-        ("all concepts", "<lora:m:1> photo of sks cat and ohwx dog")]
+        ("a", "<lora:m:1> photo of sks cat"),
+        ("b", "<lora:m:1> photo of ohwx dog"),
+        ("all concepts", "<lora:m:1> photo of sks cat and ohwx dog"),
+    ]
     assert preview.preview_prompts("m", [("a", "sks")]) == [("a", "<lora:m:1> photo of sks")]
     made = []
 
@@ -676,14 +780,25 @@ def test_preview_prompts_and_render_arguments(loaded):
             made.append(kw)
             super().__init__(**kw)
 
-    fake = SimpleNamespace(StableDiffusionProcessingTxt2Img=Txt2Img,
-                           process_images=lambda p: SimpleNamespace(images=["grid"] + [f"img{i}" for i in range(3)]))
-    got = preview.render(fake, SimpleNamespace(sd_model="M"), [("a", "x"), ("b", "y"), ("all", "z")],
-                         preview.PreviewSettings(size=200, steps=3, seed=5))
+    fake = SimpleNamespace(
+        StableDiffusionProcessingTxt2Img=Txt2Img,
+        process_images=lambda p: SimpleNamespace(images=["grid"] + [f"img{i}" for i in range(3)]),
+    )
+    got = preview.render(
+        fake,
+        SimpleNamespace(sd_model="M"),
+        [("a", "x"), ("b", "y"), ("all", "z")],
+        preview.PreviewSettings(size=200, steps=3, seed=5),
+    )
     assert got == [("img0", "a"), ("img1", "b"), ("img2", "all")]  # a leading grid image is dropped
     kw = made[0]
     assert kw["width"] == kw["height"] == 192 and kw["n_iter"] == 3 and kw["batch_size"] == 1
-    assert kw["seed"] == [5, 5, 5] and kw["do_not_save_samples"] and kw["do_not_save_grid"] and kw["sd_model"] == "M"
+    assert (
+        kw["seed"] == [5, 5, 5]
+        and kw["do_not_save_samples"]
+        and kw["do_not_save_grid"]
+        and kw["sd_model"] == "M"
+    )
     assert kw["scheduler"] == "Automatic" and kw["sampler_name"] == "Euler"
 
     @dataclasses.dataclass
@@ -705,9 +820,15 @@ def test_merge_result_is_strict_json(loaded, model, lora_dir, tmp_path, monkeypa
     svc = make_service(lora_dir, str(ckpt))
     monkeypatch.setattr(engine, "load_base_model", lambda path, unet_factory=None: object())
     merged = random_lora(model, attention_keys(model, te=False, other=False), seed=6)
-    report = {"groups": {"kv": {"concepts": {"catlora": {"rel_err": float("inf"), "interference": 0.2}},
-                                "base_change_neutral": float("nan")}},
-              "per_layer": {"k": {"fidelity": {"leak": [[float("nan"), 0.5], [0.25, float("nan")]]}}}}
+    report = {
+        "groups": {
+            "kv": {
+                "concepts": {"catlora": {"rel_err": float("inf"), "interference": 0.2}},
+                "base_change_neutral": float("nan"),
+            }
+        },
+        "per_layer": {"k": {"fidelity": {"leak": [[float("nan"), 0.5], [0.25, float("nan")]]}}},
+    }
     monkeypatch.setattr(engine, "merge_loras", lambda m, c, cfg, progress: MergeResult(merged, report))
     res = svc.merge({"loras": ["catlora", "doglora"], "output": {"name": "strict_json"}}, locked=False)
     text = json.dumps(res, allow_nan=False)  # raises on NaN / inf
@@ -782,7 +903,9 @@ def test_mask_preview_joins_the_result_images(loaded, model):
     """``mask_preview``: one extra picture per image in the gallery / API images (API default: off)."""
     _, off = run_job(model, loaded.script, PROMPT, args=[False, {}], steps=2)
     assert len(off.images) == 1
-    _, on = run_job(model, loaded.script, PROMPT, args=[False, {"mask_preview": True, "layout": "1,1"}], steps=2)
+    _, on = run_job(
+        model, loaded.script, PROMPT, args=[False, {"mask_preview": True, "layout": "1,1"}], steps=2
+    )
     assert "CLoRA error" not in on.extra_generation_params
     assert len(on.images) == 2 and len(on.infotexts) == 2
     mask = on.images[1]

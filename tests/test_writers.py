@@ -35,7 +35,7 @@ def test_svd_rank_r_is_optimal(shape: tuple[int, ...], rank: int) -> None:
     up, down, err = to_low_rank(d, rank=rank)
     d2 = d.flatten(1).double().numpy()
     s = np.linalg.svd(d2, compute_uv=False)
-    optimal = np.sqrt((s[rank:] ** 2).sum() / (s ** 2).sum())
+    optimal = np.sqrt((s[rank:] ** 2).sum() / (s**2).sum())
     approx = (up.flatten(1) @ down.flatten(1)).double().numpy()
     actual = np.linalg.norm(d2 - approx) / np.linalg.norm(d2)
     assert err == pytest.approx(optimal, rel=1e-4)
@@ -51,7 +51,7 @@ def test_energy_threshold_picks_fewest_values() -> None:
     v, _ = torch.linalg.qr(torch.randn(20, 20, generator=_g(2)))
     s = torch.tensor([10.0, 5.0, 1.0] + [0.01] * 17)
     d = u[:, :20] @ torch.diag(s) @ v.T
-    total = float((s ** 2).sum())
+    total = float((s**2).sum())
     for energy, expect in [(0.5, 1), (0.99, 2), (0.9999, 3)]:
         up, down, err = to_low_rank(d, energy=energy)
         assert down.shape[0] == expect
@@ -92,9 +92,16 @@ def test_read_write_read_full_rank_round_trip_fp32(tmp_path: Path) -> None:
 
 def test_low_rank_modules_are_written_exactly_with_scale_folded(tmp_path: Path) -> None:
     g = _g(4)
-    m = LoraModule(key=C_ATTN, down=torch.randn(4, 48, generator=g), up=torch.randn(32, 4, generator=g),
-                   alpha=2.0, multiplier=0.5)
-    c = LoraModule(key=C_CONV, down=torch.randn(4, 8, 3, 3, generator=g), up=torch.randn(16, 4, 1, 1, generator=g))
+    m = LoraModule(
+        key=C_ATTN,
+        down=torch.randn(4, 48, generator=g),
+        up=torch.randn(32, 4, generator=g),
+        alpha=2.0,
+        multiplier=0.5,
+    )
+    c = LoraModule(
+        key=C_CONV, down=torch.randn(4, 8, 3, 3, generator=g), up=torch.randn(16, 4, 1, 1, generator=g)
+    )
     ds = DeltaSet(modules={C_ATTN: m, C_CONV: c}, arch="sd1")
     errs = write_kohya_lora(ds, tmp_path / "x.safetensors", arch="sd1", rank=8, dtype=torch.float32)
     assert errs == {C_ATTN: 0.0, C_CONV: 0.0}
@@ -106,12 +113,14 @@ def test_low_rank_modules_are_written_exactly_with_scale_folded(tmp_path: Path) 
 
 def test_rank_reduction_of_factors_is_optimal(tmp_path: Path) -> None:
     g = _g(5)
-    m = LoraModule(key=C_ATTN, down=torch.randn(8, 48, generator=g), up=torch.randn(32, 8, generator=g), alpha=4.0)
+    m = LoraModule(
+        key=C_ATTN, down=torch.randn(8, 48, generator=g), up=torch.randn(32, 8, generator=g), alpha=4.0
+    )
     ds = DeltaSet(modules={C_ATTN: m}, arch="sd1")
     errs = write_kohya_lora(ds, tmp_path / "r3.safetensors", arch="sd1", rank=3, dtype=torch.float32)
     d = m.delta().double().numpy()
     s = np.linalg.svd(d, compute_uv=False)
-    optimal = np.sqrt((s[3:] ** 2).sum() / (s ** 2).sum())
+    optimal = np.sqrt((s[3:] ** 2).sum() / (s**2).sum())
     assert errs[C_ATTN] == pytest.approx(optimal, rel=1e-4)
     back = read_lora(tmp_path / "r3.safetensors")[C_ATTN]
     assert back.rank == 3
@@ -121,8 +130,12 @@ def test_rank_reduction_of_factors_is_optimal(tmp_path: Path) -> None:
 
 def test_written_file_has_only_lora_tensors_and_metadata(tmp_path: Path) -> None:
     ds = _full_rank_deltaset()
-    meta = recipe_metadata(sources=[{"name": "a.safetensors", "weight": 1.0}, "b.safetensors"], method="loraclr",
-                           parameters={"steps": 50}, trigger=["sks", "ohwx"])
+    meta = recipe_metadata(
+        sources=[{"name": "a.safetensors", "weight": 1.0}, "b.safetensors"],
+        method="loraclr",
+        parameters={"steps": 50},
+        trigger=["sks", "ohwx"],
+    )
     p = tmp_path / "merged.safetensors"
     write_kohya_lora(ds, p, arch="sd1", rank=4, metadata=meta)
     with safe_open(str(p), "pt") as f:
@@ -132,9 +145,12 @@ def test_written_file_has_only_lora_tensors_and_metadata(tmp_path: Path) -> None
     assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
     assert len(keys) == 3 * len(ds)
     names = {k.split(".")[0] for k in keys}
-    assert names == {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
-                     "lora_unet_down_blocks_1_resnets_0_conv1", "lora_unet_mid_block_attentions_0_proj_in",
-                     "lora_te_text_model_encoder_layers_3_mlp_fc1"}
+    assert names == {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+        "lora_unet_down_blocks_1_resnets_0_conv1",
+        "lora_unet_mid_block_attentions_0_proj_in",
+        "lora_te_text_model_encoder_layers_3_mlp_fc1",
+    }
     for k, t in tensors.items():
         assert t.is_contiguous()
         if k.endswith(".alpha"):
@@ -165,9 +181,11 @@ def test_sdxl_names_and_metadata(tmp_path: Path) -> None:
     write_kohya_lora(ds, p, arch="sdxl", rank=2)
     tensors, m = read_safetensors(p)
     assert {k.split(".")[0] for k in tensors} == {
-        "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k", "lora_unet_output_blocks_2_2_conv",
+        "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k",
+        "lora_unet_output_blocks_2_2_conv",
         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
-        "lora_te2_text_model_encoder_layers_0_self_attn_k_proj"}
+        "lora_te2_text_model_encoder_layers_0_self_attn_k_proj",
+    }
     assert m["ss_base_model_version"] == "sdxl_base_v1-0"
     assert m["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     back = read_lora(p)
@@ -200,19 +218,32 @@ def test_write_checkpoint_adds_delta_in_original_layout(tmp_path: Path) -> None:
     base = {
         C_ATTN + ".weight": torch.randn(32, 48, generator=g),
         C_ATTN.replace("to_k", "to_v") + ".weight": torch.randn(32, 48, generator=g),
-        "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": torch.randn(48, 16, generator=g),
+        "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": torch.randn(
+            48, 16, generator=g
+        ),
         "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_bias": torch.randn(48, generator=g),
         "cond_stage_model.model.positional_ids": torch.arange(5),
     }
-    lm = LoraModule(key=C_ATTN, down=torch.randn(2, 48, generator=g), up=torch.randn(32, 2, generator=g), alpha=1.0)
+    lm = LoraModule(
+        key=C_ATTN, down=torch.randn(2, 48, generator=g), up=torch.randn(32, 2, generator=g), alpha=1.0
+    )
     kdelta = torch.randn(16, 16, generator=g)
-    ds = DeltaSet(modules={C_ATTN: lm, "cond_stage_model.model.transformer.resblocks.0.attn.in_proj:k":
-                           LoraModule(key="k", dense=kdelta)}, arch="sd2")
+    ds = DeltaSet(
+        modules={
+            C_ATTN: lm,
+            "cond_stage_model.model.transformer.resblocks.0.attn.in_proj:k": LoraModule(
+                key="k", dense=kdelta
+            ),
+        },
+        arch="sd2",
+    )
     p = write_checkpoint(base, ds, tmp_path / "ck.safetensors", dtype=torch.float32)
     out, meta = read_safetensors(p)
     assert set(out) == set(base)
     torch.testing.assert_close(out[C_ATTN + ".weight"], base[C_ATTN + ".weight"] + lm.delta())
-    assert torch.equal(out[C_ATTN.replace("to_k", "to_v") + ".weight"], base[C_ATTN.replace("to_k", "to_v") + ".weight"])
+    assert torch.equal(
+        out[C_ATTN.replace("to_k", "to_v") + ".weight"], base[C_ATTN.replace("to_k", "to_v") + ".weight"]
+    )
     w = out["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"]
     b = base["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"]
     assert torch.equal(w[:16], b[:16]) and torch.equal(w[32:], b[32:])
@@ -229,7 +260,9 @@ def test_write_checkpoint_refuses_missing_and_mismatched(tmp_path: Path) -> None
     base = {C_ATTN + ".weight": torch.zeros(32, 48)}
     with pytest.raises(UnmappedKeysError, match="no weight in the base checkpoint"):
         write_checkpoint(base, {C_TE: torch.ones(40, 20)}, tmp_path / "a.safetensors")
-    with pytest.raises(ShapeMismatchError, match=r"\(32, 40\) but the checkpoint's weight has shape \(32, 48\)"):
+    with pytest.raises(
+        ShapeMismatchError, match=r"\(32, 40\) but the checkpoint's weight has shape \(32, 48\)"
+    ):
         write_checkpoint(base, {C_ATTN: torch.ones(32, 40)}, tmp_path / "b.safetensors")
     assert list(tmp_path.iterdir()) == []
 
@@ -253,8 +286,11 @@ def _make_bad_input(kind: str, src: Path) -> Path:
 
     g = _g(11)
     k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
-    good = {f"{k}.lora_down.weight": torch.randn(4, 768, generator=g),
-            f"{k}.lora_up.weight": torch.randn(320, 4, generator=g), f"{k}.alpha": torch.tensor(4.0)}
+    good = {
+        f"{k}.lora_down.weight": torch.randn(4, 768, generator=g),
+        f"{k}.lora_up.weight": torch.randn(320, 4, generator=g),
+        f"{k}.alpha": torch.tensor(4.0),
+    }
     p = src / f"{kind}.safetensors"
     if kind == "empty":
         p.write_bytes(b"")
@@ -281,18 +317,28 @@ def _make_bad_input(kind: str, src: Path) -> Path:
         save_file(good, str(p))
     elif kind == "sdxl_for_sd1":
         x = "lora_te2_text_model_encoder_layers_0_mlp_fc1"
-        save_file({f"{x}.lora_down.weight": torch.randn(4, 1280), f"{x}.lora_up.weight": torch.randn(5120, 4)},
-                  str(p))
+        save_file(
+            {f"{x}.lora_down.weight": torch.randn(4, 1280), f"{x}.lora_up.weight": torch.randn(5120, 4)},
+            str(p),
+        )
     elif kind == "unknown_family":
-        save_file({"lora_transformer_x.lora_down.weight": torch.randn(4, 8),
-                   "lora_transformer_x.lora_up.weight": torch.randn(8, 4)}, str(p))
+        save_file(
+            {
+                "lora_transformer_x.lora_down.weight": torch.randn(4, 8),
+                "lora_transformer_x.lora_up.weight": torch.randn(8, 4),
+            },
+            str(p),
+        )
     else:
         save_file(good, str(p))
     return p
 
 
-SD1_SHAPES = {C_ATTN + ".weight": (320, 768), C_TE + ".weight": (3072, 768),
-              "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight": (3072, 768)}
+SD1_SHAPES = {
+    C_ATTN + ".weight": (320, 768),
+    C_TE + ".weight": (3072, 768),
+    "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight": (3072, 768),
+}
 
 
 def _convert(src: Path, name: str, out_dir: Path) -> None:
@@ -312,19 +358,35 @@ def _convert(src: Path, name: str, out_dir: Path) -> None:
         ("empty", "out", "LoraFormatError", "empty.safetensors: the file is empty"),
         ("truncated", "out", "LoraFormatError", "truncated.safetensors: the file is truncated"),
         ("corrupt", "out", "LoraFormatError", "corrupt.safetensors: corrupt safetensors header"),
-        ("pickle_disguised", "out", "UnsafeFileError", "pickle_disguised.safetensors: this is a PyTorch pickle"),
+        (
+            "pickle_disguised",
+            "out",
+            "UnsafeFileError",
+            "pickle_disguised.safetensors: this is a PyTorch pickle",
+        ),
         ("pt_with_code", "out", "UnsafeFileError", "concept.pt: refused to load"),
-        ("nan", "out", "NonFiniteWeightsError", "nan.safetensors: tensor lora_unet_down_blocks_0_attentions_0_"),
+        (
+            "nan",
+            "out",
+            "NonFiniteWeightsError",
+            "nan.safetensors: tensor lora_unet_down_blocks_0_attentions_0_",
+        ),
         ("rank_mismatch", "out", "ShapeMismatchError", "rank mismatch"),
-        ("shape_mismatch", "out", "ShapeMismatchError", r"delta has shape \(320, 700\) but the model's weight"),
+        (
+            "shape_mismatch",
+            "out",
+            "ShapeMismatchError",
+            r"delta has shape \(320, 700\) but the model's weight",
+        ),
         ("sdxl_for_sd1", "out", "ArchitectureMismatchError", "is a SDXL LoRA but the model is SD1.x"),
         ("unknown_family", "out", "LoraFormatError", "none of its 2 tensors is a LoRA weight we recognise"),
         ("good", "../escape", "BadOutputNameError", "path separator"),
         ("good", "exists", "OutputExistsError", "exists.safetensors already exists"),
     ],
 )
-def test_bad_input_gives_clear_error_and_no_output(tmp_path: Path, kind: str, name: str, error: str,
-                                                   message: str) -> None:
+def test_bad_input_gives_clear_error_and_no_output(
+    tmp_path: Path, kind: str, name: str, error: str, message: str
+) -> None:
     from lib_loraclr import errors
 
     src, out = tmp_path / "src", tmp_path / "out"
@@ -368,7 +430,12 @@ def test_a_sum_of_low_rank_deltas_is_saved_at_its_rank(tmp_path: Path) -> None:
     d = torch.randn(32, 4, generator=g) @ torch.randn(4, 48, generator=g)
     d = d + torch.randn(32, 3, generator=g) @ torch.randn(3, 48, generator=g)
     sizes = {}
-    for label, kw in [("default", {}), ("cap16", {"rank": 16}), ("cap5", {"rank": 5}), ("all", {"max_error": 0.0})]:
+    for label, kw in [
+        ("default", {}),
+        ("cap16", {"rank": 16}),
+        ("cap5", {"rank": 5}),
+        ("all", {"max_error": 0.0}),
+    ]:
         p = tmp_path / f"{label}.safetensors"
         errs = write_kohya_lora({C_ATTN: d}, p, arch="sd1", **kw)
         sizes[label] = (read_lora(p)[C_ATTN].rank, p.stat().st_size, errs[C_ATTN])

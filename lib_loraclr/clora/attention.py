@@ -38,7 +38,8 @@ class StopForward(Exception):
 def cross_attention_layers(unet: nn.Module) -> list[str]:
     """Names (relative to ``unet``) of every ``attn2`` module that has ``to_q`` and ``to_k``."""
     return [
-        n for n, m in unet.named_modules()
+        n
+        for n, m in unet.named_modules()
         if n.rsplit(".", 1)[-1] == "attn2" and hasattr(m, "to_q") and hasattr(m, "to_k")
     ]
 
@@ -247,9 +248,13 @@ class AttentionCapture:
         if not self._sums or self._count == 0:
             raise CaptureError("no attention was captured; did the UNet run with the capture installed?")
         if self._count < len(self.layers):
-            raise CaptureError(f"only {self._count} of {len(self.layers)} capture layers ran in the last call")
+            raise CaptureError(
+                f"only {self._count} of {len(self.layers)} capture layers ran in the last call"
+            )
         if self._count > len(self.layers):
-            raise CaptureError(f"{self._count} captures for {len(self.layers)} layers: call reset() before each call")
+            raise CaptureError(
+                f"{self._count} captures for {len(self.layers)} layers: call reset() before each call"
+            )
         if len(self._sums) == 1:
             return next(iter(self._sums.values())) / self._count
         assert self.latent_hw is not None
@@ -317,8 +322,9 @@ def override_attention(unet: nn.Module, make_forward: Callable[[nn.Module, str],
 
 
 def _sdpa_forward(m: nn.Module, name: str) -> Callable[..., Any]:
-    def forward(self: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None, mask: Any = None,
-                **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None, mask: Any = None, **kwargs: Any
+    ) -> torch.Tensor:
         h = self.heads
         q = self.to_q(x)
         ctx = x if context is None else context

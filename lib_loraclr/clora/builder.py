@@ -57,11 +57,26 @@ def build_clora_denoiser(
     conds = te_branch_conds(encode, [[p] * batch_size for p in bp.prompts], te_router)
     unconds = te_branch_conds(encode, [[negative_prompt] * batch_size for _ in bp.prompts], te_router)
     den = CloraDenoiser(
-        inner_model, unet, conds, bp.groups, bp.mask_tokens, options, unconds=unconds, router=router,
-        capture_layers=capture_layers, background_tokens=bp.background_tokens, layout=None if routed else layout,
+        inner_model,
+        unet,
+        conds,
+        bp.groups,
+        bp.mask_tokens,
+        options,
+        unconds=unconds,
+        router=router,
+        capture_layers=capture_layers,
+        background_tokens=bp.background_tokens,
+        layout=None if routed else layout,
     )
     if routed:
         return RegionalDenoiser(
-            inner_model, unet, conds, unconds, router, layout=layout, estimator=None if layout is not None else den
+            inner_model,
+            unet,
+            conds,
+            unconds,
+            router,
+            layout=layout,
+            estimator=None if layout is not None else den,
         ), bp
     return den, bp

@@ -24,7 +24,9 @@ def cat_conds(conds: Sequence[Any]) -> Any:
             return torch.cat(list(conds), dim=0)
         except RuntimeError as e:
             shapes = [tuple(c.shape) for c in conds]
-            raise ConditioningMismatchError(f"conditionings cannot be batched together: shapes {shapes}") from e
+            raise ConditioningMismatchError(
+                f"conditionings cannot be batched together: shapes {shapes}"
+            ) from e
     if isinstance(first, dict):
         keys = list(first)
         for c in conds:

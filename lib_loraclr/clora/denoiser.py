@@ -153,7 +153,9 @@ class CloraDenoiser:
         self.mask_tokens = [list(t) for t in mask_tokens]
         self.options = options or CloraOptions()
         if router is not None and router.n_branches != self.n_branches:
-            raise ValueError(f"the router has {router.n_branches} branches, the conditionings {self.n_branches}")
+            raise ValueError(
+                f"the router has {router.n_branches} branches, the conditionings {self.n_branches}"
+            )
         self.router = router
         if layout is not None and layout.shape[1] != self.n_branches:
             raise ValueError(f"the layout has {layout.shape[1]} columns for {self.n_branches} branches")
@@ -261,7 +263,9 @@ class CloraDenoiser:
         return self.masks.layout if self.masks.layout is not None else self.masks.frozen
 
     # ------------------------------------------------------------------ pieces
-    def _cond_table(self, b: int, cond: Any, uncond: Any, halves: Sequence[int]) -> dict[tuple[int, int], Any]:
+    def _cond_table(
+        self, b: int, cond: Any, uncond: Any, halves: Sequence[int]
+    ) -> dict[tuple[int, int], Any]:
         return cond_table(self.conds, self.unconds, b, cond, uncond, halves)
 
     def _run(
@@ -327,8 +331,12 @@ class CloraDenoiser:
             return
         cond_maps = torch.stack([maps[(COND, k)] for k in range(self.n_branches)], dim=1)
         entry = {"loss_cond": float(clora_loss(cond_maps, self.groups, self.options.tau))}
-        if UNCOND in halves and all(maps[(UNCOND, k)].shape == maps[(COND, k)].shape for k in range(self.n_branches)):
-            both = torch.stack([(maps[(COND, k)] + maps[(UNCOND, k)]) / 2 for k in range(self.n_branches)], dim=1)
+        if UNCOND in halves and all(
+            maps[(UNCOND, k)].shape == maps[(COND, k)].shape for k in range(self.n_branches)
+        ):
+            both = torch.stack(
+                [(maps[(COND, k)] + maps[(UNCOND, k)]) / 2 for k in range(self.n_branches)], dim=1
+            )
             entry["loss_both"] = float(clora_loss(both, self.groups, self.options.tau))
         self.step_log[step] = entry
 
@@ -359,7 +367,9 @@ class CloraDenoiser:
                     _, maps = self._run(xv, sigma, table, blocks, want_output=False, want_maps=True)
                     loss = clora_loss(self._branch_maps(maps, rows), self.groups, opts.tau)
                 if not loss.requires_grad:
-                    self.fallback_reason = "the attention maps carry no gradient (is the model frozen under no_grad?)"
+                    self.fallback_reason = (
+                        "the attention maps carry no gradient (is the model frozen under no_grad?)"
+                    )
                     return None
                 (grad,) = torch.autograd.grad(loss, xv)
             except RuntimeError as e:

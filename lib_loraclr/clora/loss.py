@@ -75,7 +75,9 @@ def group_embeddings(
     return minmax(emb), torch.tensor(labels, dtype=torch.long)
 
 
-def clora_loss(maps: torch.Tensor, groups: Sequence[Sequence[Sequence[int]]], tau: float = 0.5) -> torch.Tensor:
+def clora_loss(
+    maps: torch.Tensor, groups: Sequence[Sequence[Sequence[int]]], tau: float = 0.5
+) -> torch.Tensor:
     """Sum over images of the NT-Xent loss: ``maps`` ``[B, K, N, T]`` (B images, K branches).
 
     The per-image losses are summed, so the gradient w.r.t. image i's latent is that of its own loss.

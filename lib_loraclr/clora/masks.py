@@ -92,7 +92,9 @@ def _minmax(a: torch.Tensor) -> torch.Tensor:
 MASK_SOURCES = ("base", "own", "both")
 
 
-def concept_scores(maps: torch.Tensor, groups: Sequence[Sequence[Sequence[int]]], source: str = "base") -> torch.Tensor:
+def concept_scores(
+    maps: torch.Tensor, groups: Sequence[Sequence[Sequence[int]]], source: str = "base"
+) -> torch.Tensor:
     """``[B, K, N]``: per concept branch k = g+1, the min–max-normalised map of concept g's tokens (mean
     over its tokens); column 0 is 0.
 
@@ -151,7 +153,9 @@ def layout_masks(
     best, idx = s.max(dim=1)  # [B, N]
     keep = best >= background
     if len(background_tokens):
-        other = _minmax(maps.detach().float()[:, 0][:, :, list(background_tokens)].transpose(1, 2))  # [B, t, N]
+        other = _minmax(
+            maps.detach().float()[:, 0][:, :, list(background_tokens)].transpose(1, 2)
+        )  # [B, t, N]
         keep &= best >= other.amax(dim=1)
     idx = torch.where(keep, idx + 1, torch.zeros_like(idx))
     out.scatter_(1, idx[:, None, :], 1.0)

@@ -35,12 +35,19 @@ from .options import CloraOptions
 from .routing import RoutedLoras
 
 
-def _explicit_forward(store: dict[str, list[torch.Tensor]], capture: set[str]) -> Callable[[nn.Module, str], Any]:
+def _explicit_forward(
+    store: dict[str, list[torch.Tensor]], capture: set[str]
+) -> Callable[[nn.Module, str], Any]:
     def make(m: nn.Module, name: str) -> Any:
         keep = name in capture
 
-        def forward(self: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None, mask: Any = None,
-                    **kwargs: Any) -> torch.Tensor:
+        def forward(
+            self: nn.Module,
+            x: torch.Tensor,
+            context: torch.Tensor | None = None,
+            mask: Any = None,
+            **kwargs: Any,
+        ) -> torch.Tensor:
             h = self.heads
             q = self.to_q(x)
             ctx = x if context is None else context
@@ -86,7 +93,9 @@ class OfficialCloraLoop:
         self.mask_tokens = [list(t) for t in mask_tokens]
         self.options = options
         self.router = router
-        self.capture_layers = list(capture_layers) if capture_layers is not None else lowest_resolution_layers(unet)
+        self.capture_layers = (
+            list(capture_layers) if capture_layers is not None else lowest_resolution_layers(unet)
+        )
         self.input_scale = input_scale or default_input_scale(inner_model)
         self.history: list[dict[str, float]] = []
         self.step = -1
@@ -102,8 +111,9 @@ class OfficialCloraLoop:
         self._last_sigma = s
         return self.step
 
-    def _forward_all(self, x: torch.Tensor, sigma: torch.Tensor, store: dict[str, list[torch.Tensor]]
-                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _forward_all(
+        self, x: torch.Tensor, sigma: torch.Tensor, store: dict[str, list[torch.Tensor]]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per branch: UNet on [uncond, cond]; returns outputs per branch ``[2B, …]`` and maps
         ``[B, K, N, T]`` (mean over layers, heads, both halves)."""
         b = x.shape[0]
@@ -121,8 +131,15 @@ class OfficialCloraLoop:
             maps.append((per_layer[:b] + per_layer[b:]) / 2)
         return outs, torch.stack(maps, dim=1)
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None, uncond: Any = None,
-                 cond_scale: float = 1.0, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Any = None,
+        uncond: Any = None,
+        cond_scale: float = 1.0,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         step = self._advance(sigma)
         opts = self.options
         n_updates = opts.updates_at(step) if len(self.groups) > 1 else 0

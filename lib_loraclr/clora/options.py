@@ -76,7 +76,10 @@ class CloraOptions:
         """Number of latent updates at sampler step ``step`` (0 = none)."""
         if not (self.enabled and self.latent_update) or self.masks_only:
             return 0
-        if not (self.update_from <= step < self.update_until) or (step - self.update_from) % self.update_every:
+        if (
+            not (self.update_from <= step < self.update_until)
+            or (step - self.update_from) % self.update_every
+        ):
             return 0
         return 1 + (self.refinement_iters if step in self.refinement_steps else 0)
 

@@ -68,7 +68,10 @@ def _is_linear(module: nn.Module) -> bool:
     ``ForgeOperations.Linear`` is a plain ``nn.Module`` with a 2-D ``weight`` and an ``F.linear`` forward)."""
     w = getattr(module, "weight", None)
     return isinstance(module, nn.Linear) or (
-        isinstance(w, torch.Tensor) and w.dim() == 2 and hasattr(module, "in_features") and hasattr(module, "out_features")
+        isinstance(w, torch.Tensor)
+        and w.dim() == 2
+        and hasattr(module, "in_features")
+        and hasattr(module, "out_features")
     )
 
 
@@ -83,7 +86,9 @@ def _make_term(module: nn.Module, lm: LoraModule, weight: float) -> _Term:
         if not is_conv and dense.dim() == 4:
             dense = dense.flatten(1)
         if tuple(dense.shape) != tuple(w.shape):
-            raise RoutingError(f"{lm.key}: delta shape {tuple(dense.shape)} does not match the weight {tuple(w.shape)}")
+            raise RoutingError(
+                f"{lm.key}: delta shape {tuple(dense.shape)} does not match the weight {tuple(w.shape)}"
+            )
         return _Term(None, None, dense)
     assert lm.down is not None and lm.up is not None
     down = lm.down.detach().to(torch.float32)
@@ -96,11 +101,15 @@ def _make_term(module: nn.Module, lm: LoraModule, weight: float) -> _Term:
         up = up.reshape(*up.shape, 1, 1)
         expect = (up.shape[0], down.shape[1], down.shape[2], down.shape[3])
         if expect != tuple(w.shape):
-            raise RoutingError(f"{lm.key}: LoRA shape {expect} does not match the conv weight {tuple(w.shape)}")
+            raise RoutingError(
+                f"{lm.key}: LoRA shape {expect} does not match the conv weight {tuple(w.shape)}"
+            )
     else:
         if down.dim() == 4:
             if down.shape[2:] != (1, 1):
-                raise RoutingError(f"{lm.key}: a {tuple(down.shape[2:])} conv LoRA cannot apply to a Linear layer")
+                raise RoutingError(
+                    f"{lm.key}: a {tuple(down.shape[2:])} conv LoRA cannot apply to a Linear layer"
+                )
             down = down.flatten(1)
         if (up.shape[0], down.shape[1]) != tuple(w.shape):
             raise RoutingError(
@@ -131,7 +140,9 @@ class _LowRank:
             self._cast[(dtype, device)] = got
         return got
 
-    def row_mask(self, version: int, rows: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def row_mask(
+        self, version: int, rows: torch.Tensor, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         """``[R, Σr]`` 0/1: row r uses column j iff col_branch[j] is r's branch (or -1)."""
         key = (version, dtype, device)
         m = self._masks.get(key)
@@ -157,8 +168,14 @@ class _LowRank:
 def _apply_dense(module: nn.Module, x: torch.Tensor, dense: list[torch.Tensor]) -> torch.Tensor:
     total = sum(dense[1:], dense[0]).to(device=x.device, dtype=x.dtype)
     if isinstance(module, nn.Conv2d):
-        return F.conv2d(x, total, stride=module.stride, padding=module.padding, dilation=module.dilation,
-                        groups=module.groups)
+        return F.conv2d(
+            x,
+            total,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+        )
     return F.linear(x, total)
 
 
@@ -175,11 +192,13 @@ class _Plan:
         self.branch_low = _LowRank(branch_low) if branch_low else None
         self.single_low = {
             b: _LowRank([(b, t) for t in ts if t.dense is None])
-            for b, ts in per_branch.items() if any(t.dense is None for t in ts)
+            for b, ts in per_branch.items()
+            if any(t.dense is None for t in ts)
         }
         self.branch_dense = {
             b: [t.dense for t in ts if t.dense is not None]
-            for b, ts in per_branch.items() if any(t.dense is not None for t in ts)
+            for b, ts in per_branch.items()
+            if any(t.dense is not None for t in ts)
         }
 
 
@@ -231,7 +250,7 @@ class RoutedLoras:
                             f"{key}: LoRAs on the fused OpenCLIP attention (in_proj :q/:k/:v) cannot be routed per "
                             "branch yet; disable the text-encoder part of this LoRA for CLoRA"
                         )
-                    entries.setdefault(key[len(prefix):], []).append((b, lm, float(weight)))
+                    entries.setdefault(key[len(prefix) :], []).append((b, lm, float(weight)))
         for path, items in entries.items():
             try:
                 module = model.get_submodule(path)
@@ -317,7 +336,9 @@ class RoutedLoras:
         """Per-region routing for the next calls: ``weights`` ``[R, K, H, W]`` (K = branches, H × W the
         latent), or None to leave region mode."""
         if weights is not None and (weights.dim() != 4 or weights.shape[1] != self.n_branches):
-            raise RoutingError(f"region weights must be [R, {self.n_branches}, H, W], got {tuple(weights.shape)}")
+            raise RoutingError(
+                f"region weights must be [R, {self.n_branches}, H, W], got {tuple(weights.shape)}"
+            )
         self._regions = weights
         self._region_cache: dict[tuple[object, ...], torch.Tensor] = {}
         self._context_tokens = None
@@ -331,7 +352,9 @@ class RoutedLoras:
         LoRA the context modules (attn2 K/V) add to that token; None = no LoRA on the context."""
         self._context_tokens = None if branch_of_token is None else branch_of_token.long().cpu()
 
-    def _region_weights(self, spatial: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def _region_weights(
+        self, spatial: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         """``[R, K, h, w]`` region weights at a module's resolution (nearest; cached per call layout)."""
         from .attention import map_hw
 
@@ -341,12 +364,18 @@ class RoutedLoras:
         if got is None:
             H, W = self._regions.shape[-2:]
             hw = tuple(spatial) if len(spatial) == 2 else map_hw(spatial[0], H, W)
-            got = F.interpolate(self._regions.float(), size=hw, mode="nearest") if hw != (H, W) else self._regions
+            got = (
+                F.interpolate(self._regions.float(), size=hw, mode="nearest")
+                if hw != (H, W)
+                else self._regions
+            )
             got = got.to(device=device, dtype=dtype)
             self._region_cache[key] = got
         return got
 
-    def _apply_regions(self, plan: _Plan, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _apply_regions(
+        self, plan: _Plan, module: nn.Module, x: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
         """Region mode: add each branch's terms where its region is (spatial modules) or the context
         branch's terms everywhere (context modules)."""
         if plan.is_context:
@@ -354,7 +383,9 @@ class RoutedLoras:
             if tok is None:
                 return out
             if tok.numel() != x.shape[1]:
-                raise RoutingError(f"RoutedLoras: {x.shape[1]} context tokens, the regions name {tok.numel()}")
+                raise RoutingError(
+                    f"RoutedLoras: {x.shape[1]} context tokens, the regions name {tok.numel()}"
+                )
             tok = tok.to(x.device)
             if plan.branch_low is not None:
                 low = plan.branch_low
@@ -370,7 +401,9 @@ class RoutedLoras:
         spatial = tuple(out.shape[-2:]) if conv else (x.shape[1],)
         w = self._region_weights(spatial, x.dtype, x.device)  # [R, K, h, w]
         if w.shape[0] != x.shape[0]:
-            raise RoutingError(f"RoutedLoras: the batch has {x.shape[0]} rows but the regions cover {w.shape[0]}")
+            raise RoutingError(
+                f"RoutedLoras: the batch has {x.shape[0]} rows but the regions cover {w.shape[0]}"
+            )
         if plan.branch_low is not None:
             low = plan.branch_low
             down, up = low.factors(x.dtype, x.device)
@@ -411,7 +444,9 @@ class RoutedLoras:
                     out = out + _apply_dense(module, x, plan.branch_dense[k]).to(out.dtype)
                 return out
             if self._rows is None:
-                raise RoutingError("RoutedLoras: no rows set; call set_rows() or select() before the model call")
+                raise RoutingError(
+                    "RoutedLoras: no rows set; call set_rows() or select() before the model call"
+                )
             if self._rows.numel() != x.shape[0]:
                 raise RoutingError(
                     f"RoutedLoras: the batch has {x.shape[0]} rows but the routing covers {self._rows.numel()}"

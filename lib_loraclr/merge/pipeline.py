@@ -114,7 +114,9 @@ class MergeConfig:
     # 1.01 / 0.43 → 0.76, known digits 81 → 94 % / 81 → 94 %, leakage 0; docs/DESIGN.md "Merge recipe").
     sequential: bool | None = None
     sequential_ridge: float = 1e-2  # shrinkage of the drift correction (relative to the mean Gram eigenvalue)
-    loraclr_overrides: dict[str, Any] = field(default_factory=dict)  # LoraclrParams fields, e.g. {"iters": 20}
+    loraclr_overrides: dict[str, Any] = field(
+        default_factory=dict
+    )  # LoraclrParams fields, e.g. {"iters": 20}
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -175,7 +177,9 @@ class MergeConfig:
         try:
             return replace(base, **self.loraclr_overrides)
         except TypeError as e:
-            raise MergeInputError(f"unknown LoRACLR parameter in {sorted(self.loraclr_overrides)}: {e}") from None
+            raise MergeInputError(
+                f"unknown LoRACLR parameter in {sorted(self.loraclr_overrides)}: {e}"
+            ) from None
 
 
 @dataclass
@@ -369,8 +373,12 @@ def merge_loras(
         if progress is not None:
             progress(stage, done, len(keys))
 
-    def solve(key: str, feats: Sequence[FeatureStats | None], neutral: FeatureStats | None,
-              paired: Sequence[PairedStats] | None = None) -> None:
+    def solve(
+        key: str,
+        feats: Sequence[FeatureStats | None],
+        neutral: FeatureStats | None,
+        paired: Sequence[PairedStats] | None = None,
+    ) -> None:
         nonlocal done
         w0 = _w0(model, key)
         if paired is not None and config.method in ("loraclr", "lsq"):
@@ -388,7 +396,10 @@ def merge_loras(
         ]
         method, note = config.method, ""
         if method in ("loraclr", "lsq") and any(f is None for f in feats):
-            method, note = "linear", "inputs not observable (k×k conv or fused attention out_proj): linear merge"
+            method, note = (
+                "linear",
+                "inputs not observable (k×k conv or fused attention out_proj): linear merge",
+            )
         solve_stats = stats if method in ("loraclr", "lsq") else stats[:n]
         prior = None
         if method in ("loraclr", "lsq") and config.prior_for(key) == "mean":
@@ -396,48 +407,75 @@ def merge_loras(
             dense = [scaled[i][key].delta_2d().float() if key in scaled[i] else None for i in range(n)]
             prior = sum(d for d in dense if d is not None) / n
             solve_stats = [
-                ConceptStats(cs.features, None if i >= n else (-prior if dense[i] is None else dense[i] - prior),
-                             name=cs.name)
+                ConceptStats(
+                    cs.features,
+                    None if i >= n else (-prior if dense[i] is None else dense[i] - prior),
+                    name=cs.name,
+                )
                 for i, cs in enumerate(solve_stats)
             ]
-        d, info = merge_layer(method, w0, solve_stats, params=config.loraclr_params(), ridge=config.ridge,
-                              rank=config.svd_rank)
+        d, info = merge_layer(
+            method, w0, solve_stats, params=config.loraclr_params(), ridge=config.ridge, rank=config.svd_rank
+        )
         if prior is not None:
             d = d + prior.reshape(d.shape)
         merged[key] = d
         have = all(f is not None and f.n > 0 for f in feats[:n])
         fid = layer_fidelity(d, stats[:n], W0=w0, neutral=neutral) if have else {}
-        layer_info[key] = {"group": layer_group(key), "method": method, "note": note, "solve": info,
-                           "fidelity": fid}
+        layer_info[key] = {
+            "group": layer_group(key),
+            "method": method,
+            "note": note,
+            "solve": info,
+            "fidelity": fid,
+        }
         done += 1
         tick(f"solved {key}")
 
-    def solve_paired(key: str, w0: torch.Tensor, paired: Sequence[PairedStats], neutral: FeatureStats | None
-                     ) -> None:
+    def solve_paired(
+        key: str, w0: torch.Tensor, paired: Sequence[PairedStats], neutral: FeatureStats | None
+    ) -> None:
         """Solve one layer on student inputs with drift-corrected targets (``PairedStats.effective_delta``)."""
         dense = [scaled[i][key].delta_2d().float() if key in scaled[i] else None for i in range(n)]
         prior = sum(d for d in dense if d is not None) / n if config.prior_for(key) == "mean" else None
-        teach = dense + [prior] * (len(paired) - n)  # base rows: the base (prior "mean": toward Δ̄, as unpaired)
+        teach = dense + [prior] * (
+            len(paired) - n
+        )  # base rows: the base (prior "mean": toward Δ̄, as unpaired)
         targets = [ps.effective_delta(w0, t, config.sequential_ridge) for ps, t in zip(paired, teach)]
         names = [c.label for c in concepts] + ["base"] * (len(paired) - n)
         stats = [ConceptStats(ps.features, t, name=nm) for ps, t, nm in zip(paired, targets, names)]
         solve_stats = stats
         if prior is not None:
-            solve_stats = [ConceptStats(cs.features, t - prior, name=cs.name) for cs, t in zip(stats, targets)]
-        d, info = merge_layer(config.method, w0, solve_stats, params=config.loraclr_params(), ridge=config.ridge,
-                              rank=config.svd_rank)
+            solve_stats = [
+                ConceptStats(cs.features, t - prior, name=cs.name) for cs, t in zip(stats, targets)
+            ]
+        d, info = merge_layer(
+            config.method,
+            w0,
+            solve_stats,
+            params=config.loraclr_params(),
+            ridge=config.ridge,
+            rank=config.svd_rank,
+        )
         if prior is not None:
             d = d + prior.reshape(d.shape)
         merged[key] = d
         have = all(ps.n > 0 for ps in paired[:n])
         fid = layer_fidelity(d, stats[:n], W0=w0, neutral=neutral) if have else {}
-        layer_info[key] = {"group": layer_group(key), "method": config.method, "note": "", "solve": info,
-                           "fidelity": fid, "input_drift": [ps.drift for ps in paired]}
+        layer_info[key] = {
+            "group": layer_group(key),
+            "method": config.method,
+            "note": "",
+            "solve": info,
+            "fidelity": fid,
+            "input_drift": [ps.drift for ps in paired],
+        }
 
     own_dense = [{k: m.delta() for k, m in s.modules.items()} for s in scaled] + [{}]  # + the base (no LoRA)
     if seq:
-        _merge_sequential(model, config, keys, by_group, own_dense, prompts, n, n_rows, concepts, merged,
-                          solve, tick)
+        _merge_sequential(
+            model, config, keys, by_group, own_dense, prompts, n, n_rows, concepts, merged, solve, tick
+        )
     # ---- stage 1: text encoder
     te_all = by_group["te"] if not seq else []
     te_keys = [k for k in te_all if _rowable(model, k)]
@@ -474,7 +512,9 @@ def merge_loras(
                 for p in prompts[min(i, n)] if features else []:
                     ctx = _crossattn(model.get_learned_conditioning([p]))[0]  # type: ignore[operator]
                     eot = enc.eot_position(p)
-                    pos = _kv_positions(config, enc, p, concepts[i].trigger if i < n else None, eot, ctx.shape[0])
+                    pos = _kv_positions(
+                        config, enc, p, concepts[i].trigger if i < n else None, eot, ctx.shape[0]
+                    )
                     fs.add(ctx[pos].float())
                 per_concept.append(fs)
         for k in kv_keys:
@@ -509,8 +549,10 @@ def merge_loras(
             solve(k, [None] * n, None)
 
     out = DeltaSet(
-        modules={k: LoraModule(key=k, dense=d.reshape(_target_shape(model, k)).contiguous(), kind="full")
-                 for k, d in merged.items()},
+        modules={
+            k: LoraModule(key=k, dense=d.reshape(_target_shape(model, k)).contiguous(), kind="full")
+            for k, d in merged.items()
+        },
         arch=next((c.deltas.arch for c in concepts if c.deltas.arch != "unknown"), "unknown"),
         fmt="merged",
     )
@@ -526,8 +568,9 @@ def _te_select(config: MergeConfig, eot: int) -> Callable[[torch.Tensor], torch.
     return lambda x: x[:, : eot + 1]
 
 
-def _kv_positions(config: MergeConfig, enc: Any, prompt: str, trigger: str | None, eot: int,
-                  length: int) -> list[int]:
+def _kv_positions(
+    config: MergeConfig, enc: Any, prompt: str, trigger: str | None, eot: int, length: int
+) -> list[int]:
     """Context positions whose K/V rows join the solve (``MergeConfig.kv_rows``); ``length`` = context length."""
     rows = config.effective_kv_rows()
     if rows == "trigger" and trigger is not None:
@@ -559,6 +602,7 @@ def _call_order(model: nn.Module, hook_keys: dict[str, str], run: Callable[[], A
         def hook(mod: nn.Module, args: tuple) -> None:
             if group not in order:
                 order.append(group)
+
         return hook
 
     try:
@@ -648,9 +692,17 @@ def _paired_sampling(
         swap.restore()
 
 
-def _paired_runs(model: nn.Module, config: MergeConfig, by_shape: dict[Any, list[str]], inner: nn.Module,
-                 swap: _WeightSets, teacher_te: dict[str, torch.Tensor], student_te: dict[str, torch.Tensor],
-                 hook_keys: dict[str, str], sinks: dict[str, PairedStats]) -> None:
+def _paired_runs(
+    model: nn.Module,
+    config: MergeConfig,
+    by_shape: dict[Any, list[str]],
+    inner: nn.Module,
+    swap: _WeightSets,
+    teacher_te: dict[str, torch.Tensor],
+    student_te: dict[str, torch.Tensor],
+    hook_keys: dict[str, str],
+    sinks: dict[str, PairedStats],
+) -> None:
     """The sampling runs of ``_paired_sampling`` (weights swapped by ``swap``)."""
     from lib_loraclr.tiny.sampling import sample
 
@@ -661,8 +713,15 @@ def _paired_runs(model: nn.Module, config: MergeConfig, by_shape: dict[Any, list
             with patched(model, student_te):
                 s_cond = model.get_learned_conditioning(ps)  # type: ignore[operator]
 
-        def den(x: torch.Tensor, sigma: torch.Tensor, cond: Any = None, uncond: Any = None,
-                cond_scale: float = 1.0, t_cond: Any = t_cond, s_cond: Any = s_cond) -> torch.Tensor:
+        def den(
+            x: torch.Tensor,
+            sigma: torch.Tensor,
+            cond: Any = None,
+            uncond: Any = None,
+            cond_scale: float = 1.0,
+            t_cond: Any = t_cond,
+            s_cond: Any = s_cond,
+        ) -> torch.Tensor:
             bt = {g: _RowBuffer() for g in sinks}
             bs = {g: _RowBuffer() for g in sinks}
             swap.use("teacher")
@@ -676,8 +735,17 @@ def _paired_runs(model: nn.Module, config: MergeConfig, by_shape: dict[Any, list
                     sink.add(bs[g].rows(), bt[g].rows())
             return out
 
-        sample(model, ps, negative="", steps=config.sample_steps, cfg_scale=1.0, sampler=config.sampler,
-               seed=config.seed, shape=shape, denoiser=den)
+        sample(
+            model,
+            ps,
+            negative="",
+            steps=config.sample_steps,
+            cfg_scale=1.0,
+            sampler=config.sampler,
+            seed=config.seed,
+            shape=shape,
+            denoiser=den,
+        )
 
 
 def _merge_sequential(
@@ -713,8 +781,7 @@ def _merge_sequential(
     te_keys = [k for k in te_all if _rowable(model, k)]
     if te_keys:
         fe = _Features(model, te_keys, config)
-        order = _call_order(model, fe.hook_keys,
-                            lambda: model.get_learned_conditioning([prompts[0][0]]))  # type: ignore[operator]
+        order = _call_order(model, fe.hook_keys, lambda: model.get_learned_conditioning([prompts[0][0]]))  # type: ignore[operator]
         for g in order:
             tick(f"text encoder (sequential): {g}")
             paired = [PairedStats(fe.dims[g], config.sketch_rows, config.seed) for _ in rows]
@@ -752,7 +819,9 @@ def _merge_sequential(
                     with patched(model, te_merged):
                         cs = _crossattn(model.get_learned_conditioning([p]))[0]  # type: ignore[operator]
                     eot = enc.eot_position(p)
-                    pos = _kv_positions(config, enc, p, concepts[i].trigger if i < n else None, eot, cs.shape[0])
+                    pos = _kv_positions(
+                        config, enc, p, concepts[i].trigger if i < n else None, eot, cs.shape[0]
+                    )
                     paired[i].add(cs[pos].float(), ct[pos].float())
         for k in kv_keys:
             solve(k, [], paired[n].features, paired=paired[:n_rows])
@@ -765,13 +834,24 @@ def _merge_sequential(
         stages.setdefault(unet_stage(k), []).append(k)
     for si, (_stage, skeys) in enumerate(sorted(stages.items())):
         fe = _Features(model, skeys, config)
-        sinks_all = [{g: PairedStats(d, config.sketch_rows, config.seed) for g, d in fe.dims.items()} for _ in rows]
+        sinks_all = [
+            {g: PairedStats(d, config.sketch_rows, config.seed) for g, d in fe.dims.items()} for _ in rows
+        ]
         for i in rows:
             tick(f"UNet (sequential): stage {si + 1}/{len(stages)}, run {i + 1}/{n + 1}")
             ps = prompts[min(i, n)]
             ps = ps if config.effective_sample_prompts() == "all" else ps[:1]
-            _paired_sampling(model, ps, config, only(i, unet_all), student(i, unet_all), only(i, te_all),
-                             te_merged, fe.hook_keys, sinks_all[i])
+            _paired_sampling(
+                model,
+                ps,
+                config,
+                only(i, unet_all),
+                student(i, unet_all),
+                only(i, te_all),
+                te_merged,
+                fe.hook_keys,
+                sinks_all[i],
+            )
         for k in skeys:
             g = input_group(k)
             solve(k, [], sinks_all[n][g].features, paired=[sinks_all[i][g] for i in range(n_rows)])
@@ -834,8 +914,16 @@ def _sample(model: nn.Module, prompt: str, config: MergeConfig) -> None:
     from lib_loraclr.tiny.sampling import sample
 
     shape = config.shape_for(prompt) if config.shape_for is not None else config.shape
-    sample(model, [prompt] * config.sample_images, negative="", steps=config.sample_steps, cfg_scale=1.0,
-           sampler=config.sampler, seed=config.seed, shape=shape)
+    sample(
+        model,
+        [prompt] * config.sample_images,
+        negative="",
+        steps=config.sample_steps,
+        cfg_scale=1.0,
+        sampler=config.sampler,
+        seed=config.seed,
+        shape=shape,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -844,8 +932,9 @@ def _nanmean(xs: Sequence[float]) -> float | None:
     return float(sum(v) / len(v)) if v else None
 
 
-def build_report(concepts: Sequence[Concept], config: MergeConfig, layer_info: dict[str, dict[str, Any]],
-                 seconds: float) -> dict[str, Any]:
+def build_report(
+    concepts: Sequence[Concept], config: MergeConfig, layer_info: dict[str, dict[str, Any]], seconds: float
+) -> dict[str, Any]:
     """Per concept and layer group: fidelity (relative error on own inputs), interference (share of the
     other concepts' effects on its inputs), base preservation (relative change on neutral prompts)."""
     names = [c.label for c in concepts]
@@ -865,17 +954,34 @@ def build_report(concepts: Sequence[Concept], config: MergeConfig, layer_info: d
             "concepts": per,
             "base_change_neutral": _nanmean([v["fidelity"].get("base_change_neutral") for v in infos]),
         }
-    hinge = [v["solve"].get("hinge_ever_active") for v in layer_info.values() if "hinge_ever_active" in v["solve"]]
+    hinge = [
+        v["solve"].get("hinge_ever_active") for v in layer_info.values() if "hinge_ever_active" in v["solve"]
+    ]
     return {
         "method": config.method,
         "preset": config.preset if config.method == "loraclr" else None,
-        "config": {**{k: (v if k != "shape_for" else (None if v is None else "custom"))
-                      for k, v in asdict(config).items() if k != "max_stats_bytes"},
-                   "kv_rows": config.effective_kv_rows(), "preserve_base": config.effective_preserve_base(),
-                   "prior": config.effective_prior(), "sample_prompts": config.effective_sample_prompts(),
-                   "sequential": config.effective_sequential() and config.method in ("loraclr", "lsq")},
-        "concepts": [{"name": c.label, "trigger": c.trigger, "te_weight": c.te_weight,
-                      "unet_weight": c.unet_weight, "modules": len(c.deltas)} for c in concepts],
+        "config": {
+            **{
+                k: (v if k != "shape_for" else (None if v is None else "custom"))
+                for k, v in asdict(config).items()
+                if k != "max_stats_bytes"
+            },
+            "kv_rows": config.effective_kv_rows(),
+            "preserve_base": config.effective_preserve_base(),
+            "prior": config.effective_prior(),
+            "sample_prompts": config.effective_sample_prompts(),
+            "sequential": config.effective_sequential() and config.method in ("loraclr", "lsq"),
+        },
+        "concepts": [
+            {
+                "name": c.label,
+                "trigger": c.trigger,
+                "te_weight": c.te_weight,
+                "unet_weight": c.unet_weight,
+                "modules": len(c.deltas),
+            }
+            for c in concepts
+        ],
         "layers": len(layer_info),
         "fallbacks": sorted(k for k, v in layer_info.items() if v["note"]),
         "hinge_active_layers": sum(1 for h in hinge if h),
@@ -887,8 +993,11 @@ def build_report(concepts: Sequence[Concept], config: MergeConfig, layer_info: d
 
 def format_report(report: dict[str, Any]) -> str:
     """The report as a printed table (one row per concept × layer group)."""
-    lines = [f"method {report['method']}" + (f" ({report['preset']})" if report.get("preset") else "")
-             + f", {report['layers']} layers, {report['seconds']:.1f} s"]
+    lines = [
+        f"method {report['method']}"
+        + (f" ({report['preset']})" if report.get("preset") else "")
+        + f", {report['layers']} layers, {report['seconds']:.1f} s"
+    ]
     head = f"{'concept':<16} {'group':<5} {'fidelity err':>12} {'interference':>12} {'base change':>11}"
     lines += [head, "-" * len(head)]
 
@@ -897,14 +1006,20 @@ def format_report(report: dict[str, Any]) -> str:
 
     for g, info in report["groups"].items():
         for name, v in info["concepts"].items():
-            lines.append(f"{name[:16]:<16} {g:<5} {fmt(v['rel_err']):>12} {fmt(v['interference']):>12} "
-                         f"{fmt(info['base_change_neutral']):>11}")
+            lines.append(
+                f"{name[:16]:<16} {g:<5} {fmt(v['rel_err']):>12} {fmt(v['interference']):>12} "
+                f"{fmt(info['base_change_neutral']):>11}"
+            )
     if report.get("svd_error") is not None:
-        lines.append(f"LoRA save: SVD truncation error (relative, mean over modules) {report['svd_error']:.4f}")
+        lines.append(
+            f"LoRA save: SVD truncation error (relative, mean over modules) {report['svd_error']:.4f}"
+        )
     if report.get("svd_error_max") is not None:
         tol = report.get("svd_tolerance")
-        lines.append(f"LoRA save: SVD truncation error max {report['svd_error_max']:.2e}"
-                     + (f" (tolerance {tol:.0e} per module, ranks as low as it allows)" if tol is not None else ""))
+        lines.append(
+            f"LoRA save: SVD truncation error max {report['svd_error_max']:.2e}"
+            + (f" (tolerance {tol:.0e} per module, ranks as low as it allows)" if tol is not None else "")
+        )
     if report["fallbacks"]:
         lines.append(f"linear merge (inputs not observable) for {len(report['fallbacks'])} layers")
     if report.get("loader_gaps"):

@@ -85,9 +85,13 @@ def _check_stats(W0: torch.Tensor, stats: Sequence[ConceptStats]) -> torch.Tenso
             )
         if cs.n == 0:
             raise LoraclrError(f"concept {cs.name or k}: no input rows were collected for this layer")
-        out = cs.up.shape[0] if cs.up is not None else (cs._dense.shape[0] if cs._dense is not None else d_out)
+        out = (
+            cs.up.shape[0] if cs.up is not None else (cs._dense.shape[0] if cs._dense is not None else d_out)
+        )
         if out != d_out:
-            raise ShapeMismatchError(f"delta of concept {cs.name or k} has {out} outputs, the layer has {d_out}")
+            raise ShapeMismatchError(
+                f"delta of concept {cs.name or k} has {out} outputs, the layer has {d_out}"
+            )
     return w0
 
 
@@ -106,8 +110,12 @@ def _own_rows(cs: ConceptStats, d_out: int) -> torch.Tensor:
 
 
 def _lsq_core(
-    stats: Sequence[ConceptStats], d_out: int, coef: Sequence[float], ridge: float,
-    own_rows: Sequence[torch.Tensor] | None = None, grams: Sequence[torch.Tensor] | None = None,
+    stats: Sequence[ConceptStats],
+    d_out: int,
+    coef: Sequence[float],
+    ridge: float,
+    own_rows: Sequence[torch.Tensor] | None = None,
+    grams: Sequence[torch.Tensor] | None = None,
     want_delta: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, float, tuple | None]:
     """Minimiser of ``Σ_i c_i ‖X_i(Δ − ΔW_i)ᵀ‖² + λ‖Δ‖²``, ``λ = ridge·tr(Σ c_i G_i)/d_in``.
@@ -198,7 +206,9 @@ def _as_deltas(deltas: Sequence[torch.Tensor | None], weights: Sequence[float] |
     return out or [torch.zeros(shape)]
 
 
-def solve_linear(deltas: Sequence[torch.Tensor | None], weights: Sequence[float] | None = None) -> torch.Tensor:
+def solve_linear(
+    deltas: Sequence[torch.Tensor | None], weights: Sequence[float] | None = None
+) -> torch.Tensor:
     """Weighted sum ``Σ w_i ΔW_i`` (what stacking LoRAs at sampling time does). None entries count as 0."""
     return torch.stack(_as_deltas(deltas, weights)).sum(0)
 
@@ -285,17 +295,36 @@ class LoraclrParams:
     @classmethod
     def official(cls) -> LoraclrParams:
         """The official hyper-parameters and loop (AdamW from Δ=0, 50 steps, best iterate), official units."""
-        return cls(margin=0.5, lambda_con=1.0, hinge_weight=1.0, lambda_mse=0.1, lambda_reg=1e-3, ridge=0.0,
-                   negatives="paired",
-                   normalize="none", init="zero", optimizer="adamw", iters=50, lr=1e-4, weight_decay=1e-4,
-                   skip_if_inactive=False, preset="official")
+        return cls(
+            margin=0.5,
+            lambda_con=1.0,
+            hinge_weight=1.0,
+            lambda_mse=0.1,
+            lambda_reg=1e-3,
+            ridge=0.0,
+            negatives="paired",
+            normalize="none",
+            init="zero",
+            optimizer="adamw",
+            iters=50,
+            lr=1e-4,
+            weight_decay=1e-4,
+            skip_if_inactive=False,
+            preset="official",
+        )
 
     @classmethod
     def official_objective(cls) -> LoraclrParams:
         """The official objective and units, minimised well: exact closed form (least squares shrunk for the
         ``λ_reg‖Δ‖_F`` term), L-BFGS only when a hinge is active. Same loss as :meth:`official`, lower value."""
-        return replace(cls.official(), init="lsq_reg", optimizer="lbfgs", iters=100, skip_if_inactive=True,
-                       preset="official_objective")
+        return replace(
+            cls.official(),
+            init="lsq_reg",
+            optimizer="lbfgs",
+            iters=100,
+            skip_if_inactive=True,
+            preset="official_objective",
+        )
 
     @classmethod
     def recommended(cls) -> LoraclrParams:
@@ -374,13 +403,17 @@ class _Objective:
             self.own_sq = torch.segment_reduce(r, "sum", lengths=self._lengths).tolist()
         else:
             self._grams = [fs.gram() for fs in self.feats]  # computed once per solve (raw mode builds it)
-            self.own_sq = [_own_effect_sq(cs, g) if cs.has_delta else 0.0 for cs, g in zip(stats, self._grams)]
+            self.own_sq = [
+                _own_effect_sq(cs, g) if cs.has_delta else 0.0 for cs, g in zip(stats, self._grams)
+            ]
         if params.normalize == "concept":
             per_row = [o / n for o, n in zip(self.own_sq, self.n) if o > 0]
             rms = math.sqrt(sum(per_row) / len(per_row)) if per_row else 1.0
             # a concept without an effect here (ΔW_i = 0, e.g. the neutral "base" rows) counts like a typical one
-            self.s = [max(math.sqrt(o), params.sigma_floor * rms * math.sqrt(n)) if o > 0 else rms * math.sqrt(n)
-                      for o, n in zip(self.own_sq, self.n)]
+            self.s = [
+                max(math.sqrt(o), params.sigma_floor * rms * math.sqrt(n)) if o > 0 else rms * math.sqrt(n)
+                for o, n in zip(self.own_sq, self.n)
+            ]
         else:
             self.s = [1.0] * self.N
         self.w = [cs.weight for cs in stats]
@@ -389,8 +422,15 @@ class _Objective:
         self.hinge_w = [w * params.lambda_con * params.hinge_weight / self.N for w in self.w]
         own = self._Tii if self._rows_mode else None
         lazy = self._rows_mode and params.init == "lsq_reg" and bool(params.lambda_reg)  # start = lsq_shrunk
-        lsq, h, rr, lam, zt = _lsq_core(stats, self.d_out, self.c, params.ridge, own_rows=own,
-                                        grams=None if self._rows_mode else self._grams, want_delta=not lazy)
+        lsq, h, rr, lam, zt = _lsq_core(
+            stats,
+            self.d_out,
+            self.c,
+            params.ridge,
+            own_rows=own,
+            grams=None if self._rows_mode else self._grams,
+            want_delta=not lazy,
+        )
         self._zt = zt
         self.lam = lam
         self._lsq = None if lsq is None else lsq.float()
@@ -550,8 +590,10 @@ class _Objective:
             self._sk_y = list(torch.split(y, self.n))
         else:
             base = list(torch.split(torch.cat(self._sk_x) @ self.w0.T, [int(x.shape[0]) for x in self._sk_x]))
-            self._sk_y = [b + cs.apply_delta_t(x) if cs.has_delta else b
-                          for b, x, cs in zip(base, self._sk_x, self._concepts)]
+            self._sk_y = [
+                b + cs.apply_delta_t(x) if cs.has_delta else b
+                for b, x, cs in zip(base, self._sk_x, self._concepts)
+            ]
         same = all(torch.equal(self._sk_idx[0], ix) for ix in self._sk_idx) and len(set(self.n)) == 1
         self._aligned = same and self._sk_idx[0].numel() > 0
         self._pair_sel: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, float]] = {}
@@ -615,7 +657,7 @@ class _Objective:
         return dist / self._t
 
     def _setup_rowspace(self) -> None:
-        """"own" / "axis" negatives: exact through a factor ``L_i`` (``L_iᵀL_i = G_i``) of each concept's Gram.
+        """ "own" / "axis" negatives: exact through a factor ``L_i`` (``L_iᵀL_i = G_i``) of each concept's Gram.
 
         Per concept i and negative j the terms are (A_ij [p, d_out], const_ij, norm_ij):
         own:  value = ‖L_iΔᵀ − A‖ / norm with A = L_iΔW_jᵀ, norm = separation (or 1 with normalize="none");
@@ -671,7 +713,9 @@ class _Objective:
                 if cs.down is not None and cs.up is not None:
                     downs[j, : cs.down.shape[0]] = cs.down
                     ups[j, : cs.up.shape[1]] = cs.up.T
-            low = (lcat @ downs.reshape(-1, self.d_in).T).reshape(-1, self.N, rmax).transpose(0, 1)  # [N, P, r]
+            low = (
+                (lcat @ downs.reshape(-1, self.d_in).T).reshape(-1, self.N, rmax).transpose(0, 1)
+            )  # [N, P, r]
             t = torch.bmm(low, ups)  # [N, P, d_out]
         else:
             t = (lcat @ torch.cat(self.deltas).T).reshape(-1, self.N, self.d_out).transpose(0, 1)
@@ -690,7 +734,9 @@ class _Objective:
         valid = torch.ones(self.N, dtype=torch.bool)
         valid[i] = False
         if self.p.negatives == "axis" or self.p.normalize == "concept":
-            valid &= (sep_sq > 1e-12 * scale_sq) & (sep_sq > 0)  # identical targets: nothing to move away from
+            valid &= (sep_sq > 1e-12 * scale_sq) & (
+                sep_sq > 0
+            )  # identical targets: nothing to move away from
         if self.p.negatives == "axis":
             a = diff
             const = (t_all * diff).sum((1, 2))
@@ -699,13 +745,19 @@ class _Objective:
         else:
             a = t_all
             const = torch.zeros(self.N)
-            norm = sep_sq.sqrt().float().clamp_min(1e-30) if self.p.normalize == "concept" else torch.ones(self.N)
+            norm = (
+                sep_sq.sqrt().float().clamp_min(1e-30)
+                if self.p.normalize == "concept"
+                else torch.ones(self.N)
+            )
         out = (a, const, norm, valid)
         if self._cache_terms:
             self._terms[i] = out
         return out
 
-    def _values_i(self, i: int, delta: torch.Tensor, js: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _values_i(
+        self, i: int, delta: torch.Tensor, js: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Distances of concept i to negatives ``js`` (all valid when None): (values, js).
 
         Without the all-pairs cache (large layers), the terms of the requested ``js`` are kept per i, so an
@@ -788,11 +840,22 @@ class _Objective:
             total = quad + float(hinge)
             if self.p.lambda_reg:
                 total += self.p.lambda_reg * float(delta.double().norm())
-        return {"loss": total, "quad": quad, "pos": self.pos_exact(delta, e), "neg": _neg_list(neg),
-                "active": bool(active.any()), "pairs": int((dist < self.p.margin).sum()), "dist": dist}
+        return {
+            "loss": total,
+            "quad": quad,
+            "pos": self.pos_exact(delta, e),
+            "neg": _neg_list(neg),
+            "active": bool(active.any()),
+            "pairs": int((dist < self.p.margin).sum()),
+            "dist": dist,
+        }
 
-    def loss(self, delta: torch.Tensor, pairs: Sequence[tuple[int, int]] | None = None,
-             dist: torch.Tensor | None = None):
+    def loss(
+        self,
+        delta: torch.Tensor,
+        pairs: Sequence[tuple[int, int]] | None = None,
+        dist: torch.Tensor | None = None,
+    ):
         """(total loss tensor, neg [N] tensor, hinge active [N] bool); ``dist`` = precomputed distances."""
         total = self.quad(delta)
         hinge, neg, active = self.hinge(delta, pairs, dist)
@@ -869,8 +932,11 @@ def solve_loraclr(
             if cand is None:
                 break
             dist = obj.scan(best)
-            new = [(i, j) for (i, j) in obj._valid
-                   if (i, j) not in cand and float(dist[i, j]) < params.margin + _SLACK / 2]
+            new = [
+                (i, j)
+                for (i, j) in obj._valid
+                if (i, j) not in cand and float(dist[i, j]) < params.margin + _SLACK / 2
+            ]
             if not new:
                 break
             cand = cand + new
@@ -915,8 +981,15 @@ def _optimise(obj: _Objective, start: torch.Tensor, start_loss: float, pairs, in
             info.iterations += 1
         return best, best_loss
 
-    opt = torch.optim.LBFGS([param], lr=1.0, max_iter=p.iters, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-12, tolerance_change=1e-14)
+    opt = torch.optim.LBFGS(
+        [param],
+        lr=1.0,
+        max_iter=p.iters,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-12,
+        tolerance_change=1e-14,
+    )
     state = {"best": best, "best_loss": best_loss}
 
     def closure():
@@ -977,8 +1050,6 @@ def merge_layer(
     return delta, {"method": method, "seconds": time.perf_counter() - t0}
 
 
-
-
 # ---------------------------------------------------------------------------------------------- fidelity
 def layer_fidelity(
     delta: torch.Tensor,
@@ -1019,8 +1090,10 @@ def layer_fidelity(
         err2 = max(float((eg * e).sum()), 0.0)
         if g is None:  # few raw rows: every effect through the rows
             assert r is not None
-            eff2 = [float(cs_j.apply_delta_t(r).double().pow(2).sum()) if cs_j.has_delta else 0.0
-                    for cs_j in stats]
+            eff2 = [
+                float(cs_j.apply_delta_t(r).double().pow(2).sum()) if cs_j.has_delta else 0.0
+                for cs_j in stats
+            ]
         else:  # ‖X_iΔW_jᵀ‖² from the Gram (cheap through the factors of low-rank deltas)
             eff2 = [max(_own_effect_sq(cs_j, g), 0.0) if cs_j.has_delta else 0.0 for cs_j in stats]
         abs_err.append(math.sqrt(err2))

@@ -108,7 +108,9 @@ class FeatureStats:
     def add(self, x: torch.Tensor) -> None:
         """Add rows ``x [..., d_in]`` (any float dtype, any device); they get the next global indices."""
         if x.shape[-1] != self.d_in:
-            raise ShapeMismatchError(f"rows have width {x.shape[-1]}, this layer's input width is {self.d_in}")
+            raise ShapeMismatchError(
+                f"rows have width {x.shape[-1]}, this layer's input width is {self.d_in}"
+            )
         x = x.detach().reshape(-1, self.d_in).to(device=self.device, dtype=torch.float32)
         b = x.shape[0]
         if b == 0:
@@ -266,7 +268,9 @@ class ConceptStats:
             up = as_2d_weight(delta[0], f"{who} (up)").detach().to(torch.float32).cpu()
             down = as_2d_weight(delta[1], f"{who} (down)").detach().to(torch.float32).cpu()
             if up.shape[1] != down.shape[0]:
-                raise ShapeMismatchError(f"{who}: up has rank {up.shape[1]} but down has rank {down.shape[0]}")
+                raise ShapeMismatchError(
+                    f"{who}: up has rank {up.shape[1]} but down has rank {down.shape[0]}"
+                )
             if down.shape[1] != features.d_in:
                 raise ShapeMismatchError(f"{who} has {down.shape[1]} inputs, features have {features.d_in}")
             if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
@@ -392,7 +396,9 @@ class PairedStats:
         """Relative input drift ``‖X̃ − X‖ / ‖X‖`` (0 when the merged model sees the teacher's inputs)."""
         return math.sqrt(self.drift_sq / self.teacher_sq) if self.teacher_sq > 0 else 0.0
 
-    def effective_delta(self, w0: torch.Tensor, delta: torch.Tensor | None, ridge: float = 1e-2) -> torch.Tensor:
+    def effective_delta(
+        self, w0: torch.Tensor, delta: torch.Tensor | None, ridge: float = 1e-2
+    ) -> torch.Tensor:
         """The ΔW whose output on the STUDENT inputs best matches the teacher's output on its own inputs.
 
         ``argmin_Δ ‖X̃(W0 + Δ)ᵀ − X(W0 + ΔW)ᵀ‖² = ΔW + (W0 + ΔW)(Cᵀ − G̃)(G̃ + λI)^-1`` (exact for λ = 0 and an

@@ -195,8 +195,9 @@ class TinySD(nn.Module):
 
     parameterization = "eps"
 
-    def __init__(self, config: TinySDConfig | None = None, tokenizer: Any = None,
-                 unet_factory: Any = None) -> None:
+    def __init__(
+        self, config: TinySDConfig | None = None, tokenizer: Any = None, unet_factory: Any = None
+    ) -> None:
         """``unet_factory(TinyUNetConfig) -> nn.Module``: another UNet class with ldm's module names and
         ``forward(x, timesteps=…, context=…)`` (e.g. a host's own), instead of ldm's ``UNetModel``."""
         super().__init__()

@@ -91,8 +91,11 @@ def te_roots(sd_model: Any) -> list[tuple[Any, str]]:
             return []
         for _name, m in root.named_modules():
             if hasattr(m, "text_model"):
-                prefix = ("conditioner.embedders.0.transformer." if getattr(sd_model, "is_sdxl", False)
-                          else "cond_stage_model.transformer.")
+                prefix = (
+                    "conditioner.embedders.0.transformer."
+                    if getattr(sd_model, "is_sdxl", False)
+                    else "cond_stage_model.transformer."
+                )
                 return [(m, prefix)]
         return []
     out: list[tuple[Any, str]] = []
@@ -157,8 +160,12 @@ class A1111Host:
         if not mods:
             from modules import devices, prompt_parser, sd_samplers_common, shared
 
-            mods = {"devices": devices, "prompt_parser": prompt_parser, "sd_samplers_common": sd_samplers_common,
-                    "state": shared.state}
+            mods = {
+                "devices": devices,
+                "prompt_parser": prompt_parser,
+                "sd_samplers_common": sd_samplers_common,
+                "state": shared.state,
+            }
         self.__dict__.update(mods)
 
 
@@ -178,13 +185,16 @@ class A1111Adapter:
             self._host = A1111Host()
         return self._host
 
-    def install(self, p: Any, run: Any, base: str, specs: Sequence[Any], *, masks_only: bool = False,
-                cfg: Any = None) -> Any:
+    def install(
+        self, p: Any, run: Any, base: str, specs: Sequence[Any], *, masks_only: bool = False, cfg: Any = None
+    ) -> Any:
         h = self.host
         cfg = cfg if cfg is not None else p.sampler.model_wrap_cfg
         sd_model = p.sd_model
-        if getattr(getattr(sd_model, "model", None), "conditioning_key", None) == "crossattn-adm" or \
-                getattr(sd_model, "cond_stage_key", None) == "edit":
+        if (
+            getattr(getattr(sd_model, "model", None), "conditioning_key", None) == "crossattn-adm"
+            or getattr(sd_model, "cond_stage_key", None) == "edit"
+        ):
             run.notice("CLoRA does not support unCLIP / InstructPix2Pix models; sampling without it")
             return None
         unet = sd_model.model.diffusion_model
@@ -193,7 +203,9 @@ class A1111Adapter:
         if masks_only:
             options = replace(options, masks_only=True)
         tokenize = engine.host_tokenize_line(sd_model)
-        bp = engine.branch_prompts(base, [(s.trigger, s.words) for s in specs], engine.token_positions_from(tokenize))
+        bp = engine.branch_prompts(
+            base, [(s.trigger, s.words) for s in specs], engine.token_positions_from(tokenize)
+        )
         router_te = te_router(sd_model, specs)
 
         def encode(prompts: list[str]) -> Any:
@@ -204,8 +216,13 @@ class A1111Adapter:
         schedules = engine.te_branch_conds(encode, [[q] for q in bp.prompts[1:]], router_te)
         layout = engine.user_layout(run.args, len(specs), (int(p.height) // 8, int(p.width) // 8))
         denoiser = engine.clora_denoiser(
-            inner_model=cfg.inner_model, unet=unet, conds=[None] * bp.n_branches, groups=bp.groups,
-            mask_tokens=bp.mask_tokens, options=options, router=unet_router(unet, specs),
+            inner_model=cfg.inner_model,
+            unet=unet,
+            conds=[None] * bp.n_branches,
+            groups=bp.groups,
+            mask_tokens=bp.mask_tokens,
+            options=options,
+            router=unet_router(unet, specs),
             layout=layout,
             background_tokens=bp.background_tokens,
         )
@@ -214,7 +231,9 @@ class A1111Adapter:
         original = cfg.__dict__.get("forward")
 
         def forward(x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
-            return self.step(cfg, denoiser, schedules, run, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+            return self.step(
+                cfg, denoiser, schedules, run, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond
+            )
 
         forward._loraclr = True  # type: ignore[attr-defined]
         forward._loraclr_original = original  # type: ignore[attr-defined]
@@ -224,8 +243,20 @@ class A1111Adapter:
         self._cfg = cfg
         return denoiser
 
-    def step(self, cfg: Any, denoiser: Any, schedules: Sequence[Any], run: Any, x: torch.Tensor, sigma: torch.Tensor,
-             uncond: Any, cond: Any, cond_scale: float, s_min_uncond: float, image_cond: Any) -> torch.Tensor:
+    def step(
+        self,
+        cfg: Any,
+        denoiser: Any,
+        schedules: Sequence[Any],
+        run: Any,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        uncond: Any,
+        cond: Any,
+        cond_scale: float,
+        s_min_uncond: float,
+        image_cond: Any,
+    ) -> torch.Tensor:
         """One CFG-denoiser call with CLoRA (mirrors ``CFGDenoiser.forward`` where it matters)."""
         h = self.host
         if h.state.interrupted or h.state.skipped:
@@ -242,7 +273,9 @@ class A1111Adapter:
                 return {**c, "c_concat": [image_cond]}
             return {"c_crossattn": [c], "c_concat": [image_cond]}
 
-        denoiser.conds = [make(c0)] + [make(h.prompt_parser.reconstruct_cond_batch(s, cfg.step)) for s in schedules]
+        denoiser.conds = [make(c0)] + [
+            make(h.prompt_parser.reconstruct_cond_batch(s, cfg.step)) for s in schedules
+        ]
         denoiser.unconds = [make(unc)] * len(denoiser.conds)
         mask = getattr(cfg, "mask", None)
         if mask is not None and getattr(cfg, "mask_before_denoising", False):
@@ -294,10 +327,20 @@ class ForgeFusion:
     ``lib_loraclr.clora`` as a public API; it lives here until the engine exposes one.
     """
 
-    def __init__(self, unet: Any, router: Any, capture: Any, groups: Any, mask_tokens: Sequence[Sequence[int]],
-                 branch_conds: Sequence[Any], options: Any, previous: Callable[..., Any] | None = None,
-                 input_scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 layout: torch.Tensor | None = None, background_tokens: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        unet: Any,
+        router: Any,
+        capture: Any,
+        groups: Any,
+        mask_tokens: Sequence[Sequence[int]],
+        branch_conds: Sequence[Any],
+        options: Any,
+        previous: Callable[..., Any] | None = None,
+        input_scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        layout: torch.Tensor | None = None,
+        background_tokens: Sequence[int] = (),
+    ) -> None:
         from lib_loraclr.clora.masks import MaskEstimator
 
         self.unet = unet
@@ -313,7 +356,9 @@ class ForgeFusion:
         self.last_weights: torch.Tensor | None = None
         # latent update (see `forge_latent_update`): on only when the adapter can write x back
         self.input_scale = input_scale  # c_in(σ, x) of Forge's predictor; None = no latent update
-        self.grad_router: Any = None  # a router built outside inference mode (its cached factors are normal tensors)
+        self.grad_router: Any = (
+            None  # a router built outside inference mode (its cached factors are normal tensors)
+        )
         self.fallback_reason: str | None = None
         self.x_new: torch.Tensor | None = None  # updated latent of the current step (sampler writes it back)
         self.history: list[dict[str, float]] = []
@@ -370,7 +415,9 @@ class ForgeFusion:
         y = c.pop("y", None)
         ys = y.chunk(n) if isinstance(y, torch.Tensor) else [None] * n
         topt = c.pop("transformer_options", None)
-        per_row = {k: v.chunk(n) for k, v in c.items() if isinstance(v, torch.Tensor) and v.shape[:1] == x.shape[:1]}
+        per_row = {
+            k: v.chunk(n) for k, v in c.items() if isinstance(v, torch.Tensor) and v.shape[:1] == x.shape[:1]
+        }
         static = {k: v for k, v in c.items() if k not in per_row}
 
         block_c: dict[tuple[int, int], tuple[torch.Tensor, Any]] = {}
@@ -387,7 +434,9 @@ class ForgeFusion:
         def call(xx: torch.Tensor, tt: torch.Tensor, **cc: Any) -> torch.Tensor:
             if self.previous is not None:
                 rows = cc.get("transformer_options", {}).get("cond_or_uncond", cou)
-                return self.previous(apply_model, {"input": xx, "timestep": tt, "c": cc, "cond_or_uncond": rows})
+                return self.previous(
+                    apply_model, {"input": xx, "timestep": tt, "c": cc, "cond_or_uncond": rows}
+                )
             return apply_model(xx, tt, **cc)
 
         def kwargs_for(blocks: list[tuple[int, int]]) -> dict[str, Any]:
@@ -425,7 +474,9 @@ class ForgeFusion:
             for blocks in by_len.values():
                 kw = kwargs_for(blocks)
                 self.router.set_rows([k for _, k in blocks for _ in range(b)])
-                want_maps = fixed is None and self.capture is not None and any(cou[j] == COND for j, _ in blocks)
+                want_maps = (
+                    fixed is None and self.capture is not None and any(cou[j] == COND for j, _ in blocks)
+                )
                 if self.capture is not None:
                     self.capture.reset()
                     self.capture.latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
@@ -433,9 +484,9 @@ class ForgeFusion:
                 out = call(torch.cat([xs[j] for j, _ in blocks]), torch.cat([ts[j] for j, _ in blocks]), **kw)
                 m = self.capture.maps() if want_maps else None
                 for i, blk in enumerate(blocks):
-                    outs[blk] = out[i * b:(i + 1) * b]
+                    outs[blk] = out[i * b : (i + 1) * b]
                     if m is not None:
-                        maps[blk] = m[i * b:(i + 1) * b]
+                        maps[blk] = m[i * b : (i + 1) * b]
         finally:
             if self.capture is not None:
                 self.capture.remove()
@@ -507,8 +558,16 @@ class InferenceWeightClones:
         self._saved.clear()
 
 
-def forge_latent_update(fusion: ForgeFusion, call: Callable[..., Any], kwargs_for: Callable[..., dict[str, Any]],
-                        x: torch.Tensor, sigma: torch.Tensor, j: int, n_updates: int, step: int) -> torch.Tensor | None:
+def forge_latent_update(
+    fusion: ForgeFusion,
+    call: Callable[..., Any],
+    kwargs_for: Callable[..., dict[str, Any]],
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    j: int,
+    n_updates: int,
+    step: int,
+) -> torch.Tensor | None:
     """CLoRA's latent update for Forge: ``n_updates`` gradient steps ``x ← x − s/c_in²·∇ₓL`` on chunk ``j``
     (the cond rows, every branch in one call), run under ``torch.inference_mode(False)`` + ``enable_grad``
     with cloned inputs and `InferenceWeightClones`. Returns the new latent, or None after setting
@@ -536,8 +595,10 @@ def forge_latent_update(fusion: ForgeFusion, call: Callable[..., Any], kwargs_fo
                 capture.install()
                 try:
                     for group in by_len.values():
-                        kw = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
-                              for k, v in kwargs_for(group).items()}
+                        kw = {
+                            k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+                            for k, v in kwargs_for(group).items()
+                        }
                         router.set_rows([k for _, k in group for _ in range(b)])
                         capture.reset()
                         capture.enabled = True
@@ -548,7 +609,7 @@ def forge_latent_update(fusion: ForgeFusion, call: Callable[..., Any], kwargs_fo
                             pass
                         m = capture.maps()
                         for i, blk in enumerate(group):
-                            maps[blk] = m[i * b:(i + 1) * b]
+                            maps[blk] = m[i * b : (i + 1) * b]
                 finally:
                     capture.stop_after_last = False
                     capture.remove()
@@ -562,7 +623,9 @@ def forge_latent_update(fusion: ForgeFusion, call: Callable[..., Any], kwargs_fo
                 xv = (xv - scale * grad).detach()
             return xv
     except (RuntimeError, TypeError, ValueError) as e:
-        fusion.fallback_reason = f"Forge: no latent gradient ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        fusion.fallback_reason = (
+            f"Forge: no latent gradient ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        )
         return None
 
 
@@ -585,8 +648,9 @@ class ForgeAdapter:
         self._model: Any = None
         self._cfg: Any = None
 
-    def install(self, p: Any, run: Any, base: str, specs: Sequence[Any], *, masks_only: bool = True,
-                cfg: Any = None) -> Any:
+    def install(
+        self, p: Any, run: Any, base: str, specs: Sequence[Any], *, masks_only: bool = True, cfg: Any = None
+    ) -> Any:
         sd_model = p.sd_model
         original = sd_model.forge_objects.unet
         patcher = original.clone()
@@ -600,21 +664,36 @@ class ForgeAdapter:
         if not wants_update:
             options = replace(options, masks_only=True)
         tokenize = engine.host_tokenize_line(sd_model)
-        bp = engine.branch_prompts(base, [(s.trigger, s.words) for s in specs], engine.token_positions_from(tokenize))
+        bp = engine.branch_prompts(
+            base, [(s.trigger, s.words) for s in specs], engine.token_positions_from(tokenize)
+        )
         router_te = te_router(sd_model, specs)
         if router_te is None and has_te_parts(specs):
-            run.notice("CLoRA could not find Forge's text encoder: the LoRAs' text-encoder parts are not used")
-        branch_conds = engine.te_branch_conds(lambda q: sd_model.get_learned_conditioning(q),
-                                              [[q] for q in bp.prompts[1:]], router_te)
-        previous = patcher.model_options.get("model_function_wrapper") if hasattr(patcher, "model_options") else None
+            run.notice(
+                "CLoRA could not find Forge's text encoder: the LoRAs' text-encoder parts are not used"
+            )
+        branch_conds = engine.te_branch_conds(
+            lambda q: sd_model.get_learned_conditioning(q), [[q] for q in bp.prompts[1:]], router_te
+        )
+        previous = (
+            patcher.model_options.get("model_function_wrapper") if hasattr(patcher, "model_options") else None
+        )
         if run.args.mode == "routed":
             run.notice("Forge: the routed mode is not available here yet; CLoRA runs branch fusion")
         latent_hw = (int(getattr(p, "height", 512)) // 8, int(getattr(p, "width", 512)) // 8)
-        fusion = ForgeFusion(unet, unet_router(unet, specs), engine.attention_capture(unet), bp.groups,
-                             bp.mask_tokens, branch_conds, options, previous=previous,
-                             input_scale=forge_input_scale(patcher.model) if wants_update else None,
-                             layout=engine.user_layout(run.args, len(specs), latent_hw),
-                             background_tokens=bp.background_tokens)
+        fusion = ForgeFusion(
+            unet,
+            unet_router(unet, specs),
+            engine.attention_capture(unet),
+            bp.groups,
+            bp.mask_tokens,
+            branch_conds,
+            options,
+            previous=previous,
+            input_scale=forge_input_scale(patcher.model) if wants_update else None,
+            layout=engine.user_layout(run.args, len(specs), latent_hw),
+            background_tokens=bp.background_tokens,
+        )
         patcher.set_model_unet_function_wrapper(fusion)
         sd_model.forge_objects.unet = patcher
         self._original_unet, self._patched_unet, self._model = original, patcher, sd_model
@@ -632,10 +711,13 @@ class ForgeAdapter:
         bound = cfg.forward
 
         def forward(x, sigma, *args, **kwargs):
-            if fusion.input_scale is not None and (getattr(cfg, "mask", None) is not None
-                                                   or getattr(cfg, "classic_ddim_eps_estimation", False)):
+            if fusion.input_scale is not None and (
+                getattr(cfg, "mask", None) is not None or getattr(cfg, "classic_ddim_eps_estimation", False)
+            ):
                 fusion.input_scale = None
-                run.notice("Forge: no latent update with an inpainting mask or classic DDIM: CLoRA runs masks-only")
+                run.notice(
+                    "Forge: no latent update with an inpainting mask or classic DDIM: CLoRA runs masks-only"
+                )
             out = bound(x, sigma, *args, **kwargs)
             x_new = fusion.take_update()
             if fusion.fallback_reason:

@@ -98,7 +98,9 @@ class MergeService:
         if state is None:
             return
         state.textinfo = f"LoRACLR merge: {stage}"
-        state.job_count = 1  # the WebUI's progress = job_no/job_count + sampling_step/sampling_steps/job_count
+        state.job_count = (
+            1  # the WebUI's progress = job_no/job_count + sampling_step/sampling_steps/job_count
+        )
         state.job_no = 0
         state.sampling_steps = max(int(total), 1)
         state.sampling_step = min(int(done), state.sampling_steps)
@@ -113,7 +115,6 @@ class MergeService:
             return self._runner(fn)
         main_thread = forge_main_thread()
         if main_thread is not None:
-
             box: dict[str, Any] = {}
 
             def work() -> None:
@@ -163,8 +164,12 @@ class MergeService:
 
             with torch.inference_mode(False), torch.enable_grad():
                 return merge_job.run_merge(
-                    req, lora_folder=self.lora_folder(), checkpoint_folder=self.checkpoint_folder(),
-                    base_checkpoint=self.base_checkpoint(), progress=self.progress, should_stop=self.should_stop,
+                    req,
+                    lora_folder=self.lora_folder(),
+                    checkpoint_folder=self.checkpoint_folder(),
+                    base_checkpoint=self.base_checkpoint(),
+                    progress=self.progress,
+                    should_stop=self.should_stop,
                     unet_factory=self.unet_factory(),
                 )
 
@@ -188,8 +193,9 @@ class MergeService:
 
         from . import preview
 
-        prompts = preview.preview_prompts(Path(result["file"]).stem,
-                                          [(c["name"], c["trigger"]) for c in result.get("concepts", [])])
+        prompts = preview.preview_prompts(
+            Path(result["file"]).stem, [(c["name"], c["trigger"]) for c in result.get("concepts", [])]
+        )
         return self.run_heavy(lambda: preview.render(processing, self.shared, prompts, settings))
 
     def refresh_loras(self) -> None:
@@ -211,7 +217,11 @@ class MergeService:
         unknown = set(body) - {"name", "names"}
         if unknown:
             raise ServiceError(400, f"unknown key {min(unknown)!r}; known: name, names")
-        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        if (
+            not isinstance(names, list)
+            or not names
+            or not all(isinstance(n, str) and n.strip() for n in names)
+        ):
             raise ServiceError(400, "give a LoRA name (name) or a list of names (names)")
         out = []
         for n in names:
@@ -228,8 +238,12 @@ class MergeService:
 
     def loras(self, search: str = "") -> dict[str, Any]:
         found = list_loras(self.lora_folder(), search)
-        return {"loras": [{"name": k, "file": os.fspath(v), "trigger_words": engine.trigger_words(v)}
-                          for k, v in found.items()]}
+        return {
+            "loras": [
+                {"name": k, "file": os.fspath(v), "trigger_words": engine.trigger_words(v)}
+                for k, v in found.items()
+            ]
+        }
 
 
 def forge_main_thread() -> Any:

@@ -106,7 +106,9 @@ class CloraRun:
                             f"(<clora:{b.lora}:trigger=WORDS>) or the table's trigger column"
                         )
                     trigger = words[0]
-                self._specs[b.lora] = ConceptSpec(b.lora, path, deltas, b.te_weight, b.unet_weight, b.words, trigger)
+                self._specs[b.lora] = ConceptSpec(
+                    b.lora, path, deltas, b.te_weight, b.unet_weight, b.words, trigger
+                )
 
     def concepts_for(self, prompt: str) -> tuple[ParsedPrompt, list[ConceptSpec]]:
         """Bindings of one (original, tag-carrying) prompt as engine-ready specs, in binding order."""
@@ -116,7 +118,11 @@ class CloraRun:
         specs = []
         for b in parsed.bindings:
             s = self._specs[b.lora]
-            specs.append(ConceptSpec(s.name, s.path, s.deltas, b.te_weight, b.unet_weight, b.words, b.trigger or s.trigger))
+            specs.append(
+                ConceptSpec(
+                    s.name, s.path, s.deltas, b.te_weight, b.unet_weight, b.words, b.trigger or s.trigger
+                )
+            )
         return parsed, specs
 
     def notice(self, text: str) -> None:

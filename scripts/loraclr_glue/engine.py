@@ -90,7 +90,9 @@ def inspect_lora(path: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ merge
 
 
-def merge_loras(model: Any, concepts: Sequence[Any], config: Any, progress: Callable[[str, int, int], None] | None) -> Any:
+def merge_loras(
+    model: Any, concepts: Sequence[Any], config: Any, progress: Callable[[str, int, int], None] | None
+) -> Any:
     """`lib_loraclr.merge.pipeline.merge_loras(model, concepts, config, progress)` → MergeResult(deltas, report)."""
     try:
         from lib_loraclr.merge.pipeline import merge_loras as _merge
@@ -115,8 +117,14 @@ def merge_concepts(concepts: Sequence[dict[str, Any]]) -> list[Any]:
     from lib_loraclr.merge.pipeline import Concept
 
     return [
-        Concept(deltas=read_lora(Path(c["path"])), trigger=c["trigger"], name=c["name"],
-                te_weight=c["te_weight"], unet_weight=c["unet_weight"], prompts=list(c.get("prompts", ())))
+        Concept(
+            deltas=read_lora(Path(c["path"])),
+            trigger=c["trigger"],
+            name=c["name"],
+            te_weight=c["te_weight"],
+            unet_weight=c["unet_weight"],
+            prompts=list(c.get("prompts", ())),
+        )
         for c in concepts
     ]
 
@@ -142,7 +150,9 @@ def load_base_model(checkpoint: Path, unet_factory: Callable[[Any], Any] | None 
         ) from None
 
 
-def write_lora(deltas: Any, path: Path, arch: str, rank: int | None, metadata: dict[str, str], overwrite: bool) -> dict[str, float]:
+def write_lora(
+    deltas: Any, path: Path, arch: str, rank: int | None, metadata: dict[str, str], overwrite: bool
+) -> dict[str, float]:
     """`lib_loraclr.writers.write_kohya_lora` (atomic; refuses to overwrite unless asked)."""
     from lib_loraclr.writers import write_kohya_lora
 
@@ -158,8 +168,10 @@ def lora_save_report(deltas: Any, arch: str, errors: dict[str, float]) -> dict[s
     from lib_loraclr.keymap import loader_gaps
     from lib_loraclr.writers import svd_tolerance
 
-    out: dict[str, Any] = {"svd_tolerance": svd_tolerance(torch.float16),
-                           "loader_gaps": loader_gaps(getattr(deltas, "modules", {}), arch)}
+    out: dict[str, Any] = {
+        "svd_tolerance": svd_tolerance(torch.float16),
+        "loader_gaps": loader_gaps(getattr(deltas, "modules", {}), arch),
+    }
     if errors:
         out["svd_error"] = sum(errors.values()) / len(errors)
         out["svd_error_max"] = max(errors.values())
@@ -173,7 +185,9 @@ def loader_gap_lines(gaps: dict[str, list[str]]) -> list[str]:
     return format_loader_gaps(gaps)
 
 
-def write_sidecar(lora_path: Path, triggers: list[str], arch: str, description: str, overwrite: bool) -> Path | None:
+def write_sidecar(
+    lora_path: Path, triggers: list[str], arch: str, description: str, overwrite: bool
+) -> Path | None:
     """`lib_loraclr.writers.write_webui_sidecar`: the card's ``NAME.json`` with the activation text; None when
     the user's existing sidecar was kept (it is replaced only with ``overwrite``)."""
     from lib_loraclr.writers import write_webui_sidecar
@@ -222,7 +236,9 @@ def clora_options(args: CloraArgs, steps: int) -> Any:
     return CloraOptions.recommended(steps, **kw)
 
 
-def token_positions_from(tokenize_line: Callable[[str], tuple[Sequence[Any], int]], chunk_width: int = 77) -> Callable[[str, str], list[int]]:
+def token_positions_from(
+    tokenize_line: Callable[[str], tuple[Sequence[Any], int]], chunk_width: int = 77
+) -> Callable[[str, str], list[int]]:
     """A ``token_positions(prompt, words)`` for `lib_loraclr.clora.branch_prompts` from the WebUI's
     ``tokenize_line(text) -> (chunks, token_count)`` (each chunk has ``.tokens``: 77 ids, BOS first).
 
@@ -234,13 +250,13 @@ def token_positions_from(tokenize_line: Callable[[str], tuple[Sequence[Any], int
         wchunks, n = tokenize_line(words)
         if not wchunks or n <= 0:
             raise ValueError(f"{words!r} has no tokens")
-        pattern = list(wchunks[0].tokens[1:1 + min(n, chunk_width - 2)])
+        pattern = list(wchunks[0].tokens[1 : 1 + min(n, chunk_width - 2)])
         out: list[int] = []
         chunks, _ = tokenize_line(prompt)
         for c, chunk in enumerate(chunks):
             ids = list(chunk.tokens)
             for s in range(1, len(ids) - len(pattern) + 1):
-                if ids[s:s + len(pattern)] == pattern:
+                if ids[s : s + len(pattern)] == pattern:
                     out.extend(c * chunk_width + s + j for j in range(len(pattern)))
         if not out:
             raise ValueError(f"{words!r} does not occur in {prompt!r}")
@@ -267,7 +283,9 @@ def host_tokenize_line(sd_model: Any) -> Callable[[str], tuple[Sequence[Any], in
     raise EngineUnavailable("this model has no tokenize_line (unsupported model type for CLoRA)")
 
 
-def branch_prompts(base_prompt: str, concepts: Sequence[tuple[str, str]], token_positions: Callable[[str, str], list[int]]) -> Any:
+def branch_prompts(
+    base_prompt: str, concepts: Sequence[tuple[str, str]], token_positions: Callable[[str, str], list[int]]
+) -> Any:
     """`lib_loraclr.clora.branch_prompts` with ``concepts`` = ``[(trigger, words)]``.
 
     TODO(D): bindings locate their words by character span (``Binding.span``); branch_prompts takes the
@@ -279,13 +297,17 @@ def branch_prompts(base_prompt: str, concepts: Sequence[tuple[str, str]], token_
     return _bp(base_prompt, [Concept(t, w) for t, w in concepts], token_positions)
 
 
-def routed_loras(model: Any, branches: Sequence[Sequence[tuple[Any, float]]], prefix: str = "", key_filter: Any = None) -> Any:
+def routed_loras(
+    model: Any, branches: Sequence[Sequence[tuple[Any, float]]], prefix: str = "", key_filter: Any = None
+) -> Any:
     from lib_loraclr.clora import RoutedLoras
 
     return RoutedLoras(model, branches, prefix=prefix, key_filter=key_filter)
 
 
-def te_branch_conds(encode: Callable[[list[str]], Any], prompts: Sequence[Sequence[str]], router: Any) -> list[Any]:
+def te_branch_conds(
+    encode: Callable[[list[str]], Any], prompts: Sequence[Sequence[str]], router: Any
+) -> list[Any]:
     from lib_loraclr.clora import te_branch_conds as _te
 
     return _te(encode, prompts, router)
@@ -319,5 +341,12 @@ def regional_denoiser(fusion: Any, layout: Any) -> Any:
     per step with per-region LoRAs; with no user layout, ``fusion`` finds the layout in the first steps."""
     from lib_loraclr.clora.regional import RegionalDenoiser
 
-    return RegionalDenoiser(fusion.inner_model, fusion.unet, fusion.conds, fusion.unconds, fusion.router,
-                            layout=layout, estimator=None if layout is not None else fusion)
+    return RegionalDenoiser(
+        fusion.inner_model,
+        fusion.unet,
+        fusion.conds,
+        fusion.unconds,
+        fusion.router,
+        layout=layout,
+        estimator=None if layout is not None else fusion,
+    )

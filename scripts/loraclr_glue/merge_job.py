@@ -96,8 +96,14 @@ def _weight(v: Any, what: str) -> float:
 
 
 #: ``advanced`` options: MergeConfig fields a JSON request may set, with their checks
-_ADV_INT = {"sample_steps": (1, validate.MAX_STEPS), "seed": (0, 2**63 - 1), "sample_images": (1, 64),
-            "svd_rank": (1, validate.MAX_RANK), "sketch_rows": (1, 100_000), "max_stats_bytes": (1, 1 << 40)}
+_ADV_INT = {
+    "sample_steps": (1, validate.MAX_STEPS),
+    "seed": (0, 2**63 - 1),
+    "sample_images": (1, 64),
+    "svd_rank": (1, validate.MAX_RANK),
+    "sketch_rows": (1, 100_000),
+    "max_stats_bytes": (1, 1 << 40),
+}
 _ADV_FLOAT = {"ridge": (0.0, 1e6)}
 _ADV_TEXT = ("sampler", "sample_prompts", "prior", "kv_rows")
 _ADV_BOOL = ("preserve_base", "report_features")
@@ -132,15 +138,21 @@ def validate_advanced(advanced: Mapping[str, Any]) -> dict[str, Any]:
                 from lib_loraclr.tiny.sampling import SAMPLERS
 
                 if v not in SAMPLERS:
-                    raise MergeRequestError(f"{what}: unknown sampler {v!r}; choose one of {', '.join(SAMPLERS)}")
+                    raise MergeRequestError(
+                        f"{what}: unknown sampler {v!r}; choose one of {', '.join(SAMPLERS)}"
+                    )
             out[k] = v
         elif k in _ADV_BOOL:
             if v is not None and not isinstance(v, bool):
                 raise MergeRequestError(f"{what} must be true, false or null, got {v!r}")
             out[k] = v
         elif k in _ADV_PROMPTS:
-            if isinstance(v, str) or not isinstance(v, (list, tuple)) or not 1 <= len(v) <= 32 \
-                    or not all(isinstance(t, str) and t.strip() for t in v):
+            if (
+                isinstance(v, str)
+                or not isinstance(v, (list, tuple))
+                or not 1 <= len(v) <= 32
+                or not all(isinstance(t, str) and t.strip() for t in v)
+            ):
                 raise MergeRequestError(f"{what} must be a list of 1 to 32 non-empty strings")
             out[k] = tuple(v)
         elif k == "shape":
@@ -192,12 +204,15 @@ def validate_request(data: Any) -> MergeRequest:
         prompts = item.get("prompts") or ()
         if isinstance(prompts, str) or not all(isinstance(q, str) for q in prompts):
             raise MergeRequestError(f"LoRA {name!r}: prompts must be a list of strings")
-        loras.append(LoraSpec(
-            name=name, trigger=str(item.get("trigger") or "").strip(),
-            te_weight=_weight(item.get("te_weight", 1.0), f"{name}: te_weight"),
-            unet_weight=_weight(item.get("unet_weight", 1.0), f"{name}: unet_weight"),
-            prompts=tuple(prompts),
-        ))
+        loras.append(
+            LoraSpec(
+                name=name,
+                trigger=str(item.get("trigger") or "").strip(),
+                te_weight=_weight(item.get("te_weight", 1.0), f"{name}: te_weight"),
+                unet_weight=_weight(item.get("unet_weight", 1.0), f"{name}: unet_weight"),
+                prompts=tuple(prompts),
+            )
+        )
     names = [spec.name for spec in loras]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -227,8 +242,9 @@ def validate_request(data: Any) -> MergeRequest:
     advanced = data.get("advanced") or {}
     if not isinstance(advanced, Mapping):
         raise MergeRequestError("advanced must be an object")
-    return MergeRequest(tuple(loras), method, preset, kind, name, int(rank_v), overwrite,
-                        validate_advanced(advanced))
+    return MergeRequest(
+        tuple(loras), method, preset, kind, name, int(rank_v), overwrite, validate_advanced(advanced)
+    )
 
 
 def report_rows(report: Mapping[str, Any]) -> list[list[Any]]:
@@ -236,7 +252,15 @@ def report_rows(report: Mapping[str, Any]) -> list[list[Any]]:
     rows: list[list[Any]] = []
     for group, info in (report.get("groups") or {}).items():
         for name, v in (info.get("concepts") or {}).items():
-            rows.append([name, group, _r(v.get("rel_err")), _r(v.get("interference")), _r(info.get("base_change_neutral"))])
+            rows.append(
+                [
+                    name,
+                    group,
+                    _r(v.get("rel_err")),
+                    _r(v.get("interference")),
+                    _r(info.get("base_change_neutral")),
+                ]
+            )
     return rows
 
 
@@ -280,15 +304,27 @@ def run_merge(
         except LoraNotFoundError as e:
             raise MergeRequestError(str(e)) from None
         validate.check_input_file(path, f"LoRA {spec.name!r}")
-        engine.read_lora(path)  # the file's own errors (damaged, pickle, NaN, rank 0) first; cached for the merge
+        engine.read_lora(
+            path
+        )  # the file's own errors (damaged, pickle, NaN, rank 0) first; cached for the merge
         trigger = spec.trigger or ", ".join(engine.trigger_words(path)[:1])
         if not trigger:
             raise MergeRequestError(f"LoRA {spec.name!r} has no trigger words in its metadata; type them")
-        concepts.append({"name": spec.name, "path": str(path), "trigger": trigger, "te_weight": spec.te_weight,
-                         "unet_weight": spec.unet_weight, "prompts": list(spec.prompts)})
+        concepts.append(
+            {
+                "name": spec.name,
+                "path": str(path),
+                "trigger": trigger,
+                "te_weight": spec.te_weight,
+                "unet_weight": spec.unet_weight,
+                "prompts": list(spec.prompts),
+            }
+        )
     # an output folder, an input as output (with overwrite), an unwritable folder: refused before any work
     inputs = [base_checkpoint, *(c["path"] for c in concepts)]
-    validate.check_output_file(out_path, overwrite=req.overwrite, inputs=inputs, overwrite_hint="tick overwrite")
+    validate.check_output_file(
+        out_path, overwrite=req.overwrite, inputs=inputs, overwrite_hint="tick overwrite"
+    )
 
     def tick(stage: str, done: int, total: int) -> None:
         if should_stop():
@@ -309,9 +345,16 @@ def run_merge(
     triggers = [c["trigger"] for c in concepts]
     from lib_loraclr.metadata import recipe_metadata
 
-    meta = recipe_metadata(sources=[{"name": c["name"], "weight_te": c["te_weight"], "weight_unet": c["unet_weight"]}
-                                    for c in concepts], method=req.method, parameters={"preset": req.preset},
-                           trigger=triggers, tag_sources=[engine.lora_metadata(Path(c["path"])) for c in concepts])
+    meta = recipe_metadata(
+        sources=[
+            {"name": c["name"], "weight_te": c["te_weight"], "weight_unet": c["unet_weight"]}
+            for c in concepts
+        ],
+        method=req.method,
+        parameters={"preset": req.preset},
+        trigger=triggers,
+        tag_sources=[engine.lora_metadata(Path(c["path"])) for c in concepts],
+    )
     if req.kind == "lora":
         arch = getattr(result.deltas, "arch", None) or "sd1"
         errors = engine.write_lora(result.deltas, out_path, arch, req.rank, meta, req.overwrite)
@@ -325,8 +368,10 @@ def run_merge(
     replaced: list[str] = []
     report = json_safe(report, "report", replaced)
     if replaced:
-        print(f"[sd-webui-loraclr] merge report: {len(replaced)} non-finite values written as null "
-              f"(first: {', '.join(replaced[:3])})")
+        print(
+            f"[sd-webui-loraclr] merge report: {len(replaced)} non-finite values written as null "
+            f"(first: {', '.join(replaced[:3])})"
+        )
     return {
         "file": str(out_path),
         "kind": req.kind,

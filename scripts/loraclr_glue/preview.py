@@ -27,7 +27,9 @@ class PreviewSettings:
     cfg_scale: float = 7.0
 
 
-def preview_prompts(lora_name: str, triggers: Sequence[tuple[str, str]], weight: float = 1.0) -> list[tuple[str, str]]:
+def preview_prompts(
+    lora_name: str, triggers: Sequence[tuple[str, str]], weight: float = 1.0
+) -> list[tuple[str, str]]:
     """``[(caption, prompt)]``: one per concept (``triggers`` = ``[(concept name, trigger words)]``) and, for
     two or more concepts, one with all of them (caption ``"all concepts"``)."""
     tag = f"<lora:{lora_name}:{weight:g}>"
@@ -37,7 +39,9 @@ def preview_prompts(lora_name: str, triggers: Sequence[tuple[str, str]], weight:
     return out
 
 
-def render(processing: Any, shared: Any, prompts: Sequence[tuple[str, str]], settings: PreviewSettings) -> list[tuple[Any, str]]:
+def render(
+    processing: Any, shared: Any, prompts: Sequence[tuple[str, str]], settings: PreviewSettings
+) -> list[tuple[Any, str]]:
     """Run the prompts through the WebUI's txt2img; ``[(image, caption)]`` for a gallery.
 
     ``processing`` / ``shared``: the WebUI's ``modules.processing`` / ``modules.shared``.
@@ -71,7 +75,7 @@ def render(processing: Any, shared: Any, prompts: Sequence[tuple[str, str]], set
         close = getattr(p, "close", None)
         if callable(close):
             close()
-    images = list(getattr(processed, "images", []) or [])[-len(prompts):]
+    images = list(getattr(processed, "images", []) or [])[-len(prompts) :]
     return [(img, caption) for img, (caption, _) in zip(images, prompts)]
 
 

@@ -104,8 +104,12 @@ class CloraScriptLogic:
         denoiser = getattr(params, "denoiser", None)
         p = getattr(denoiser, "p", None)
         run = clora_run.get(p) if p is not None else None
-        if run is None or (run.installed and run.installed_on is p and run.adapter is not None
-                           and getattr(run.adapter, "_cfg", None) is denoiser):
+        if run is None or (
+            run.installed
+            and run.installed_on is p
+            and run.adapter is not None
+            and getattr(run.adapter, "_cfg", None) is denoiser
+        ):
             return
         run.remove()
         try:
@@ -164,7 +168,15 @@ class CloraScriptLogic:
         clora_run.remove_all()
 
 
-PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+PALETTE = [
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+]
 
 
 def mask_image(weights: Any, scale: int = 8) -> Any:

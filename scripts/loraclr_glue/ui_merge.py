@@ -31,7 +31,9 @@ def lora_choices(service: MergeService, search: str = "") -> list[str]:
     return list(list_loras(service.lora_folder(), search))
 
 
-def table_for(service: MergeService, selected: Sequence[str], current: Sequence[Sequence[Any]] | None) -> list[list[Any]]:
+def table_for(
+    service: MergeService, selected: Sequence[str], current: Sequence[Sequence[Any]] | None
+) -> list[list[Any]]:
     """Rows for the selected LoRAs: user edits kept for rows already there, new rows prefilled with the
     file's trigger words (`engine.trigger_words`)."""
     keep = {str(r[0]): list(r) for r in (current or []) if r and str(r[0]).strip()}
@@ -47,18 +49,34 @@ def table_for(service: MergeService, selected: Sequence[str], current: Sequence[
     return rows or [["", "", 1.0, 1.0]]
 
 
-def request_from_ui(table: Sequence[Sequence[Any]], method: str, preset: str, sample_steps: float, seed: float,
-                    kind: str, name: str, rank: float, overwrite: bool) -> dict[str, Any]:
+def request_from_ui(
+    table: Sequence[Sequence[Any]],
+    method: str,
+    preset: str,
+    sample_steps: float,
+    seed: float,
+    kind: str,
+    name: str,
+    rank: float,
+    overwrite: bool,
+) -> dict[str, Any]:
     """The tab's values → the same JSON request the REST route takes."""
     loras = []
     for row in table or []:
         if not row or not str(row[0] or "").strip():
             continue
-        loras.append({"name": str(row[0]).strip(), "trigger": str(row[1] or "").strip(),
-                      "te_weight": row[2] if row[2] not in (None, "") else 1.0,
-                      "unet_weight": row[3] if row[3] not in (None, "") else 1.0})
+        loras.append(
+            {
+                "name": str(row[0]).strip(),
+                "trigger": str(row[1] or "").strip(),
+                "te_weight": row[2] if row[2] not in (None, "") else 1.0,
+                "unet_weight": row[3] if row[3] not in (None, "") else 1.0,
+            }
+        )
     return {
-        "loras": loras, "method": method, "preset": preset,
+        "loras": loras,
+        "method": method,
+        "preset": preset,
         "output": {"kind": kind.lower(), "name": name, "rank": int(rank), "overwrite": bool(overwrite)},
         "advanced": {"sample_steps": int(sample_steps), "seed": int(seed)},
     }
@@ -69,9 +87,22 @@ def status_html(text: str, error: bool = False) -> str:
     return f"<div class='{cls}'>{html.escape(text).replace(chr(10), '<br>')}</div>"
 
 
-def merge_click(service: MergeService, id_task: str, table: Any, method: str, preset: str, sample_steps: float,
-                seed: float, kind: str, name: str, rank: float, overwrite: bool, show_preview: bool = False,
-                preview_size: float = preview.DEFAULT_SIZE, preview_steps: float = preview.DEFAULT_STEPS) -> list[Any]:
+def merge_click(
+    service: MergeService,
+    id_task: str,
+    table: Any,
+    method: str,
+    preset: str,
+    sample_steps: float,
+    seed: float,
+    kind: str,
+    name: str,
+    rank: float,
+    overwrite: bool,
+    show_preview: bool = False,
+    preview_size: float = preview.DEFAULT_SIZE,
+    preview_steps: float = preview.DEFAULT_STEPS,
+) -> list[Any]:
     """Handler body (inside ``wrap_gradio_gpu_call``): ``[report rows, ready prompt, preview images, status html]``."""
     body = request_from_ui(table, method, preset, sample_steps, seed, kind, name, rank, overwrite)
     try:
@@ -118,65 +149,137 @@ def build(service: MergeService | None = None) -> list[tuple[Any, str, str]]:
 
     service = service or MergeService()
     with gr.Blocks(analytics_enabled=False) as tab:
-        gr.HTML("<p>Merge 2 or more concept LoRAs into one that still draws every concept (LoRACLR), "
-                "on the loaded checkpoint.</p>")
+        gr.HTML(
+            "<p>Merge 2 or more concept LoRAs into one that still draws every concept (LoRACLR), "
+            "on the loaded checkpoint.</p>"
+        )
         with FormRow():
             search = gr.Textbox(label="Search LoRAs", elem_id="loraclr_merge_search", scale=1)
-            picker = gr.Dropdown(choices=lora_choices(service), multiselect=True, label="LoRAs to merge",
-                                 elem_id="loraclr_merge_loras", scale=3)
+            picker = gr.Dropdown(
+                choices=lora_choices(service),
+                multiselect=True,
+                label="LoRAs to merge",
+                elem_id="loraclr_merge_loras",
+                scale=3,
+            )
             refresh = ToolButton(value="\U0001f504", elem_id="loraclr_merge_refresh")
-        table = gr.Dataframe(value=[["", "", 1.0, 1.0]], headers=TABLE_HEADERS,
-                             datatype=["str", "str", "number", "number"], col_count=(4, "fixed"),
-                             row_count=(1, "dynamic"), type="array", interactive=True,
-                             label="Trigger words and weights", elem_id="loraclr_merge_table",
-                             **table_height(gr.Dataframe, 260))
+        table = gr.Dataframe(
+            value=[["", "", 1.0, 1.0]],
+            headers=TABLE_HEADERS,
+            datatype=["str", "str", "number", "number"],
+            col_count=(4, "fixed"),
+            row_count=(1, "dynamic"),
+            type="array",
+            interactive=True,
+            label="Trigger words and weights",
+            elem_id="loraclr_merge_table",
+            **table_height(gr.Dataframe, 260),
+        )
         with FormRow():
-            method = gr.Radio(list(merge_job.METHODS), value="loraclr", label="Method (loraclr recommended)",
-                              elem_id="loraclr_merge_method")
-            preset = gr.Radio(list(merge_job.PRESETS), value="recommended", label="LoRACLR preset",
-                              elem_id="loraclr_merge_preset")
+            method = gr.Radio(
+                list(merge_job.METHODS),
+                value="loraclr",
+                label="Method (loraclr recommended)",
+                elem_id="loraclr_merge_method",
+            )
+            preset = gr.Radio(
+                list(merge_job.PRESETS),
+                value="recommended",
+                label="LoRACLR preset",
+                elem_id="loraclr_merge_preset",
+            )
         with gr.Accordion("Advanced", open=False, elem_id="loraclr_merge_advanced"), FormRow():
-            sample_steps = gr.Slider(1, 100, value=20, step=1, label="Feature sampling steps",
-                                     elem_id="loraclr_merge_steps")
+            sample_steps = gr.Slider(
+                1, 100, value=20, step=1, label="Feature sampling steps", elem_id="loraclr_merge_steps"
+            )
             seed = gr.Number(value=0, precision=0, label="Seed", elem_id="loraclr_merge_seed")
         with FormRow():
-            kind = gr.Radio(["LoRA", "checkpoint"], value="LoRA", label="Save as", elem_id="loraclr_merge_kind")
+            kind = gr.Radio(
+                ["LoRA", "checkpoint"], value="LoRA", label="Save as", elem_id="loraclr_merge_kind"
+            )
             out_name = gr.Textbox(label="Output name", placeholder="my_merge", elem_id="loraclr_merge_name")
-            rank = gr.Slider(4, 256, value=merge_job.DEFAULT_RANK, step=4, label="LoRA rank",
-                             elem_id="loraclr_merge_rank")
+            rank = gr.Slider(
+                4, 256, value=merge_job.DEFAULT_RANK, step=4, label="LoRA rank", elem_id="loraclr_merge_rank"
+            )
             overwrite = gr.Checkbox(False, label="Overwrite", elem_id="loraclr_merge_overwrite")
         with FormRow():
-            show_preview = gr.Checkbox(True, label="Preview after merging (WebUI txt2img)",
-                                       elem_id="loraclr_merge_preview")
-            preview_size = gr.Slider(64, 512, value=preview.DEFAULT_SIZE, step=64, label="Preview size",
-                                     elem_id="loraclr_merge_preview_size")
-            preview_steps = gr.Slider(1, 50, value=preview.DEFAULT_STEPS, step=1, label="Preview steps",
-                                      elem_id="loraclr_merge_preview_steps")
+            show_preview = gr.Checkbox(
+                True, label="Preview after merging (WebUI txt2img)", elem_id="loraclr_merge_preview"
+            )
+            preview_size = gr.Slider(
+                64,
+                512,
+                value=preview.DEFAULT_SIZE,
+                step=64,
+                label="Preview size",
+                elem_id="loraclr_merge_preview_size",
+            )
+            preview_steps = gr.Slider(
+                1,
+                50,
+                value=preview.DEFAULT_STEPS,
+                step=1,
+                label="Preview steps",
+                elem_id="loraclr_merge_preview_steps",
+            )
         with FormRow():
             run = gr.Button("Merge", variant="primary", elem_id="loraclr_merge_run")
             interrupt = gr.Button("Interrupt", elem_id="loraclr_merge_interrupt")
         progress = gr.HTML(elem_id="loraclr_merge_progress")
-        report = gr.Dataframe(headers=REPORT_HEADERS, label="Fidelity report (lower errors are better)",
-                              interactive=False, elem_id="loraclr_merge_report", **table_height(gr.Dataframe, 320))
+        report = gr.Dataframe(
+            headers=REPORT_HEADERS,
+            label="Fidelity report (lower errors are better)",
+            interactive=False,
+            elem_id="loraclr_merge_report",
+            **table_height(gr.Dataframe, 320),
+        )
         with FormRow():
             prompt = gr.Textbox(label="Ready prompt", elem_id="loraclr_merge_prompt", interactive=True)
             send = gr.Button("Send to txt2img", elem_id="loraclr_merge_send")
-        gallery = gr.Gallery(label="Preview: each concept, then all together", columns=4, height="auto",
-                             object_fit="contain", elem_id="loraclr_merge_gallery")
+        gallery = gr.Gallery(
+            label="Preview: each concept, then all together",
+            columns=4,
+            height="auto",
+            object_fit="contain",
+            elem_id="loraclr_merge_gallery",
+        )
         status = gr.HTML(elem_id="loraclr_merge_status")
         dummy_task = gr.Textbox(visible=False, elem_id="loraclr_merge_task")
 
-        search.change(fn=lambda s: gr.update(choices=lora_choices(service, s)), inputs=[search], outputs=[picker])
-        refresh.click(fn=lambda s: gr.update(choices=lora_choices(service, s)), inputs=[search], outputs=[picker])
-        picker.change(fn=lambda sel, cur: table_for(service, sel, cur), inputs=[picker, table], outputs=[table])
+        search.change(
+            fn=lambda s: gr.update(choices=lora_choices(service, s)), inputs=[search], outputs=[picker]
+        )
+        refresh.click(
+            fn=lambda s: gr.update(choices=lora_choices(service, s)), inputs=[search], outputs=[picker]
+        )
+        picker.change(
+            fn=lambda sel, cur: table_for(service, sel, cur), inputs=[picker, table], outputs=[table]
+        )
         interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
         handler = call_queue.wrap_gradio_gpu_call(
             lambda *a: merge_click(service, *a), extra_outputs=[gr.update(), gr.update(), gr.update()]
         )
         js = js_kwarg(run.click)
-        run.click(fn=handler, inputs=[dummy_task, table, method, preset, sample_steps, seed, kind, out_name, rank,
-                                      overwrite, show_preview, preview_size, preview_steps],
-                  outputs=[report, prompt, gallery, status], **{js: "loraclr_merge_submit"})
+        run.click(
+            fn=handler,
+            inputs=[
+                dummy_task,
+                table,
+                method,
+                preset,
+                sample_steps,
+                seed,
+                kind,
+                out_name,
+                rank,
+                overwrite,
+                show_preview,
+                preview_size,
+                preview_steps,
+            ],
+            outputs=[report, prompt, gallery, status],
+            **{js: "loraclr_merge_submit"},
+        )
         send.click(fn=None, inputs=[prompt], outputs=[], **{js: "loraclr_send_to_txt2img"})
         _ = progress
     return [(tab, "LoRACLR merge", "loraclr_merge")]

@@ -50,8 +50,12 @@ def merged(webui: WebUI, lora_names: list[str]) -> dict[str, Any]:
     """One merge through ``POST /loraclr/v1/merge`` (a fresh output name) → its response and name."""
     name = f"{TEST_PREFIX}{int(time.time())}"
     advanced = json.loads(os.environ.get("LORACLR_WEBUI_MERGE", '{"sample_steps": 2}'))
-    body = {"loras": lora_names[:2], "method": "loraclr",
-            "output": {"kind": "lora", "name": name, "rank": 8}, "advanced": advanced}
+    body = {
+        "loras": lora_names[:2],
+        "method": "loraclr",
+        "output": {"kind": "lora", "name": name, "rank": 8},
+        "advanced": advanced,
+    }
     t0 = time.monotonic()
     r = webui.post("/loraclr/v1/merge", body)
     assert r.status == 200, f"merge → {r.status}: {r.text[:2000]}"

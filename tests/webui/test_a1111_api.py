@@ -119,8 +119,9 @@ def test_clora_txt2img_through_alwayson_scripts(webui, lora_names):
 def test_clora_table_form_and_masks_only(webui, lora_names):
     a, b = lora_names[:2]
     rows = [{"lora": a, "words": "cat"}, {"lora": b, "words": "dog", "weight": 0.8}]
-    _info, text = webui.txt2img("a photo of a cat and a dog",
-                               **clora_scripts([True, {"masks_only": True, "loras": rows}]))
+    _info, text = webui.txt2img(
+        "a photo of a cat and a dog", **clora_scripts([True, {"masks_only": True, "loras": rows}])
+    )
     params = infotext_params(text)
     assert "CLoRA error" not in params, text
     assert "masks_only=1" in params["CLoRA"]
@@ -129,8 +130,9 @@ def test_clora_table_form_and_masks_only(webui, lora_names):
 
 def test_clora_bad_arguments_are_reported_not_raised(webui, lora_names):
     a, b = lora_names[:2]
-    _info, text = webui.txt2img(f"a cat<clora:{a}> and a dog<clora:{b}>",
-                               **clora_scripts([False, {"mask_treshold": 0.3}]))
+    _info, text = webui.txt2img(
+        f"a cat<clora:{a}> and a dog<clora:{b}>", **clora_scripts([False, {"mask_treshold": 0.3}])
+    )
     params = infotext_params(text)
     assert "mask_threshold" in params.get("CLoRA error", ""), text
 
@@ -151,6 +153,11 @@ def test_ui_mode_has_the_merge_tab_and_the_accordion(webui):
     if r.status == 404 or not isinstance(r.body, dict):
         pytest.skip("the WebUI runs without its UI (--nowebui)")
     ids = {c.get("props", {}).get("elem_id") for c in r.body.get("components", [])}
-    for elem_id in ("tab_loraclr_merge", "loraclr_merge_loras", "loraclr_merge_run", "loraclr_txt2img_accordion",
-                    "loraclr_img2img_accordion"):
+    for elem_id in (
+        "tab_loraclr_merge",
+        "loraclr_merge_loras",
+        "loraclr_merge_run",
+        "loraclr_txt2img_accordion",
+        "loraclr_img2img_accordion",
+    ):
         assert elem_id in ids, elem_id

@@ -66,8 +66,11 @@ def forge_loras(forge: WebUI) -> list[str]:
 def forge_merged(forge, forge_loras) -> dict[str, Any]:
     """``POST /loraclr/v1/merge`` of the two LoRAs (a fresh name) → the response body and the name."""
     name = f"{TEST_PREFIX}forge_{int(time.time())}"
-    body = {"loras": forge_loras[:2], "output": {"kind": "lora", "name": name, "rank": 8},
-            "advanced": {"sample_steps": 2}}
+    body = {
+        "loras": forge_loras[:2],
+        "output": {"kind": "lora", "name": name, "rank": 8},
+        "advanced": {"sample_steps": 2},
+    }
     r = forge.post("/loraclr/v1/merge", body)
     assert r.status == 200, f"merge → {r.status}: {r.text[:2000]}"
     return {"name": name, "response": r.body}
@@ -142,7 +145,9 @@ def test_clora_txt2img_completes_with_its_infotext(forge, forge_loras):
     assert a not in params.get("Lora hashes", "") and b not in params.get("Lora hashes", "")  # never global
     assert _image(info) != _image(before)  # the LoRA branches changed the image
     after, _ = forge.txt2img("a cat and a dog")
-    assert _image(after) == _image(before), "a plain run after CLoRA differs: a hook or weight was left behind"
+    assert _image(after) == _image(before), (
+        "a plain run after CLoRA differs: a hook or weight was left behind"
+    )
 
 
 def test_ui_page_has_tab_and_accordion(forge):

@@ -44,8 +44,12 @@ class WebUI:
 
     def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Response:
         data = None if body is None else json.dumps(body).encode("utf8")
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data is not None else {})
+        req = urllib.request.Request(
+            self.base + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json"} if data is not None else {},
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout or self.timeout) as r:
                 status, raw = r.status, r.read()
@@ -65,9 +69,21 @@ class WebUI:
 
     def txt2img(self, prompt: str, **payload: Any) -> tuple[dict[str, Any], str]:
         """Run a small txt2img (64×64, 2 steps, fixed seed unless overridden) → (info dict, first infotext)."""
-        body = {"prompt": prompt, "negative_prompt": "", "seed": 1234, "steps": 2, "width": 64, "height": 64,
-                "cfg_scale": 5, "sampler_name": "Euler", "batch_size": 1, "n_iter": 1, "send_images": True,
-                "save_images": False, **payload}
+        body = {
+            "prompt": prompt,
+            "negative_prompt": "",
+            "seed": 1234,
+            "steps": 2,
+            "width": 64,
+            "height": 64,
+            "cfg_scale": 5,
+            "sampler_name": "Euler",
+            "batch_size": 1,
+            "n_iter": 1,
+            "send_images": True,
+            "save_images": False,
+            **payload,
+        }
         r = self.post("/sdapi/v1/txt2img", body)
         assert r.status == 200, f"txt2img → {r.status}: {r.text[:2000]}"
         info = json.loads(r.body["info"])
@@ -101,8 +117,6 @@ def infotext_params(infotext: str) -> dict[str, str]:
     return out
 
 
-
-
 def pick_loras(client: WebUI, host: str = "the WebUI") -> list[str]:
     """Two LoRAs with trigger words: ``LORACLR_WEBUI_LORAS`` (comma separated) or the first two the
     extension lists (not our own test outputs). Skips the test when there are fewer than two."""
@@ -116,7 +130,9 @@ def pick_loras(client: WebUI, host: str = "the WebUI") -> list[str]:
     wanted = [n.strip() for n in os.environ.get("LORACLR_WEBUI_LORAS", "").split(",") if n.strip()]
     if wanted:
         missing = [n for n in wanted if n not in listed]
-        assert not missing, f"LORACLR_WEBUI_LORAS names {missing}, not in {host}'s LoRA folder: {sorted(listed)}"
+        assert not missing, (
+            f"LORACLR_WEBUI_LORAS names {missing}, not in {host}'s LoRA folder: {sorted(listed)}"
+        )
         return wanted
     usable = [n for n, x in listed.items() if x["trigger_words"] and not n.startswith(TEST_PREFIX)]
     if len(usable) < 2:

@@ -17,7 +17,9 @@ def wrap_gradio_gpu_call(func, extra_outputs=None):
             try:
                 res = list(func(*args, **kwargs))
             except Exception as e:  # noqa: BLE001
-                res = list(extra_outputs or [None, ""]) + [f"<div class='error'>{html.escape(f'{type(e).__name__}: {e}')}</div>"]
+                res = list(extra_outputs or [None, ""]) + [
+                    f"<div class='error'>{html.escape(f'{type(e).__name__}: {e}')}</div>"
+                ]
             finally:
                 shared.state.end()
         res[-1] += "<div class='performance'></div>"

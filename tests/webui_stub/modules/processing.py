@@ -23,10 +23,28 @@ class StableDiffusionProcessing:
     cached_uc = [None, None]  # noqa: RUF012 - class-wide on purpose, as in A1111
     cached_c = [None, None]  # noqa: RUF012
 
-    def __init__(self, sd_model=None, prompt="", negative_prompt="", seed=1, batch_size=1, n_iter=1, steps=4,
-                 cfg_scale=5.0, width=64, height=64, outpath_samples=None, scripts=None, script_args=None,
-                 outpath_grids=None, sampler_name=None, do_not_save_samples=False, do_not_save_grid=False,
-                 override_settings=None, scheduler=None):
+    def __init__(
+        self,
+        sd_model=None,
+        prompt="",
+        negative_prompt="",
+        seed=1,
+        batch_size=1,
+        n_iter=1,
+        steps=4,
+        cfg_scale=5.0,
+        width=64,
+        height=64,
+        outpath_samples=None,
+        scripts=None,
+        script_args=None,
+        outpath_grids=None,
+        sampler_name=None,
+        do_not_save_samples=False,
+        do_not_save_grid=False,
+        override_settings=None,
+        scheduler=None,
+    ):
         # keyword names as A1111 1.10's dataclass fields (the glue passes everything by keyword)
         self.sd_model = sd_model
         self.outpath_grids = outpath_grids
@@ -94,10 +112,20 @@ class StableDiffusionProcessing:
         return cache[1]
 
     def setup_conds(self):
-        self.uc = self.get_conds_with_caching(prompt_parser.get_learned_conditioning, self.negative_prompts,
-                                              self.steps, [self.cached_uc], self.extra_network_data)
-        self.c = self.get_conds_with_caching(prompt_parser.get_multicond_learned_conditioning, self.prompts,
-                                             self.steps, [self.cached_c], self.extra_network_data)
+        self.uc = self.get_conds_with_caching(
+            prompt_parser.get_learned_conditioning,
+            self.negative_prompts,
+            self.steps,
+            [self.cached_uc],
+            self.extra_network_data,
+        )
+        self.c = self.get_conds_with_caching(
+            prompt_parser.get_multicond_learned_conditioning,
+            self.prompts,
+            self.steps,
+            [self.cached_c],
+            self.extra_network_data,
+        )
 
 
 class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
@@ -143,13 +171,20 @@ class CFGDenoiser(torch.nn.Module):
         uncond = prompt_parser.reconstruct_cond_batch(uncond, self.step)
         repeats = [len(c) for c in conds_list]
         x_in = torch.cat([torch.stack([x[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [x])
-        sigma_in = torch.cat([torch.stack([sigma[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [sigma])
-        image_cond_in = torch.cat([torch.stack([image_cond[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [image_cond])
-        script_callbacks.cfg_denoiser_callback(script_callbacks.CFGDenoiserParams(
-            x_in, image_cond_in, sigma_in, self.step, self.total_steps, tensor, uncond, self))
+        sigma_in = torch.cat(
+            [torch.stack([sigma[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [sigma]
+        )
+        image_cond_in = torch.cat(
+            [torch.stack([image_cond[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [image_cond]
+        )
+        script_callbacks.cfg_denoiser_callback(
+            script_callbacks.CFGDenoiserParams(
+                x_in, image_cond_in, sigma_in, self.step, self.total_steps, tensor, uncond, self
+            )
+        )
         cond_in = torch.cat([tensor, uncond])
         x_out = self.inner_model(x_in, sigma_in, cond={"c_crossattn": [cond_in], "c_concat": [image_cond_in]})
-        denoised_uncond = x_out[-uncond.shape[0]:]
+        denoised_uncond = x_out[-uncond.shape[0] :]
         denoised = torch.clone(denoised_uncond)
         for i, conds in enumerate(conds_list):
             for cond_index, weight in conds:
@@ -174,8 +209,13 @@ class KDiffusionSampler:
         self.model_wrap_cfg.p = p
         self.model_wrap_cfg.total_steps = steps
         image_cond = x.new_zeros(x.shape[0], 5, 1, 1)
-        extra = {"cond": conditioning, "uncond": unconditional_conditioning, "cond_scale": p.cfg_scale,
-                 "s_min_uncond": 0.0, "image_cond": image_cond}
+        extra = {
+            "cond": conditioning,
+            "uncond": unconditional_conditioning,
+            "cond_scale": p.cfg_scale,
+            "s_min_uncond": 0.0,
+            "image_cond": image_cond,
+        }
         return sample_euler(self.model_wrap_cfg, x * sigmas[0], sigmas, extra_args=extra, disable=True)
 
 

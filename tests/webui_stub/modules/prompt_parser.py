@@ -52,7 +52,11 @@ def get_multicond_learned_conditioning(model, prompts, steps, hires_steps=None, 
         for sub in re_AND.split(prompt):
             m = re_weight.search(sub)
             text, weight = (m.group(1), float(m.group(2))) if m and m.group(2) is not None else (sub, 1.0)
-            parts.append(ComposableScheduledPromptConditioning(get_learned_conditioning(model, [text], steps)[0], weight))
+            parts.append(
+                ComposableScheduledPromptConditioning(
+                    get_learned_conditioning(model, [text], steps)[0], weight
+                )
+            )
         batch.append(parts)
     return MulticondLearnedConditioning(shape=(len(prompts),), batch=batch)
 

@@ -9,7 +9,9 @@ callback_map = defaultdict(list)
 
 
 class CFGDenoiserParams:
-    def __init__(self, x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond, denoiser=None):
+    def __init__(
+        self, x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond, denoiser=None
+    ):
         self.x = x
         self.image_cond = image_cond
         self.sigma = sigma

@@ -19,8 +19,12 @@ class InputAccordionImpl(gr.Checkbox):
             super().__init__(value=value, **kwargs)
             return
         self.accordion_id = kwargs.get("elem_id") or "input-accordion"
-        super().__init__(value=value, **{**kwargs, "elem_id": f"{self.accordion_id}-checkbox", "visible": False})
-        self.accordion = gr.Accordion(label=kwargs.get("label", "Accordion"), open=value, elem_id=self.accordion_id)
+        super().__init__(
+            value=value, **{**kwargs, "elem_id": f"{self.accordion_id}-checkbox", "visible": False}
+        )
+        self.accordion = gr.Accordion(
+            label=kwargs.get("label", "Accordion"), open=value, elem_id=self.accordion_id
+        )
 
     def __enter__(self):
         self.accordion.__enter__()
