@@ -27,7 +27,7 @@ def main() -> None:
             return
         for pkg in todo:
             launch.run_pip(f"install {pkg}", f"sd-webui-loraclr requirement: {pkg}")
-    except Exception as e:  # noqa: BLE001 - never block the WebUI's start
+    except Exception as e:  # never block the WebUI's start
         print(f"[sd-webui-loraclr] could not install {todo}: {e}")
 
 

@@ -23,7 +23,7 @@ pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
   "scipy" "scikit-learn" "scikit-image" "torchsde" "torchdiffeq" "jsonmerge" "dctorch" \
   "clean-fid" "ftfy" "regex" "kornia" \
   "diffusers==0.31.0" "peft==0.13.2" \
-  "pytest>=8" "ruff" "hypothesis"
+  "pytest>=8" "ruff==0.17.6" "hypothesis"
 # --no-deps: their declared pins pull a CUDA torch, wandb, pytorch-lightning 1.4, ...
 "${pip[@]}" --no-deps "stable-diffusion-sdkit==2.1.5" "k-diffusion==0.1.1.post1" \
   "clip-anytorch==2.6.0" "open_clip_torch==2.24.0"

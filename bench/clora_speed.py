@@ -240,7 +240,7 @@ def run_case(cfg: Config, case: str, model: Any = None) -> dict[str, Any]:
         model = build(cfg)
     unet = model.model.diffusion_model
     shape = (4, cfg.latent, cfg.latent)
-    kind, n = (case.split(":") + ["0"])[:2]
+    kind, n = ([*case.split(":"), "0"])[:2]
     den = make_denoiser(kind, int(n), model, cfg) if kind != "plain" else None
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
     window = options("paper", cfg).update_until

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    except Exception as e:  # noqa: BLE001 - a bug: one line, the stack with --debug
+    except Exception as e:  # a bug: one line, the stack with --debug
         if debug:
             traceback.print_exc()
         print(

@@ -342,7 +342,7 @@ def kohya_to_canonical(kohya_module_name: str, arch: str = "sd1") -> str | None:
     if name.startswith("lora_unet_"):
         p = unet_rest_to_ldm(name[len("lora_unet_") :], arch)
         return None if p is None else UNET_PREFIX + p
-    for prefix, part in (("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te")):
+    for prefix, part in (("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te")):  # noqa: B007 - read after the break
         if name.startswith(prefix):
             rest = name[len(prefix) :]
             break
@@ -513,10 +513,7 @@ def diffusers_to_canonical(name: str, arch: str = "sd1", component: str | None =
         return kohya_to_canonical("lora_unet_" + path.replace(".", "_"), arch)
     if comp in ("text_encoder", "text_encoder_2"):
         path = _normalise_diffusers_path(path, te=True)
-        if comp == "text_encoder_2":
-            prefix = "lora_te2_"
-        else:
-            prefix = "lora_te1_" if arch == "sdxl" else "lora_te_"
+        prefix = "lora_te2_" if comp == "text_encoder_2" else "lora_te1_" if arch == "sdxl" else "lora_te_"
         return kohya_to_canonical(prefix + path.replace(".", "_"), arch)
     return None
 

@@ -190,7 +190,7 @@ def merged_tag_frequency(
     if _non_comma(all_triggers + other_tags) and not _non_comma(all_triggers):
         per = [(key, tags, {}) for key, tags, _ in per]
     totals: dict[str, int] = {}
-    for _, tags, extra in per:
+    for _, _tags, extra in per:
         for t, n in extra.items():
             if t not in all_triggers:
                 totals[t] = totals.get(t, 0) + n

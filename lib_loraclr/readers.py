@@ -533,8 +533,11 @@ def weight_shapes(model_or_state: nn.Module | Mapping[str, Any]) -> dict[str, tu
 def _same_shape(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:
     if delta == weight:
         return True
+
     # a 1×1 conv delta fits a linear weight and vice versa (SD1 conv proj_in vs SD2/SDXL linear)
-    strip = lambda s: s[:2] if len(s) == 4 and s[2:] == (1, 1) else s
+    def strip(s):
+        return s[:2] if len(s) == 4 and s[2:] == (1, 1) else s
+
     return strip(delta) == strip(weight)
 
 

@@ -186,8 +186,8 @@ class PromptEncoder:
             if to_add > 0:
                 chunk.tokens += [self.id_end] * to_add
                 chunk.multipliers += [1.0] * to_add
-            chunk.tokens = [self.id_start] + chunk.tokens + [self.id_end]
-            chunk.multipliers = [1.0] + chunk.multipliers + [1.0]
+            chunk.tokens = [self.id_start, *chunk.tokens, self.id_end]
+            chunk.multipliers = [1.0, *chunk.multipliers, 1.0]
             last_comma = -1
             chunks.append(chunk)
             chunk = PromptChunk()

@@ -28,10 +28,8 @@ def attention_keys(model: nn.Module, te: bool = True, kv: bool = True, other: bo
             continue
         leaf = name.rsplit(".", 1)[-1]
         is_kv = ".attn2.to_k" in name or ".attn2.to_v" in name
-        if (
-            kv
-            and is_kv
-            or other
+        if (kv and is_kv) or (
+            other
             and not is_kv
             and (
                 name.endswith(("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"))

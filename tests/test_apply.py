@@ -67,7 +67,7 @@ def test_patched_restores_after_exception_and_unknown_key() -> None:
             "model.diffusion_model.9": _lora("model.diffusion_model.9", 5, 6),
         }
     )
-    with pytest.raises(KeyError, match="diffusion_model.9"), patched(m, bad):
+    with pytest.raises(KeyError, match=r"diffusion_model\.9"), patched(m, bad):
         pass
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k

@@ -760,7 +760,7 @@ def _case_dir(case: Case, tmp_path: Path, public_dir: Path) -> Path:
 def _call(fn: Callable[[], object]) -> BaseException | None:
     try:
         fn()
-    except BaseException as e:  # noqa: BLE001 - SystemExit of argparse included
+    except BaseException as e:  # SystemExit of argparse included
         return e
     return None
 

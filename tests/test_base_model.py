@@ -40,8 +40,8 @@ def test_sd15_sizes_read_from_shapes_and_bad_files(tmp_path) -> None:
         "max_position_embeddings": 77,
     }
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(BaseModelError, match="not an SD1.x checkpoint"):
+    with pytest.raises(BaseModelError, match=r"not an SD1\.x checkpoint"):
         load_base(tmp_path / "other.safetensors")
     (tmp_path / "model.ckpt").write_bytes(b"PK")
-    with pytest.raises(BaseModelError, match="only .safetensors"):
+    with pytest.raises(BaseModelError, match=r"only \.safetensors"):
         load_base(tmp_path / "model.ckpt")

@@ -28,7 +28,7 @@ def webui_unquote(text: str) -> str:
         return text
     try:
         return json.loads(text)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return text
 
 

@@ -18,8 +18,8 @@ from lib_loraclr.clora import (
     clora_loss,
     count_hooks,
 )
-from lib_loraclr.clora.denoiser import COND
 from lib_loraclr.clora.attention import localizing_layers
+from lib_loraclr.clora.denoiser import COND
 from lib_loraclr.clora.masks import fuse
 from lib_loraclr.clora.official import OfficialCloraLoop
 from lib_loraclr.clora.synthetic import random_lora

@@ -73,7 +73,7 @@ def test_factory_builds_the_unet_and_weights_come_from_the_file(plain_ckpt) -> N
         unet.middle_block[1] = nn.Identity()
         return unet
 
-    with pytest.raises(BaseModelError, match="middle_block.1"):
+    with pytest.raises(BaseModelError, match=r"middle_block\.1"):
         load_base(path, unet_factory=no_middle_attention)
     with pytest.raises(BaseModelError, match="lacks"):
         load_base(path, unet_factory=lambda cfg: HostUNet(cfg))  # names under .inner: the file's are missing

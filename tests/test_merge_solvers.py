@@ -340,7 +340,7 @@ def test_different_row_counts_per_concept():
 def test_linear_and_svd():
     g = gen(12)
     ds = [torch.randn(16, 24, generator=g) for _ in range(3)]
-    lin = solve_linear(ds + [None], weights=[1.0, 0.5, 2.0, 1.0])
+    lin = solve_linear([*ds, None], weights=[1.0, 0.5, 2.0, 1.0])
     assert torch.allclose(lin, ds[0] + 0.5 * ds[1] + 2.0 * ds[2])
     full = solve_svd(ds, rank=16, clamp_quantile=None)
     assert torch.allclose(full, sum(ds), atol=1e-4)

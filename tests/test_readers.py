@@ -361,7 +361,7 @@ def test_unknown_key_family_only(tmp_path: Path) -> None:
         "lora_transformer_single_blocks_0_attn_to_q.lora_up.weight": torch.randn(8, 4),
     }
     with pytest.raises(
-        LoraFormatError, match="none of its 2 tensors is a LoRA weight we recognise.*lora_transformer"
+        LoraFormatError, match=r"none of its 2 tensors is a LoRA weight we recognise.*lora_transformer"
     ):
         read_lora(_save(tmp_path, sd))
     ck = {UNET + "input_blocks.1.1.proj_in.weight": torch.randn(4, 4)}
@@ -378,11 +378,11 @@ def test_sdxl_lora_for_sd1_model(tmp_path: Path) -> None:
     ds = read_lora(p)
     assert ds.arch == "sdxl"
     with pytest.raises(
-        ArchitectureMismatchError, match="xl.safetensors is a SDXL LoRA, but SD1.x was expected"
+        ArchitectureMismatchError, match=r"xl\.safetensors is a SDXL LoRA, but SD1\.x was expected"
     ):
         read_lora(p, arch="sd1")
     sd1_model = {C_ATTN + ".weight": (320, 768), C_TE + ".weight": (3072, 768)}
-    with pytest.raises(ArchitectureMismatchError, match="is a SDXL LoRA but the model is SD1.x"):
+    with pytest.raises(ArchitectureMismatchError, match=r"is a SDXL LoRA but the model is SD1\.x"):
         check_compatible(ds, sd1_model)
 
 

@@ -195,7 +195,7 @@ def test_sdxl_names_and_metadata(tmp_path: Path) -> None:
 def test_output_exists_is_refused_before_any_work(tmp_path: Path) -> None:
     p = tmp_path / "exists.safetensors"
     p.write_bytes(b"user data")
-    with pytest.raises(OutputExistsError, match="exists.safetensors already exists"):
+    with pytest.raises(OutputExistsError, match=r"exists\.safetensors already exists"):
         write_kohya_lora(_full_rank_deltaset(), p, arch="sd1", rank=2)
     assert p.read_bytes() == b"user data"
     with pytest.raises(OutputExistsError):

@@ -225,7 +225,7 @@ class AttentionCapture:
         self._restore_ckpt.clear()
         self.reset()
 
-    def __enter__(self) -> AttentionCapture:  # noqa: PYI034
+    def __enter__(self) -> AttentionCapture:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:

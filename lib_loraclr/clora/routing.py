@@ -302,7 +302,7 @@ class RoutedLoras:
             h.remove()
         self._handles.clear()
 
-    def __enter__(self) -> RoutedLoras:  # noqa: PYI034
+    def __enter__(self) -> RoutedLoras:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:

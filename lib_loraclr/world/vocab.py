@@ -78,7 +78,7 @@ class WordTokenizer:
             if w not in self.table:
                 raise UnknownWordError(f"{w!r} is not in the world's vocabulary")
             out.extend(self.table[w])
-        out = out[: MAX_LENGTH - 1] + [EOS_ID]
+        out = [*out[: MAX_LENGTH - 1], EOS_ID]
         return out + [EOS_ID] * (MAX_LENGTH - len(out))
 
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -20,6 +20,7 @@ installed for the duration of each call only, which works identically on both ho
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -55,7 +56,7 @@ class CompositeRouter:
         for r in self.routers:
             r.remove()
 
-    def __enter__(self) -> CompositeRouter:  # noqa: PYI034 - returns the instance
+    def __enter__(self) -> CompositeRouter:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:
@@ -537,7 +538,7 @@ class InferenceWeightClones:
     def _clone_inputs(_module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
         return tuple(a.clone() if isinstance(a, torch.Tensor) and a.requires_grad else a for a in inputs)
 
-    def __enter__(self) -> InferenceWeightClones:  # noqa: PYI034 - returns the instance
+    def __enter__(self) -> InferenceWeightClones:
         try:
             for m in self.root.modules():
                 if isinstance(m, torch.nn.LayerNorm):
@@ -603,10 +604,8 @@ def forge_latent_update(
                         capture.reset()
                         capture.enabled = True
                         capture.stop_after_last = bool(opts.stop_early)
-                        try:
+                        with contextlib.suppress(StopForward):
                             call(torch.cat([xv] * len(group)), torch.cat([sig] * len(group)), **kw)
-                        except StopForward:
-                            pass
                         m = capture.maps()
                         for i, blk in enumerate(group):
                             maps[blk] = m[i * b : (i + 1) * b]

@@ -59,7 +59,7 @@ class MergeService:
             from modules import paths
 
             return Path(paths.models_path) / "Stable-diffusion"
-        except Exception:  # noqa: BLE001
+        except Exception:
             return None
 
     def base_checkpoint(self) -> Path | None:
@@ -120,7 +120,7 @@ class MergeService:
             def work() -> None:
                 try:
                     box["result"] = fn()
-                except BaseException as e:  # noqa: BLE001 - carried back to this thread
+                except BaseException as e:  # carried back to this thread
                     box["error"] = e
 
             main_thread.run_and_wait_result(work)
@@ -175,7 +175,7 @@ class MergeService:
 
         try:
             result = self.locked(work) if locked else self.run_heavy(work)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             status = merge_job.error_status(e)
             if status >= 500:  # not the user's fault: keep the traceback for the bug report
                 import traceback
@@ -207,7 +207,7 @@ class MergeService:
         if callable(fn):
             try:
                 fn()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 print(f"[sd-webui-loraclr] could not refresh the LoRA list: {e}")
 
     def inspect(self, body: Any) -> dict[str, Any]:
@@ -232,7 +232,7 @@ class MergeService:
                 raise ServiceError(404, str(e), type(e).__name__) from None
             except engine.EngineUnavailable as e:
                 raise ServiceError(503, str(e)) from None
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise ServiceError(400, f"{n}: {e}", type(e).__name__) from None
         return {"loras": out}
 

@@ -210,7 +210,7 @@ def remove_all() -> int:
     for _ref, run in entries:
         try:
             run.remove()
-        except Exception as e:  # noqa: BLE001 - keep removing the others
+        except Exception as e:  # keep removing the others
             print(f"{LOG_PREFIX} could not remove CLoRA hooks: {e}")
     return len(entries)
 

@@ -58,7 +58,7 @@ def lora_metadata(path: Path) -> dict[str, str]:
         return {}
     try:
         return dict(read_safetensors_metadata(path))
-    except Exception:  # noqa: BLE001
+    except Exception:
         return {}
 
 

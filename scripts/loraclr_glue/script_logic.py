@@ -76,7 +76,7 @@ class CloraScriptLogic:
         run.infotext = p.extra_generation_params
         try:
             run.prepare(prompts)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             fail(p, e)
             return None
         clora_run.register(p, run)
@@ -94,7 +94,7 @@ class CloraScriptLogic:
             run.notice("A1111 before 1.10: CLoRA starts at the second sampling step")
         try:
             run.install(pick_adapter(p), p, batch_prompt(p), masks_only=masks_only)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             run.remove()
             clora_run.finish(p)
             fail(p, e)
@@ -115,7 +115,7 @@ class CloraScriptLogic:
         try:
             run.install(pick_adapter(p), p, batch_prompt(p), masks_only=bool(getattr(p, "is_hr_pass", False)))
             run.notice("A1111 before 1.10: CLoRA starts at the second sampling step")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             clora_run.finish(p)
             fail(p, e)
 
@@ -131,7 +131,7 @@ class CloraScriptLogic:
         if run.args.mask_preview:
             try:
                 run.mask_images.extend(mask_image(weights[i]) for i in range(weights.shape[0]))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 fail(p, e, "could not draw the CLoRA masks")
         if not run.args.show_masks:
             return []
@@ -145,7 +145,7 @@ class CloraScriptLogic:
                 path = folder / f"clora-mask-{seed}-{getattr(p, 'iteration', 0)}-{i}.png"
                 mask_image(weights[i]).save(path)
                 written.append(path)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             fail(p, e, "could not save the CLoRA masks")
         return written
 

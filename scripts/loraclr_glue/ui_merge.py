@@ -124,7 +124,7 @@ def merge_click(
         settings = preview.PreviewSettings(size=int(preview_size), steps=int(preview_steps), seed=int(seed))
         try:
             images = service.preview(result, settings)
-        except Exception as e:  # noqa: BLE001 - the merge is saved; say why the preview is missing
+        except Exception as e:  # the merge is saved; say why the preview is missing
             msg += f" Preview failed: {type(e).__name__}: {e}"
     elif show_preview:
         msg += " (no preview for a checkpoint: load it and use txt2img)"

@@ -16,9 +16,10 @@ def wrap_gradio_gpu_call(func, extra_outputs=None):
             shared.state.begin(job=id_task)
             try:
                 res = list(func(*args, **kwargs))
-            except Exception as e:  # noqa: BLE001
-                res = list(extra_outputs or [None, ""]) + [
-                    f"<div class='error'>{html.escape(f'{type(e).__name__}: {e}')}</div>"
+            except Exception as e:
+                res = [
+                    *list(extra_outputs or [None, ""]),
+                    f"<div class='error'>{html.escape(f'{type(e).__name__}: {e}')}</div>",
                 ]
             finally:
                 shared.state.end()

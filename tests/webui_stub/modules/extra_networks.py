@@ -52,7 +52,7 @@ class ExtraNetwork:
 def lookup_extra_networks(extra_network_data):
     res = {}
     for name, args in list(extra_network_data.items()):
-        net = extra_network_registry.get(name, None) or extra_network_aliases.get(name, None)
+        net = extra_network_registry.get(name) or extra_network_aliases.get(name)
         if net is None:
             continue
         res.setdefault(net, []).extend(args)

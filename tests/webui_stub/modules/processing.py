@@ -230,7 +230,7 @@ class ScriptRunner:
         for script, args in self.items:
             try:
                 getattr(script, name)(p, *extra, *args, **kwargs)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 print(f"Error running {name}: {type(e).__name__}: {e}")
 
     def process(self, p):
@@ -249,7 +249,7 @@ class ScriptRunner:
         for script, args in self.items:
             try:
                 script.postprocess(p, processed, *args)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 print(f"Error running postprocess: {type(e).__name__}: {e}")
 
 

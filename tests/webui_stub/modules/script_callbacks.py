@@ -35,7 +35,7 @@ def _call(category, *args):
     for fn in list(callback_map[category]):
         try:
             out.append(fn(*args))
-        except Exception as e:  # noqa: BLE001 - the WebUI reports and goes on
+        except Exception as e:  # the WebUI reports and goes on
             print(f"callback {category} failed: {type(e).__name__}: {e}")
     return out
 

@@ -103,7 +103,7 @@ def load_scripts_from(basedir_, path):
     syspath = sys.path
     found = []
     try:
-        sys.path = [basedir_] + sys.path
+        sys.path = [basedir_, *sys.path]
         current_basedir = basedir_
         module = script_loading.load_module(path)
         for obj in module.__dict__.values():
