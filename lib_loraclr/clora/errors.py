@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import LoraclrError
 
-class CloraError(ValueError):
+
+class CloraError(LoraclrError, ValueError):
     """Base class of every CLoRA input error."""
 
 

@@ -29,12 +29,13 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..errors import LoraclrError
 from ..text import OpenClipPromptEncoder, PromptEncoder
 
 CONFIG_METADATA_KEY = "loraclr_tiny_config"
 
 
-class TinyCheckpointError(ValueError):
+class TinyCheckpointError(LoraclrError, ValueError):
     """A file is not a tiny reference checkpoint written by `save_tiny_checkpoint`."""
 
 

@@ -26,12 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import LoraclrError
+
 SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "ddim", "heun")
 
 Cond = Any  # torch.Tensor (SD1) or dict[str, torch.Tensor] (SDXL)
 
 
-class UnknownSamplerError(ValueError):
+class UnknownSamplerError(LoraclrError, ValueError):
     """The sampler name is not one of `SAMPLERS`."""
 
 

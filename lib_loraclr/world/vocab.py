@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import LoraclrError
+
 BOS_ID, EOS_ID, MAX_LENGTH = 49406, 49407, 77
 # Single-token rare words (ids ≥ 47 993 in CLIP's BPE), used as concept triggers.
 TRIGGERS: tuple[str, ...] = (
@@ -52,7 +54,7 @@ WORD_TABLE = Path(__file__).with_name("assets") / "word_ids.json"
 _SPLIT = re.compile(r"[a-z]+|[0-9]|,")
 
 
-class UnknownWordError(ValueError):
+class UnknownWordError(LoraclrError, ValueError):
     """A caption used a word outside the world's vocabulary."""
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from lib_loraclr import clora_args as ca
 from lib_loraclr.errors import LoraclrError
-from lib_loraclr.prompt_syntax import RE_AND, ParsedPrompt, PromptSyntaxError
+from lib_loraclr.prompt_syntax import RE_AND, ParsedPrompt
 
 from . import engine
 from .lora_files import LoraNotFoundError, find_lora
@@ -34,15 +34,22 @@ from .lora_files import LoraNotFoundError, find_lora
 LOG_PREFIX = "[sd-webui-loraclr]"
 
 
-class CloraUserError(ValueError):
+class CloraUserError(LoraclrError, ValueError):
     """A problem the user can fix (bad syntax, unknown LoRA, missing trigger words); message only."""
 
 
 def user_message(e: BaseException) -> str:
     """The text shown to the user for an error: the message (with caret lines), never a stack trace."""
-    if isinstance(e, (PromptSyntaxError, CloraUserError, LoraclrError, LoraNotFoundError, ValueError)):
+    if is_user_error(e):
         return str(e)
-    return f"{type(e).__name__}: {e}"
+    return (
+        f"internal error {type(e).__name__}: {e} (a bug in sd-webui-loraclr; the traceback is in the console)"
+    )
+
+
+def is_user_error(e: BaseException) -> bool:
+    """True for an error the user can fix (a `LoraclrError` or an unknown LoRA name); others are bugs."""
+    return isinstance(e, LoraclrError)
 
 
 @dataclass

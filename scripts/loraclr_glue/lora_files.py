@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lib_loraclr.errors import LoraclrError
+
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".pth")
 
 
-class LoraNotFoundError(LookupError):
+class LoraNotFoundError(LoraclrError, LookupError):
     """No LoRA file of that name."""
 
 

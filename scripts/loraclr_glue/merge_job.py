@@ -39,7 +39,7 @@ OUTPUT_KEYS = ("kind", "name", "rank", "overwrite")
 DEFAULT_RANK = 32
 
 
-class MergeRequestError(ValueError):
+class MergeRequestError(LoraclrError, ValueError):
     """The request is wrong; the message says what to change (HTTP 400)."""
 
 
@@ -414,6 +414,6 @@ def error_status(e: BaseException) -> int:
         return 409
     if isinstance(e, engine.EngineUnavailable):
         return 503
-    if isinstance(e, (MergeRequestError, LoraclrError, ValueError)):
+    if isinstance(e, LoraclrError):  # the user can fix it; anything else is a bug: 500 + traceback
         return 400
     return 500

@@ -8,6 +8,7 @@ removes any hook and lets the image generate without CLoRA.
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ def batch_prompt(p: Any) -> str:
 def fail(p: Any, e: BaseException, what: str = "CLoRA is off for this image") -> str:
     msg = clora_run.user_message(e)
     print(f"{clora_run.LOG_PREFIX} {what}:\n{msg}")
+    if not clora_run.is_user_error(e):  # a bug: the stack goes to the console for the report
+        traceback.print_exception(type(e), e, e.__traceback__)
     params = getattr(p, "extra_generation_params", None)
     if isinstance(params, dict):
         params[INFOTEXT_ERROR_KEY] = msg.splitlines()[0] if msg else type(e).__name__
