@@ -90,7 +90,8 @@ def clora_sampler(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from lib_loraclr.apply import patched
     from lib_loraclr.merge.cli import write_json
-    from lib_loraclr.merge.pipeline import Concept, MergeConfig, format_report, merge_loras
+    from lib_loraclr.merge.pipeline import Concept, MergeConfig, merge_loras
+    from lib_loraclr.merge.report import format_report
     from lib_loraclr.metadata import recipe_metadata
     from lib_loraclr.world.assets import load_base, load_lora
     from lib_loraclr.world.concepts import load_concepts

@@ -6,6 +6,7 @@ All safetensors metadata values are strings; structured values (lists, dicts) ar
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -116,8 +117,16 @@ def kohya_metadata(
         "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
         "modelspec.title": title or output_name,
         "modelspec.resolution": MODELSPEC_RESOLUTION[spec_arch],
-        "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.date": creation_date(),
     }
+
+
+def creation_date() -> str:
+    """UTC now as ``YYYY-MM-DDTHH:MM:SS``, or the time in ``SOURCE_DATE_EPOCH`` (seconds; the reproducible
+    builds convention), so the same merge can give the same bytes."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch.isdigit() else datetime.now(timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def checkpoint_metadata(arch: str, *, title: str, v_parameterization: bool = False) -> dict[str, str]:

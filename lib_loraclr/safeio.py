@@ -252,6 +252,28 @@ def _owns_storage(t: torch.Tensor) -> bool:
     )
 
 
+def _sort_metadata_in_place(path: Path) -> None:
+    """Rewrite the ``__metadata__`` of a just-written safetensors file with its keys sorted.
+
+    The safetensors writer keeps metadata in a hash map, so the same metadata comes out in a different
+    order on every save; sorted, the same tensors and metadata give the same bytes. The header keeps its
+    length (the same JSON in another order; spaces pad, as the format allows), so only the header is
+    rewritten. Left as written if the header cannot be re-encoded to the same length."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict) or len(meta) < 2:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf8")
+        if len(text) > n or json.loads(text) != json.loads(raw):
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
+
+
 def atomic_write_safetensors(
     tensors: Mapping[str, torch.Tensor],
     path: str | os.PathLike[str],
@@ -293,6 +315,7 @@ def atomic_write_safetensors(
             pass
         mode = tmp.stat().st_mode & 0o777  # the user's normal permissions (umask applied)
         save_file(out, str(tmp), metadata=meta)
+        _sort_metadata_in_place(tmp)
         os.chmod(tmp, mode)  # safetensors may create its file 0600
         if overwrite:
             os.replace(tmp, p)

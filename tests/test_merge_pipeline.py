@@ -8,7 +8,8 @@ import torch
 
 from lib_loraclr.apply import patched
 from lib_loraclr.errors import ArchitectureMismatchError
-from lib_loraclr.merge.pipeline import Concept, MergeConfig, MergeInputError, format_report, merge_loras
+from lib_loraclr.merge.pipeline import Concept, MergeConfig, MergeInputError, merge_loras
+from lib_loraclr.merge.report import format_report
 from lib_loraclr.readers import read_lora
 from lib_loraclr.text import TriggerNotFoundError
 from lib_loraclr.tiny.models import build_tiny_sd1

@@ -168,7 +168,7 @@ def test_a1111_finds_every_concepts_trigger_in_the_merged_file(world_linear) -> 
     meta = a1111_read_metadata(world_linear.path)
     assert meta["modelspec.trigger_phrase"] == "sks, ohwx"
     assert read_lora(world_linear.path).trigger_words() == ["sks", "ohwx"]
-    assert world_linear.res.report["sidecar"] == str(sidecar_path(world_linear.path))
+    assert world_linear.res.report["sidecar"] == {"file": str(sidecar_path(world_linear.path)), "written": True}
 
 
 def test_linear_merge_is_saved_at_the_smallest_rank_within_the_tolerance(world_linear) -> None:
@@ -245,7 +245,7 @@ def test_merge_report_names_modules_kohya_ignores(tmp_path: Path) -> None:
     rest, specs = cli._split_concepts(argv)
     res = cli.run(cli.build_parser().parse_args(rest), specs)
     assert res.report["loader_gaps"] == {"kohya sd-scripts": sorted(extra), "diffusers": sorted(extra)}
-    from lib_loraclr.merge.pipeline import format_report
+    from lib_loraclr.merge.report import format_report
 
     text = format_report(res.report)
     assert "note: kohya sd-scripts ignores 2 modules" in text and "input_blocks.0.0 (conv_in)" in text

@@ -18,12 +18,11 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-from lib_loraclr.base_model import load_base
 from lib_loraclr.errors import LoraclrError
-from lib_loraclr.merge.pipeline import Concept, MergeConfig, MergeResult, format_report, merge_loras
+from lib_loraclr.merge.job import DEFAULT_RANK, JobConcept, JobResult, MergeJob, run_job
+from lib_loraclr.merge.report import format_report
 from lib_loraclr.merge.solvers import METHODS
+from lib_loraclr.safeio import check_output_name
 from lib_loraclr.validate import (
     MAX_RANK,
     MAX_STEPS,
@@ -83,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rank",
         type=int_in(1, MAX_RANK),
-        default=None,
-        help="LoRA rank of the saved file (default: lossless)",
+        default=DEFAULT_RANK,
+        help=f"rank cap of the saved LoRA (default {DEFAULT_RANK}; each module gets the smallest rank within "
+        "the SVD tolerance up to it)",
     )
     p.add_argument("--method", choices=METHODS, default="loraclr")
     p.add_argument("--preset", choices=("recommended", "official"), default="recommended")
@@ -105,13 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace, concept_specs: list[dict]) -> MergeResult:
-    from lib_loraclr.keymap import loader_gaps
-    from lib_loraclr.metadata import recipe_metadata
-    from lib_loraclr.readers import read_lora
-    from lib_loraclr.safeio import check_output_name
-    from lib_loraclr.writers import svd_tolerance, write_checkpoint, write_kohya_lora, write_webui_sidecar
-
+def job_from_args(args: argparse.Namespace, concept_specs: list[dict]) -> MergeJob:
+    """The command line → a `MergeJob`, every path and trigger checked with the flag that names it."""
     if len(concept_specs) < 1:
         raise LoraclrError('nothing to merge: give at least one --concept FILE "trigger words"')
     out = Path(args.out)
@@ -122,22 +117,35 @@ def run(args: argparse.Namespace, concept_specs: list[dict]) -> MergeResult:
     check_merge_paths(
         args.base, [s["file"] for s in concept_specs], out, overwrite=args.overwrite, report=args.report
     )
-    concepts = []
-    for spec in concept_specs:  # the LoRAs (small) before the base model (large)
-        ds = read_lora(spec["file"])
-        w = spec.get("weight", 1.0)
-        concepts.append(
-            Concept(
-                ds,
-                spec["trigger"],
-                name=spec.get("name") or Path(spec["file"]).stem,
-                te_weight=spec.get("te_weight", w),
-                unet_weight=spec.get("unet_weight", w),
-                prompts=spec["prompts"],
-            )
+    concepts = tuple(
+        JobConcept(
+            Path(s["file"]),
+            s["trigger"],
+            name=s.get("name") or "",
+            te_weight=s.get("te_weight", s.get("weight", 1.0)),
+            unet_weight=s.get("unet_weight", s.get("weight", 1.0)),
+            prompts=tuple(s["prompts"]),
         )
-    model = load_base(args.base)
-    config = MergeConfig(method=args.method, preset=args.preset, sample_steps=args.steps, seed=args.seed)
+        for s in concept_specs
+    )
+    return MergeJob(
+        base=Path(args.base),
+        concepts=concepts,
+        out=out,
+        kind=args.format,
+        method=args.method,
+        preset=args.preset,
+        rank=args.rank,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        sidecar=args.sidecar,
+        options={"sample_steps": args.steps, "seed": args.seed},
+    )
+
+
+def run(args: argparse.Namespace, concept_specs: list[dict]) -> JobResult:
+    """Run the merge the command line asks for (`lib_loraclr.merge.job.run_job`), with a progress bar."""
+    job = job_from_args(args, concept_specs)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -151,67 +159,11 @@ def run(args: argparse.Namespace, concept_specs: list[dict]) -> MergeResult:
             bar.set_postfix_str(stage[:60])
             bar.refresh()
 
-    res = merge_loras(model, concepts, config, progress=progress)
-    if bar is not None:
-        bar.close()
-    dtype = torch.float16 if args.dtype == "fp16" else torch.float32
-    recipe = recipe_metadata(
-        sources=[
-            {
-                "name": c.label,
-                "file": Path(s["file"]).name,
-                "trigger": c.trigger,
-                "te_weight": c.te_weight,
-                "unet_weight": c.unet_weight,
-            }
-            for s, c in zip(concept_specs, concepts)
-        ],
-        method=args.method,
-        parameters={"preset": args.preset, "steps": args.steps, "seed": args.seed},
-        trigger=[c.trigger for c in concepts],
-        tag_sources=[c.deltas.metadata for c in concepts],
-    )
-    if args.format == "lora":
-        errors = write_kohya_lora(
-            res.deltas,
-            out,
-            arch=res.deltas.arch if res.deltas.arch != "unknown" else "sd1",
-            rank=args.rank,
-            metadata=recipe,
-            overwrite=args.overwrite,
-            dtype=dtype,
-        )
-        res.report["svd_error"] = float(sum(errors.values()) / max(len(errors), 1))
-        res.report["svd_error_max"] = float(max(errors.values(), default=0.0))
-        arch = res.deltas.arch if res.deltas.arch != "unknown" else "sd1"
-        res.report["svd_tolerance"] = svd_tolerance(
-            dtype
-        )  # per module, below --rank's cap (writers.SVD_TOLERANCE)
-        res.report["loader_gaps"] = loader_gaps(res.deltas.modules, arch)
-        if args.sidecar:
-            side = write_webui_sidecar(
-                out,
-                [c.trigger for c in concepts],
-                arch,
-                overwrite=args.overwrite,
-                description=f"{args.method} merge of {', '.join(c.label for c in concepts)}",
-            )
-            res.report["sidecar"] = None if side is None else str(side)
-    else:
-        from lib_loraclr.safeio import read_safetensors_metadata
-
-        base_meta = {
-            k: v for k, v in read_safetensors_metadata(args.base).items() if not k.startswith("sshs_")
-        }
-        write_checkpoint(
-            model.state_dict(),
-            res.deltas,
-            out,
-            dtype=dtype,
-            metadata={**base_meta, **recipe},
-            overwrite=args.overwrite,
-        )
-    return res
+    try:
+        return run_job(job, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def write_json(path: Path, obj: object) -> None:

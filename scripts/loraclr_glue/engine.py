@@ -6,7 +6,6 @@ the REST route can say so instead of failing with an ImportError stack trace.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -45,37 +44,11 @@ def read_lora(path: Path) -> Any:
     return ds
 
 
-def clear_cache() -> None:
-    with _lora_cache_lock:
-        _lora_cache.clear()
-
-
-def lora_metadata(path: Path) -> dict[str, str]:
-    """safetensors metadata (empty for other formats or unreadable headers)."""
-    from lib_loraclr.safeio import read_safetensors_metadata
-
-    if path.suffix.lower() != ".safetensors":
-        return {}
-    try:
-        return dict(read_safetensors_metadata(path))
-    except Exception:
-        return {}
-
-
 def trigger_words(path: Path) -> list[str]:
-    """Trigger words: the file's metadata (`lib_loraclr.metadata.trigger_words`), else the WebUI's
-    sidecar ``NAME.json`` "activation text" (the card editor's field)."""
-    from lib_loraclr.metadata import trigger_words as _tw
+    """`lib_loraclr.merge.job.file_trigger_words`: the file's metadata, else the sidecar's activation text."""
+    from lib_loraclr.merge.job import file_trigger_words
 
-    words = _tw(lora_metadata(path))
-    if words:
-        return words
-    sidecar = path.with_suffix(".json")
-    try:
-        text = json.loads(sidecar.read_text(encoding="utf8")).get("activation text", "")
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [w.strip() for w in str(text).split(",") if w.strip()]
+    return file_trigger_words(Path(path))
 
 
 def inspect_lora(path: Path) -> dict[str, Any]:
@@ -103,32 +76,6 @@ def merge_loras(
     return _merge(model, concepts, config, progress=progress)
 
 
-def merge_config(method: str, preset: str, advanced: dict[str, Any]) -> Any:
-    """`lib_loraclr.merge.pipeline.MergeConfig` (validated by its own ``validate()``)."""
-    from lib_loraclr.merge.pipeline import MergeConfig
-
-    cfg = MergeConfig(method=method, preset=preset, **advanced)
-    cfg.validate()
-    return cfg
-
-
-def merge_concepts(concepts: Sequence[dict[str, Any]]) -> list[Any]:
-    """Request concepts (``{name, path, trigger, te_weight, unet_weight, prompts}``) → pipeline `Concept`s."""
-    from lib_loraclr.merge.pipeline import Concept
-
-    return [
-        Concept(
-            deltas=read_lora(Path(c["path"])),
-            trigger=c["trigger"],
-            name=c["name"],
-            te_weight=c["te_weight"],
-            unet_weight=c["unet_weight"],
-            prompts=list(c.get("prompts", ())),
-        )
-        for c in concepts
-    ]
-
-
 def load_base_model(checkpoint: Path, unet_factory: Callable[[Any], Any] | None = None) -> Any:
     """The base model for the merge, built from the checkpoint FILE (A1111 keeps LoRA deltas patched into
     the live model between generations, so the live model is not a clean base).
@@ -150,60 +97,11 @@ def load_base_model(checkpoint: Path, unet_factory: Callable[[Any], Any] | None 
         ) from None
 
 
-def write_lora(
-    deltas: Any, path: Path, arch: str, rank: int | None, metadata: dict[str, str], overwrite: bool
-) -> dict[str, float]:
-    """`lib_loraclr.writers.write_kohya_lora` (atomic; refuses to overwrite unless asked)."""
-    from lib_loraclr.writers import write_kohya_lora
-
-    return write_kohya_lora(deltas, path, arch=arch, rank=rank, metadata=metadata, overwrite=overwrite)
-
-
-def lora_save_report(deltas: Any, arch: str, errors: dict[str, float]) -> dict[str, Any]:
-    """Report fields of a saved LoRA: mean / max SVD error, the tolerance the ranks were chosen for
-    (`lib_loraclr.writers.svd_tolerance` of fp16, what `write_lora` stores) and the loaders that ignore
-    some of its modules (`lib_loraclr.keymap.loader_gaps`)."""
-    import torch
-
-    from lib_loraclr.keymap import loader_gaps
-    from lib_loraclr.writers import svd_tolerance
-
-    out: dict[str, Any] = {
-        "svd_tolerance": svd_tolerance(torch.float16),
-        "loader_gaps": loader_gaps(getattr(deltas, "modules", {}), arch),
-    }
-    if errors:
-        out["svd_error"] = sum(errors.values()) / len(errors)
-        out["svd_error_max"] = max(errors.values())
-    return out
-
-
 def loader_gap_lines(gaps: dict[str, list[str]]) -> list[str]:
     """`lib_loraclr.keymap.format_loader_gaps`: one readable line per loader that ignores modules."""
     from lib_loraclr.keymap import format_loader_gaps
 
     return format_loader_gaps(gaps)
-
-
-def write_sidecar(
-    lora_path: Path, triggers: list[str], arch: str, description: str, overwrite: bool
-) -> Path | None:
-    """`lib_loraclr.writers.write_webui_sidecar`: the card's ``NAME.json`` with the activation text; None when
-    the user's existing sidecar was kept (it is replaced only with ``overwrite``)."""
-    from lib_loraclr.writers import write_webui_sidecar
-
-    return write_webui_sidecar(lora_path, triggers, arch, description=description, overwrite=overwrite)
-
-
-def write_checkpoint(base_checkpoint: Path, deltas: Any, path: Path, overwrite: bool) -> Any:
-    """`lib_loraclr.writers.write_checkpoint` on the base weights read from the checkpoint FILE."""
-    from lib_loraclr.safeio import read_safetensors
-    from lib_loraclr.writers import write_checkpoint as _write
-
-    if base_checkpoint.suffix.lower() != ".safetensors":
-        raise EngineUnavailable("checkpoint output needs a .safetensors base checkpoint")
-    base, _meta = read_safetensors(base_checkpoint)
-    return _write(base, deltas, path, overwrite=overwrite)
 
 
 def output_path(name: str, folder: Path) -> Path:

@@ -26,6 +26,7 @@ from typing import Any
 
 from lib_loraclr import validate
 from lib_loraclr.errors import LoraclrError
+from lib_loraclr.merge.job import DEFAULT_RANK, JobConcept, MergeInterrupted, MergeJob, run_job
 
 from . import engine
 from .lora_files import LoraNotFoundError, find_lora
@@ -36,15 +37,10 @@ KINDS = ("lora", "checkpoint")
 REQUEST_KEYS = ("loras", "method", "preset", "output", "advanced")
 LORA_KEYS = ("name", "trigger", "te_weight", "unet_weight", "prompts")
 OUTPUT_KEYS = ("kind", "name", "rank", "overwrite")
-DEFAULT_RANK = 32
 
 
 class MergeRequestError(LoraclrError, ValueError):
     """The request is wrong; the message says what to change (HTTP 400)."""
-
-
-class MergeInterrupted(RuntimeError):
-    """The user pressed Interrupt; nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -247,27 +243,6 @@ def validate_request(data: Any) -> MergeRequest:
     )
 
 
-def report_rows(report: Mapping[str, Any]) -> list[list[Any]]:
-    """The fidelity report as table rows ``[concept, group, fidelity error, interference, base change]``."""
-    rows: list[list[Any]] = []
-    for group, info in (report.get("groups") or {}).items():
-        for name, v in (info.get("concepts") or {}).items():
-            rows.append(
-                [
-                    name,
-                    group,
-                    _r(v.get("rel_err")),
-                    _r(v.get("interference")),
-                    _r(info.get("base_change_neutral")),
-                ]
-            )
-    return rows
-
-
-def _r(x: Any) -> Any:
-    return None if x is None else round(float(x), 4)
-
-
 def ready_prompt(name: str, triggers: list[str]) -> str:
     """``<lora:NAME:1> trigger1, trigger2`` for txt2img."""
     words = ", ".join(t for t in triggers if t)
@@ -297,115 +272,61 @@ def run_merge(
     out_path = engine.output_path(req.name, folder)  # BadOutputNameError for path tricks
     if out_path.exists() and not req.overwrite:
         raise MergeRequestError(f"{out_path.name} already exists; choose another name or tick overwrite")
-    concepts = []
+    files = []
     for spec in req.loras:
         try:
             path = find_lora(spec.name, lora_folder)
         except LoraNotFoundError as e:
             raise MergeRequestError(str(e)) from None
         validate.check_input_file(path, f"LoRA {spec.name!r}")
-        engine.read_lora(
-            path
-        )  # the file's own errors (damaged, pickle, NaN, rank 0) first; cached for the merge
-        trigger = spec.trigger or ", ".join(engine.trigger_words(path)[:1])
-        if not trigger:
-            raise MergeRequestError(f"LoRA {spec.name!r} has no trigger words in its metadata; type them")
-        concepts.append(
-            {
-                "name": spec.name,
-                "path": str(path),
-                "trigger": trigger,
-                "te_weight": spec.te_weight,
-                "unet_weight": spec.unet_weight,
-                "prompts": list(spec.prompts),
-            }
-        )
+        engine.read_lora(path)  # the file's own errors (damaged, pickle, NaN, rank 0) first; cached
+        files.append(path)
     # an output folder, an input as output (with overwrite), an unwritable folder: refused before any work
-    inputs = [base_checkpoint, *(c["path"] for c in concepts)]
     validate.check_output_file(
-        out_path, overwrite=req.overwrite, inputs=inputs, overwrite_hint="tick overwrite"
+        out_path, overwrite=req.overwrite, inputs=[base_checkpoint, *files], overwrite_hint="tick overwrite"
     )
-
-    def tick(stage: str, done: int, total: int) -> None:
-        if should_stop():
-            raise MergeInterrupted("merge interrupted; nothing was written")
-        if progress is not None:
-            progress(stage, done, total)
-
-    tick("reading the base model", 0, 1)
-    try:
-        config = engine.merge_config(req.method, req.preset, req.advanced)
-    except TypeError as e:
-        raise MergeRequestError(f"unknown advanced option: {e}") from None
-    merge_concepts = engine.merge_concepts(concepts)  # reads and checks the LoRAs before the (large) base
-    model = engine.load_base_model(Path(base_checkpoint), unet_factory)
-    result = engine.merge_loras(model, merge_concepts, config, tick)
-    tick("saving", 0, 1)
-    report = dict(result.report)
-    triggers = [c["trigger"] for c in concepts]
-    from lib_loraclr.metadata import recipe_metadata
-
-    meta = recipe_metadata(
-        sources=[
-            {"name": c["name"], "weight_te": c["te_weight"], "weight_unet": c["unet_weight"]}
-            for c in concepts
-        ],
+    job = MergeJob(
+        base=Path(base_checkpoint),
+        concepts=tuple(
+            JobConcept(path, s.trigger, s.name, s.te_weight, s.unet_weight, s.prompts)
+            for path, s in zip(files, req.loras)
+        ),
+        out=out_path,
+        kind=req.kind,
         method=req.method,
-        parameters={"preset": req.preset},
-        trigger=triggers,
-        tag_sources=[engine.lora_metadata(Path(c["path"])) for c in concepts],
+        preset=req.preset,
+        rank=req.rank,
+        overwrite=req.overwrite,
+        sidecar=req.kind == "lora",  # the card's activation text in the WebUI's LoRA folder
+        options=req.advanced,
     )
-    if req.kind == "lora":
-        arch = getattr(result.deltas, "arch", None) or "sd1"
-        errors = engine.write_lora(result.deltas, out_path, arch, req.rank, meta, req.overwrite)
-        report.update(engine.lora_save_report(result.deltas, arch, errors))
-        # the card's activation text (A1111/Forge read NAME.json); the user's own sidecar is kept
-        about = f"{req.method} merge of {', '.join(c['name'] for c in concepts)}"
-        side = engine.write_sidecar(out_path, triggers, arch, about, req.overwrite)
-        report["sidecar"] = {"file": str(out_path.with_suffix(".json")), "written": side is not None}
-    else:
-        engine.write_checkpoint(Path(base_checkpoint), result.deltas, out_path, req.overwrite)
-    replaced: list[str] = []
-    report = json_safe(report, "report", replaced)
-    if replaced:
+    try:
+        job.config()
+    except TypeError as e:  # MergeConfig(**advanced) with a name it does not know
+        raise MergeRequestError(f"unknown advanced option: {e}") from None
+    res = run_job(
+        job,
+        progress=progress,
+        should_stop=should_stop,
+        read_lora=engine.read_lora,
+        load_model=lambda path: engine.load_base_model(path, unet_factory),
+        merge=engine.merge_loras,
+    )
+    if res.replaced:
         print(
-            f"[sd-webui-loraclr] merge report: {len(replaced)} non-finite values written as null "
-            f"(first: {', '.join(replaced[:3])})"
+            f"[sd-webui-loraclr] merge report: {len(res.replaced)} non-finite values written as null "
+            f"(first: {', '.join(res.replaced[:3])})"
         )
+    triggers = res.triggers
     return {
-        "file": str(out_path),
+        "file": str(res.file),
         "kind": req.kind,
-        "prompt": ready_prompt(out_path.stem, triggers) if req.kind == "lora" else ", ".join(triggers),
-        "concepts": [{"name": c["name"], "trigger": c["trigger"]} for c in concepts],
-        "report": report,
-        "report_rows": report_rows(report),
+        "prompt": ready_prompt(res.file.stem, triggers) if req.kind == "lora" else ", ".join(triggers),
+        "concepts": [{"name": c.label, "trigger": c.trigger} for c in res.concepts],
+        "report": res.report,
+        "report_rows": res.rows,
         "seconds": time.perf_counter() - t0,
     }
-
-
-def json_safe(obj: Any, path: str = "", replaced: list[str] | None = None) -> Any:
-    """A copy of ``obj`` that strict JSON can encode: non-finite floats (the report's per-layer ratios can be
-    inf/nan, e.g. a LoRA with no effect on a layer) become None; their paths are appended to ``replaced``.
-    FastAPI's JSONResponse refuses NaN/inf with a 500 (seen in A1111 1.10.1)."""
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        if math.isfinite(obj):
-            return obj
-        if replaced is not None:
-            replaced.append(path)
-        return None
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v, f"{path}.{k}" if path else str(k), replaced) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v, f"{path}[{i}]", replaced) for i, v in enumerate(obj)]
-    item = getattr(obj, "item", None)  # numpy / torch scalars
-    if callable(item) and getattr(obj, "ndim", 1) == 0:
-        return json_safe(item(), path, replaced)
-    tolist = getattr(obj, "tolist", None)
-    if callable(tolist):
-        return json_safe(tolist(), path, replaced)
-    return str(obj)
 
 
 def error_status(e: BaseException) -> int:

@@ -1,0 +1,288 @@
+"""One merge job for every front end: ``python -m lib_loraclr merge``, the WebUI tab and
+``POST /loraclr/v1/merge`` build a `MergeJob` from their arguments and call `run_job`, so the same request
+gives the same file bytes, metadata and report whichever way it came in.
+
+`run_job`: check the job → read the LoRAs (small) → load the base (large) → merge → write the LoRA (or the
+checkpoint) atomically with the recipe metadata → the report. Nothing is written before the end; an
+interrupt (``should_stop``) or an error leaves no file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import LoraclrError
+from .pipeline import Concept, MergeConfig, MergeResult, merge_loras
+from .report import json_safe, report_rows
+
+KINDS = ("lora", "checkpoint")
+#: rank cap of a saved LoRA; each module gets the smallest rank within the SVD tolerance up to it
+DEFAULT_RANK = 32
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+Progress = Callable[[str, int, int], None]
+
+
+class MergeInterrupted(LoraclrError):
+    """The user stopped the merge; nothing was written."""
+
+
+class MissingTriggerError(LoraclrError):
+    """A concept has no trigger words: none given and none in the file's metadata or sidecar."""
+
+
+@dataclass(frozen=True)
+class JobConcept:
+    """One LoRA to merge. ``trigger`` empty: the file's own trigger words (`file_trigger_words`)."""
+
+    file: Path
+    trigger: str = ""
+    name: str = ""  # shown in reports and metadata; default: the file's stem
+    te_weight: float = 1.0
+    unet_weight: float = 1.0
+    prompts: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.file).stem
+
+
+@dataclass(frozen=True)
+class MergeJob:
+    """A checked-at-the-door merge request. ``options``: `MergeConfig` fields (``sample_steps``, ``seed``,
+    …); ``sidecar``: also write the WebUI card's ``NAME.json`` (LoRA output only)."""
+
+    base: Path
+    concepts: tuple[JobConcept, ...]
+    out: Path
+    kind: str = "lora"
+    method: str = "loraclr"
+    preset: str = "recommended"
+    rank: int | None = DEFAULT_RANK
+    dtype: str = "fp16"
+    overwrite: bool = False
+    sidecar: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def config(self) -> MergeConfig:
+        cfg = MergeConfig(method=self.method, preset=self.preset, **dict(self.options))
+        cfg.validate()
+        return cfg
+
+
+@dataclass
+class JobResult:
+    """What a front end shows: the written file, the concepts with their trigger words, the JSON-safe report
+    (non-finite values → None; their paths in ``replaced``) and the merge itself."""
+
+    file: Path
+    kind: str
+    concepts: list[JobConcept]
+    report: dict[str, Any]
+    rows: list[list[Any]]
+    merge: MergeResult
+    seconds: float
+    replaced: list[str] = field(default_factory=list)
+
+    @property
+    def triggers(self) -> list[str]:
+        return [c.trigger for c in self.concepts]
+
+    @property
+    def deltas(self) -> Any:
+        """The merged DeltaSet (before the rank reduction of the saved file)."""
+        return self.merge.deltas
+
+
+def file_trigger_words(path: Path) -> list[str]:
+    """A LoRA file's trigger words: its metadata (`lib_loraclr.metadata.trigger_words`), else the WebUI
+    sidecar ``NAME.json``'s "activation text" (comma-separated)."""
+    from ..metadata import trigger_words
+    from ..safeio import read_safetensors_metadata
+
+    meta: Mapping[str, str] = {}
+    if path.suffix.lower() == ".safetensors":
+        try:
+            meta = read_safetensors_metadata(path)
+        except (OSError, LoraclrError, ValueError):
+            meta = {}
+    words = trigger_words(meta)
+    if words:
+        return words
+    try:
+        text = json.loads(path.with_suffix(".json").read_text(encoding="utf8")).get("activation text", "")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [w.strip() for w in str(text).split(",") if w.strip()]
+
+
+def check_job(job: MergeJob) -> MergeConfig:
+    """Everything checkable before any file is read: kind, dtype, rank, triggers, paths, the config."""
+    from ..validate import MAX_RANK, check_input_file, check_output_file, check_trigger
+
+    if job.kind not in KINDS:
+        raise LoraclrError(f"output kind must be one of {', '.join(KINDS)}, got {job.kind!r}")
+    if job.dtype not in DTYPES:
+        raise LoraclrError(f"dtype must be one of {', '.join(DTYPES)}, got {job.dtype!r}")
+    if job.rank is not None and not 1 <= int(job.rank) <= MAX_RANK:
+        raise LoraclrError(f"rank must be a whole number from 1 to {MAX_RANK}, got {job.rank!r}")
+    if not job.concepts:
+        raise LoraclrError("nothing to merge: give at least one LoRA with its trigger words")
+    for c in job.concepts:
+        if c.trigger:
+            check_trigger(c.trigger, f"LoRA {c.label!r}")
+    check_input_file(job.base, "base checkpoint")
+    files = [check_input_file(c.file, f"LoRA {c.label!r}") for c in job.concepts]
+    check_output_file(job.out, overwrite=job.overwrite, inputs=[Path(job.base), *files], what="output")
+    return job.config()
+
+
+def job_metadata(
+    job: MergeJob,
+    config: MergeConfig,
+    concepts: Sequence[JobConcept],
+    tag_sources: Sequence[Mapping[str, str]],
+) -> dict[str, str]:
+    """The recipe fields written into the merged file (`lib_loraclr.metadata.recipe_metadata`). Parameters:
+    the preset, the sampling steps and seed as used, then the other options given, sorted by name, so the
+    same merge gives the same metadata from every front end."""
+    given = {k: v for k, v in sorted(job.options.items()) if k not in ("sample_steps", "seed")}
+    parameters = {"preset": job.preset, "sample_steps": config.sample_steps, "seed": config.seed, **given}
+    from ..metadata import recipe_metadata
+
+    return recipe_metadata(
+        sources=[
+            {
+                "name": c.label,
+                "file": Path(c.file).name,
+                "trigger": c.trigger,
+                "te_weight": c.te_weight,
+                "unet_weight": c.unet_weight,
+            }
+            for c in concepts
+        ],
+        method=job.method,
+        parameters=json_safe(parameters),
+        trigger=[c.trigger for c in concepts],
+        tag_sources=list(tag_sources),
+    )
+
+
+def run_job(
+    job: MergeJob,
+    *,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    read_lora: Callable[[Path], Any] | None = None,
+    load_model: Callable[[Path], Any] | None = None,
+    merge: Callable[..., MergeResult] = merge_loras,
+) -> JobResult:
+    """Run ``job`` (see the module docstring) → `JobResult`.
+
+    ``read_lora`` / ``load_model`` / ``merge``: the file reader (default `lib_loraclr.readers.read_lora`),
+    the base model builder (default `lib_loraclr.base_model.load_base`) and the merge; the WebUI passes its
+    cached reader and its UNet factory. Raises `LoraclrError` subclasses for the user's mistakes,
+    `MergeInterrupted` when ``should_stop()`` turns true.
+    """
+    from ..keymap import loader_gaps
+    from ..safeio import read_safetensors
+    from ..writers import svd_tolerance, write_checkpoint, write_kohya_lora, write_webui_sidecar
+
+    t0 = time.perf_counter()
+    config = check_job(job)
+    if read_lora is None:
+        from ..readers import read_lora
+    if load_model is None:
+        from ..base_model import load_base as load_model
+
+    def tick(stage: str, done: int, total: int) -> None:
+        if should_stop is not None and should_stop():
+            raise MergeInterrupted("merge interrupted; nothing was written")
+        if progress is not None:
+            progress(stage, done, total)
+
+    tick("reading the LoRAs", 0, 1)
+    concepts: list[JobConcept] = []
+    deltas = []
+    for c in job.concepts:  # the file's own errors (damaged, pickle, NaN, rank 0) before the base
+        deltas.append(read_lora(Path(c.file)))
+        trigger = c.trigger or ", ".join(file_trigger_words(Path(c.file))[:1])
+        if not trigger:
+            raise MissingTriggerError(
+                f"LoRA {c.label!r} ({Path(c.file).name}) has no trigger words in its metadata; type them"
+            )
+        concepts.append(JobConcept(c.file, trigger, c.label, c.te_weight, c.unet_weight, tuple(c.prompts)))
+    tick("reading the base model", 0, 1)
+    model = load_model(Path(job.base))
+    merge_concepts = [
+        Concept(
+            ds,
+            c.trigger,
+            name=c.label,
+            te_weight=c.te_weight,
+            unet_weight=c.unet_weight,
+            prompts=list(c.prompts),
+        )
+        for ds, c in zip(deltas, concepts)
+    ]
+    result = merge(model, merge_concepts, config, tick)
+    tick("saving", 0, 1)
+    tags = [getattr(ds, "metadata", None) or {} for ds in deltas]
+    meta = job_metadata(job, config, concepts, tags)
+    dtype = DTYPES[job.dtype]
+    report = dict(result.report)
+    if job.kind == "lora":
+        arch = getattr(result.deltas, "arch", "unknown")
+        arch = arch if arch in ("sd1", "sd2", "sdxl") else "sd1"
+        errors = write_kohya_lora(
+            result.deltas,
+            job.out,
+            arch=arch,
+            rank=job.rank,
+            metadata=meta,
+            overwrite=job.overwrite,
+            dtype=dtype,
+        )
+        report["svd_tolerance"] = svd_tolerance(dtype)  # per module, below the rank cap
+        if errors:
+            report["svd_error"] = float(sum(errors.values()) / len(errors))
+            report["svd_error_max"] = float(max(errors.values()))
+        report["loader_gaps"] = loader_gaps(result.deltas.modules, arch)
+        if job.sidecar:  # the card's activation text (A1111/Forge read NAME.json); a user's own one is kept
+            about = f"{job.method} merge of {', '.join(c.label for c in concepts)}"
+            side = write_webui_sidecar(
+                job.out, [c.trigger for c in concepts], arch, overwrite=job.overwrite, description=about
+            )
+            report["sidecar"] = {"file": str(Path(job.out).with_suffix(".json")), "written": side is not None}
+    else:
+        if Path(job.base).suffix.lower() != ".safetensors":
+            raise LoraclrError("checkpoint output needs a .safetensors base checkpoint")
+        base_sd, base_meta = read_safetensors(job.base)
+        base_meta = {k: v for k, v in base_meta.items() if not k.startswith("sshs_")}
+        write_checkpoint(
+            base_sd,
+            result.deltas,
+            job.out,
+            dtype=dtype,
+            metadata={**base_meta, **meta},
+            overwrite=job.overwrite,
+        )
+    replaced: list[str] = []
+    report = json_safe(report, "report", replaced)
+    return JobResult(
+        file=Path(job.out),
+        kind=job.kind,
+        concepts=concepts,
+        report=report,
+        rows=report_rows(report),
+        merge=result,
+        seconds=time.perf_counter() - t0,
+        replaced=replaced,
+    )
