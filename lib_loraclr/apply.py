@@ -8,13 +8,13 @@ strip a leading part when the model is a bare sub-model (the ldm UNet alone: ``"
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from lib_loraclr.deltas import DeltaSet, LoraModule
+from lib_loraclr.deltas import DeltaSet
 from lib_loraclr.keymap import fused_rows, split_fused
 
 WeightedDeltas = Sequence[tuple[DeltaSet, float]]
@@ -94,8 +94,3 @@ def patched(
     finally:
         for weight, original in reversed(saved):
             weight.data = original
-
-
-def lora_modules(deltas: Iterable[DeltaSet]) -> list[LoraModule]:
-    """All modules of several DeltaSets, in order."""
-    return [m for ds in deltas for m in ds]

@@ -10,7 +10,6 @@ shaped like the target module's weight: ``[out, in]`` (linear) or ``[out, in, kh
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -95,11 +94,6 @@ class LoraModule:
     def scaled(self, multiplier: float) -> LoraModule:
         """A copy whose multiplier is multiplied by ``multiplier``."""
         return replace(self, multiplier=self.multiplier * multiplier)
-
-    def is_finite(self) -> bool:
-        ts = [self.dense] if self.dense is not None else [self.down, self.up]
-        ok = all(bool(torch.isfinite(t).all()) for t in ts if t is not None)
-        return ok and (self.alpha is None or math.isfinite(self.alpha))
 
 
 @dataclass

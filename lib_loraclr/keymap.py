@@ -25,7 +25,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-UNET_PREFIX = "model.diffusion_model."
+from .deltas import UNET_PREFIX
+
 TE_SD1_PREFIX = "cond_stage_model.transformer."  # transformers CLIPTextModel (SD1.x)
 TE_SD2_PREFIX = "cond_stage_model.model."  # OpenCLIP ViT-H text tower (SD2.x)
 TE_SDXL1_PREFIX = "conditioner.embedders.0.transformer."  # CLIP ViT-L (transformers)
@@ -702,19 +703,8 @@ def resolve_module(model: nn.Module, key: str, root: str = "") -> tuple[nn.Modul
     return module, fused_rows(part, w.shape[0])
 
 
-def target_weight_key(key: str) -> tuple[str, str | None]:
-    """State-dict key of the weight a canonical key targets, and the fused part.
-
-    ``….to_k`` → (``….to_k.weight``, None); ``….attn.in_proj:q`` → (``….attn.in_proj_weight``, "q").
-    """
-    if ":" in key:
-        mpath, part = split_fused(key)
-        return (f"{mpath}.in_proj_weight" if mpath else "in_proj_weight"), part
-    return key + ".weight", None
-
-
 def weight_key_to_canonical(state_key: str) -> list[str]:
-    """Inverse of :func:`target_weight_key` for a state-dict key (3 keys for a fused in_proj_weight)."""
+    """Canonical key(s) of a state-dict weight key (3 keys for a fused ``in_proj_weight``)."""
     if state_key.endswith("in_proj_weight"):
         base = state_key[: -len("in_proj_weight")]
         return [f"{base}in_proj:{p}" for p in "qkv"]

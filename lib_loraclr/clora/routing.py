@@ -39,8 +39,6 @@ from .errors import RoutingError
 LoraLike = DeltaSet | Mapping[str, LoraModule] | Iterable[LoraModule]
 Branch = Sequence[tuple[LoraLike, float]]
 
-UNET_PREFIX = "model.diffusion_model."
-
 
 def _modules_of(lora: LoraLike) -> list[LoraModule]:
     if isinstance(lora, DeltaSet):

@@ -868,10 +868,6 @@ def _concept_delta(mod: LoraModule) -> torch.Tensor | tuple[torch.Tensor, torch.
     return (mod.up.float().flatten(1) * (mod.multiplier * mod.scale), mod.down.float().flatten(1))
 
 
-def _first_key(keys: Sequence[str], group: str) -> str:
-    return next(k for k in keys if input_group(k) == group)
-
-
 def _target_shape(model: nn.Module, key: str) -> tuple[int, ...]:
     w, rows = target_weight(model, key)
     return tuple((w if rows is None else w[rows]).shape)

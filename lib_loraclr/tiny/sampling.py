@@ -37,12 +37,6 @@ class UnknownSamplerError(LoraclrError, ValueError):
     """The sampler name is not one of `SAMPLERS`."""
 
 
-def cond_batch_size(cond: Cond) -> int:
-    if isinstance(cond, dict):
-        return int(cond["crossattn"].shape[0])
-    return int(cond.shape[0])
-
-
 def cond_token_length(cond: Cond) -> int:
     """Number of context tokens (77·k) of a conditioning."""
     if isinstance(cond, dict):

@@ -29,10 +29,6 @@ def is_forge(p_or_model: Any) -> bool:
     return forge_unet(model) is not None
 
 
-def host_name(p_or_model: Any) -> str:
-    return "forge" if is_forge(p_or_model) else "a1111"
-
-
 def script_has_hook(script_base: type, name: str) -> bool:
     """Whether the WebUI's ``scripts.Script`` defines a hook (``process_before_every_sampling``: A1111 ≥ 1.10, Forge)."""
     return callable(getattr(script_base, name, None))
