@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..deltas import UNET_PREFIX as UNET_PREFIX  # re-exported by lib_loraclr.clora
 from ..deltas import DeltaSet, LoraModule, is_unet_key
 from .errors import RoutingError
 
