@@ -1,8 +1,10 @@
 """Merge engine: per-layer sufficient statistics and solvers (LoRACLR, least squares, linear, SVD).
 
 ``stats``     — :class:`FeatureStats` (bounded-memory Gram + aligned row sketch), :class:`ConceptStats`.
-``solvers``   — :func:`solve_loraclr` (+ :class:`LoraclrParams` presets), :func:`solve_lsq`,
-                :func:`solve_linear`, :func:`solve_svd`, :func:`merge_layer`, :func:`layer_fidelity`.
+``solvers``   — the method names and :func:`merge_layer`, over ``closed_form`` (:func:`solve_lsq`,
+                :func:`solve_linear`, :func:`solve_svd`), ``loraclr`` (:func:`solve_loraclr`,
+                :class:`LoraclrParams` presets) and ``fidelity`` (:func:`layer_fidelity`).
+``pipeline``  — the whole-model merge; ``job`` — one merge job for every front end; ``report`` — its report.
 ``official``  — a faithful float32 re-implementation of the official per-layer loop (tests, benchmark).
 """
 
