@@ -48,12 +48,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from lib_loraclr.clora.options import CloraOptions
 from lib_loraclr.errors import LoraclrError
 from lib_loraclr.prompt_syntax import ParsedPrompt, bind_words, has_clora_tags, parse_prompt, with_bindings
 from lib_loraclr.validate import MAX_CONCEPT_WEIGHT
 
 #: largest latent step size (the engine's default is 20; far larger values only blow the latent up)
 MAX_STEP_SIZE = 1e4
+#: the engine's recommended settings: the one source of the defaults both share
+_RECOMMENDED = CloraOptions.recommended()
 
 INFOTEXT_KEY = "CLoRA"
 INFOTEXT_TABLE_KEY = "CLoRA table"
@@ -99,9 +102,9 @@ class CloraArgs:
     latent_update: bool = False
     update_steps: int | None = None
     step_size: float | None = None
-    refinement_steps: tuple[int, ...] = (0,)
-    refinement_iters: int = 5
-    mask_threshold: float = 0.3
+    refinement_steps: tuple[int, ...] = _RECOMMENDED.refinement_steps
+    refinement_iters: int = _RECOMMENDED.refinement_iters
+    mask_threshold: float = _RECOMMENDED.mask_threshold
     masks_only: bool = False
     show_masks: bool = False
     mask_preview: bool = False
@@ -115,6 +118,23 @@ class CloraArgs:
             {k: v for k, v in asdict(r).items() if not (k == "unet_weight" and v is None)} for r in self.loras
         ]
         return d
+
+    def to_options(self, steps: int) -> CloraOptions:
+        """These arguments → the engine's options for a run of ``steps`` sampling steps: the recommended
+        schedule (`CloraOptions.recommended`) with what the user set."""
+        kw: dict[str, Any] = {
+            "latent_update": self.latent_update,
+            "refinement_steps": tuple(self.refinement_steps),
+            "refinement_iters": self.refinement_iters,
+            "mask_threshold": self.mask_threshold,
+            "masks_only": self.masks_only,
+            "mask_rule": self.mask_rule,
+        }
+        if self.update_steps is not None:
+            kw["update_until"] = self.update_steps
+        if self.step_size is not None:
+            kw["step_size"] = self.step_size
+        return CloraOptions.recommended(steps, **kw)
 
     @property
     def gradient_free(self) -> bool:

@@ -106,14 +106,14 @@ class CloraOptions:
         frozen after the first 15 % of the steps, and NO latent update (in the measuring world the update
         lowered two-concept success, 70.8 → 52.1 % and 62.5 → 56.2 %; docs/DESIGN.md). Turning
         ``latent_update`` on gives the cheaper update schedule: one update per step for the first 30 % of
-        the steps, 10 extra iterations at step 0, loss on the cond half's maps."""
+        the steps, 5 extra iterations at step 0, loss on the cond half's maps."""
         f = steps / 50.0
         base = cls(
             latent_update=False,
             update_until=max(1, round(15 * f)),
             update_every=1,
             refinement_steps=(0,),
-            refinement_iters=10,
+            refinement_iters=5,
             maps_from="cond",
             layout_until=max(1, round(8 * f)),
         )

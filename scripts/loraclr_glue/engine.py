@@ -115,23 +115,8 @@ def output_path(name: str, folder: Path) -> Path:
 
 
 def clora_options(args: CloraArgs, steps: int) -> Any:
-    """`CloraArgs` (the UI/API/infotext value) → the engine's `lib_loraclr.clora.CloraOptions`."""
-    from lib_loraclr.clora import CloraOptions
-
-    kw: dict[str, Any] = {
-        "enabled": True,
-        "latent_update": args.latent_update,
-        "refinement_steps": tuple(args.refinement_steps),
-        "refinement_iters": args.refinement_iters,
-        "mask_threshold": args.mask_threshold,
-        "masks_only": args.masks_only,
-        "mask_rule": args.mask_rule,
-    }
-    if args.update_steps is not None:
-        kw["update_until"] = args.update_steps
-    if args.step_size is not None:
-        kw["step_size"] = args.step_size
-    return CloraOptions.recommended(steps, **kw)
+    """`CloraArgs.to_options`: the UI/API/infotext value → the engine's `lib_loraclr.clora.CloraOptions`."""
+    return args.to_options(steps)
 
 
 def token_positions_from(
