@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from lib_loraclr.apply import patched, split_fused_key, target_weight
-from lib_loraclr.base_model import load_base  # noqa: F401  (re-exported: the WebUI glue builds bases here)
 from lib_loraclr.deltas import DeltaSet, LoraModule, is_unet_key
 from lib_loraclr.errors import ArchitectureMismatchError, LoraclrError
 from lib_loraclr.merge.solvers import METHODS, LoraclrParams, layer_fidelity, merge_layer
@@ -83,19 +82,13 @@ class MergeConfig:
     # run, "all" = every template and extra prompt), how many seeded images per prompt, and an optional
     # prompt → latent shape function (e.g. wider canvases for multi-subject prompts) overriding ``shape``
     sample_prompts: str | None = None  # None = by preset: official "first", recommended "all"
-    # "zero": ridge and neutral prompts pull ΔW toward 0 (keep the base); "mean": toward the mean of the
-    # concepts' ΔW (unconstrained directions and neutral prompts behave like the average LoRA); "mean-unet":
-    # "mean" on UNet layers, "zero" on text-encoder layers. None = by preset: official "zero", recommended
-    # "mean-unet" ("mean" measured in the world, N=2, 96 images: fidelity 45 → 48 %, concept beside a known
-    # digit 6 → 12 %, known digits 68 → 98 % vs "zero" + "first"; but "mean" on the text encoder made A1111's
-    # UNet output NaN with two random test LoRAs on a random SD1.5, "zero" there did not)
+    # what the ridge and the neutral prompts pull ΔW toward: "zero" (the base), "mean" (the concepts' mean
+    # ΔW), "mean-unet" ("mean" on UNet layers, "zero" on the text encoder); None = by preset: official
+    # "zero", recommended "mean-unet" (why: docs/DESIGN.md "Merge recipe")
     prior: str | None = None
     sample_images: int = 1
     shape_for: Callable[[str], tuple[int, int, int]] | None = None
-    # ridge of lsq / recommended loraclr, relative to the mean Gram eigenvalue. 1e-2: in the measuring world
-    # 1e-6 let nearly collinear rows of different concepts (end tokens after different triggers) blow ΔW up
-    # to 10–50× the LoRAs' norms (noise images); 1e-2 kept the concepts and most of the base (lib_loraclr demo).
-    ridge: float = 1e-2
+    ridge: float = 1e-2  # of lsq / recommended loraclr, relative to the mean Gram eigenvalue (DESIGN.md)
     svd_rank: int = 64  # for method="svd"
     sketch_rows: int = 512
     # K/V rows: "trigger" (official: trigger tokens + end token) | "prompt" (every position up to the end token)
@@ -105,13 +98,8 @@ class MergeConfig:
     preserve_base: bool | None = None  # add neutral prompts as a zero-delta concept; None = by preset
     max_stats_bytes: int = 4 << 30  # budget of one sampling pass's statistics
     report_features: bool = False  # collect features for the report even for linear / svd
-    # sequential solving (lsq / loraclr): layers solved in depth order (text encoder per input group, K/V, then
-    # the UNet block by block), each on inputs recorded from the PARTIALLY MERGED model, fitted to reproduce the
-    # concept's own LoRA output on its own inputs (teacher-forced: the teacher's sampling trajectory, the
-    # student's layer inputs at the same step). Costs one paired feature pass per stage (UNet: 2 forwards per
-    # step per block, ≈ 2·blocks × the UNet forwards of the one-pass collection). None = by preset: official
-    # off, recommended on (measured in the world, N = 2 / 4, 48 images, CFG 3: LoRACLR fidelity ratio 0.91 →
-    # 1.01 / 0.43 → 0.76, known digits 81 → 94 % / 81 → 94 %, leakage 0; docs/DESIGN.md "Merge recipe").
+    # solve layers in depth order, each on inputs recorded from the partially merged model (lsq / loraclr);
+    # None = by preset: official off, recommended on (docs/DESIGN.md "Sequential solving")
     sequential: bool | None = None
     sequential_ridge: float = 1e-2  # shrinkage of the drift correction (relative to the mean Gram eigenvalue)
     loraclr_overrides: dict[str, Any] = field(

@@ -3,8 +3,8 @@
 The WebUI strips every ``<name:…>`` tag before it builds the conditioning and calls the network named
 ``name`` per batch with the tag arguments of the batch's first prompt (an unmentioned network gets an
 empty list: "off"). Tag positions are lost there, so the script parses the original prompt itself
-(`lib_loraclr.prompt_syntax`); this network hands the per-batch params to the run and checks that both
-agree.
+(`lib_loraclr.prompt_syntax`); this network only keeps the built-in Lora away from our tags, and hands the
+per-batch params to the run (`CloraRun.network_params`, for inspection).
 """
 
 from __future__ import annotations
