@@ -16,7 +16,7 @@ from modules import script_callbacks, scripts
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 try:
-    from loraclr_glue import api, clora_run, network, script_logic, ui_clora, ui_merge
+    from loraclr_glue import api, api_guard, clora_run, network, script_logic, ui_clora, ui_merge
     from loraclr_glue.host import script_has_hook
 finally:
     if sys.path and sys.path[0] == _HERE:
@@ -64,6 +64,7 @@ def _on_ui_tabs():
 
 def _on_app_started(demo, app):
     api.register_routes(app, SERVICE)
+    api_guard.install(app, lambda body: clora_run.check_request(body, SERVICE.lora_folder()))
 
 
 def _on_cfg_denoiser(params):

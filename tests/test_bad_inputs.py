@@ -1390,6 +1390,9 @@ def test_clora_bad_args(name, args, prompt, error, culprit, webui, clora_env, ca
     err = _call(door)
     assert err is not None and type(err).__name__ == error, repr(err)
     assert culprit in str(err), str(err)
+    # the API's door (scripts/loraclr_glue/api_guard.py): the same error, answered as HTTP 422 before queueing
+    body = {"prompt": prompt, "alwayson_scripts": {"CLoRA": {"args": list(args)}}}
+    assert clora_run.check_request(body, clora_env.dir) == (error, str(err))
     # 2. through the script (as /sdapi/v1/txt2img's alwayson_scripts runs it): reported in the infotext and the
     # console, no stack, no hook left, and the image is the plain one (CLoRA off), bit for bit
     capsys.readouterr()

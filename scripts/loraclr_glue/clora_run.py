@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,27 @@ def user_message(e: BaseException) -> str:
 def is_user_error(e: BaseException) -> bool:
     """True for an error the user can fix (a `LoraclrError` or an unknown LoRA name); others are bugs."""
     return isinstance(e, LoraclrError)
+
+
+def check_request(body: Mapping[str, Any], lora_folder: Path | None) -> tuple[str, str] | None:
+    """The first user error in the CLoRA part of a txt2img / img2img API body, as ``(class name, message)``,
+    or None: the checks `CloraScriptLogic.process` runs (arguments, prompt syntax, LoRA files, trigger words),
+    before the request is queued (`api_guard`). A bug in a check is left to the script, which reports it."""
+    scripts = body.get("alwayson_scripts") or {}
+    entry = None
+    if isinstance(scripts, Mapping):
+        entry = next((v for k, v in scripts.items() if str(k).strip().lower() == "clora"), None)
+    prompt = body.get("prompt", "")
+    if not isinstance(prompt, str) or (entry is None and "<clora:" not in prompt.lower()):
+        return None
+    args = entry.get("args", []) if isinstance(entry, Mapping) else []
+    try:
+        cargs = ca.from_script_args(args if isinstance(args, (list, tuple)) else [args])
+        if ca.is_active(cargs, prompt):
+            CloraRun(args=cargs, lora_folder=lora_folder).prepare([prompt])
+    except Exception as e:
+        return (type(e).__name__, str(e)) if is_user_error(e) else None
+    return None
 
 
 @dataclass
