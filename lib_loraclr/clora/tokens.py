@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import ConceptNotFoundError
 
@@ -82,6 +83,35 @@ def _positions_of(token_positions: TokenPositions, prompt: str, words: str, occu
             f"{words!r} does not occur {occurrence + 1} times in the prompt {prompt!r}"
         )
     return occurrences[occurrence]
+
+
+def token_positions_from(
+    tokenize_line: Callable[[str], tuple[Sequence[Any], int]], chunk_width: int = 77
+) -> Callable[[str, str], list[int]]:
+    """A ``token_positions(prompt, words)`` for `branch_prompts` from the WebUI's
+    ``tokenize_line(text) -> (chunks, token_count)`` (each chunk has ``.tokens``: 77 ids, BOS first).
+
+    Positions index the flattened ``77·k`` conditioning; every occurrence, all tokens of multi-token words.
+    Raises ValueError when ``words`` does not occur (`branch_prompts` turns it into ConceptNotFoundError).
+    """
+
+    def positions(prompt: str, words: str) -> list[int]:
+        wchunks, n = tokenize_line(words)
+        if not wchunks or n <= 0:
+            raise ValueError(f"{words!r} has no tokens")
+        pattern = list(wchunks[0].tokens[1 : 1 + min(n, chunk_width - 2)])
+        out: list[int] = []
+        chunks, _ = tokenize_line(prompt)
+        for c, chunk in enumerate(chunks):
+            ids = list(chunk.tokens)
+            for s in range(1, len(ids) - len(pattern) + 1):
+                if ids[s : s + len(pattern)] == pattern:
+                    out.extend(c * chunk_width + s + j for j in range(len(pattern)))
+        if not out:
+            raise ValueError(f"{words!r} does not occur in {prompt!r}")
+        return sorted(set(out))
+
+    return positions
 
 
 def branch_prompts(

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lib_loraclr.clora.tokens import token_positions_from as token_positions_from  # the adapters call it here
 from lib_loraclr.clora_args import CloraArgs
 
 
@@ -117,35 +118,6 @@ def output_path(name: str, folder: Path) -> Path:
 def clora_options(args: CloraArgs, steps: int) -> Any:
     """`CloraArgs.to_options`: the UI/API/infotext value → the engine's `lib_loraclr.clora.CloraOptions`."""
     return args.to_options(steps)
-
-
-def token_positions_from(
-    tokenize_line: Callable[[str], tuple[Sequence[Any], int]], chunk_width: int = 77
-) -> Callable[[str, str], list[int]]:
-    """A ``token_positions(prompt, words)`` for `lib_loraclr.clora.branch_prompts` from the WebUI's
-    ``tokenize_line(text) -> (chunks, token_count)`` (each chunk has ``.tokens``: 77 ids, BOS first).
-
-    Positions index the flattened ``77·k`` conditioning; every occurrence, all tokens of multi-token words.
-    Raises ValueError when ``words`` does not occur.
-    """
-
-    def positions(prompt: str, words: str) -> list[int]:
-        wchunks, n = tokenize_line(words)
-        if not wchunks or n <= 0:
-            raise ValueError(f"{words!r} has no tokens")
-        pattern = list(wchunks[0].tokens[1 : 1 + min(n, chunk_width - 2)])
-        out: list[int] = []
-        chunks, _ = tokenize_line(prompt)
-        for c, chunk in enumerate(chunks):
-            ids = list(chunk.tokens)
-            for s in range(1, len(ids) - len(pattern) + 1):
-                if ids[s : s + len(pattern)] == pattern:
-                    out.extend(c * chunk_width + s + j for j in range(len(pattern)))
-        if not out:
-            raise ValueError(f"{words!r} does not occur in {prompt!r}")
-        return sorted(set(out))
-
-    return positions
 
 
 def host_tokenize_line(sd_model: Any) -> Callable[[str], tuple[Sequence[Any], int]]:
