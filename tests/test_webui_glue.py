@@ -83,6 +83,15 @@ def run_job(model, script, prompt, args=None, steps=3, runner_cls=processing.Scr
     return p, processing.process_images(p)
 
 
+def assert_a1111_sampler_untouched(sampler) -> None:
+    """The CFG denoiser never gets an instance ``forward`` (A1111's own runs) and keeps no hook; the
+    k-diffusion wrapper's per-run ``forward`` is gone."""
+    cfg = sampler.model_wrap_cfg
+    assert "forward" not in cfg.__dict__
+    assert not cfg._forward_pre_hooks and not cfg._forward_hooks
+    assert "forward" not in sampler.model_wrap.__dict__
+
+
 def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -267,10 +276,10 @@ def test_a1111_clora_end_to_end(loaded, model, monkeypatch, installed_runs):
     # CLoRA changed the image vs the same prompt without it
     _, plain = run_job(model, loaded.script, "a cat and a dog")
     assert (res.images[0] - plain.images[0]).abs().max() > 1e-3
-    # everything removed: no hooks, weights bit-identical, the sampler's forward restored, no run left
+    # everything removed: no hooks, weights bit-identical, the sampler's objects as A1111 made them, no run left
     assert count_hooks(model) == 0
     assert same_state(before, state_of(model))
-    assert "forward" not in p.sampler.model_wrap_cfg.__dict__
+    assert_a1111_sampler_untouched(p.sampler)
     assert clora_run.active_count() == 0
     # the conditioning cache of this run is its own (class-wide cache untouched by CLoRA runs)
     assert p.cached_c is not processing.StableDiffusionProcessing.cached_c
@@ -382,9 +391,10 @@ def test_hooks_removed_after_an_exception_mid_sampling(loaded, model, monkeypatc
     assert count_hooks(model) == 0  # the engine's per-call hooks are gone even though postprocess never ran
     assert same_state(before, state_of(model))
     assert clora_run.active_count() == 1  # A1111 skips postprocess on errors …
+    assert "forward" in p.sampler.model_wrap.__dict__  # still wrapped until …
     script_callbacks.script_unloaded_callback()  # … the next unload (or job) cleans up
     assert clora_run.active_count() == 0
-    assert "forward" not in p.sampler.model_wrap_cfg.__dict__
+    assert_a1111_sampler_untouched(p.sampler)
 
 
 def test_old_a1111_installs_from_the_cfg_denoiser_callback(loaded, model):
@@ -917,3 +927,169 @@ def test_mask_preview_joins_the_result_images(loaded, model):
     left, right = arr[:, :half].reshape(-1, 3), arr[:, half:].reshape(-1, 3)
     assert len({tuple(c) for c in left}) == 1 and len({tuple(c) for c in right}) == 1  # one colour per region
     assert tuple(left[0]) != tuple(right[0])
+
+
+# ------------------------------------------------------------------------------------------ A1111 numbers
+
+REFERENCE = ROOT / "tests" / "data" / "a1111_clora_reference.safetensors"
+REFERENCE_CASES = {
+    "fusion": ({}, 3, 1),
+    "fusion_update": ({"latent_update": True}, 3, 1),
+    "fusion_update_batch2": ({"latent_update": True}, 3, 2),
+    "routed_layout": ({"mode": "routed", "layout": "1,1"}, 3, 1),
+    "routed_auto": ({"mode": "routed"}, 4, 1),
+}
+
+
+def test_a1111_clora_numbers_equal_the_previous_implementation(loaded, model):
+    """The final latents of the tiny model on fixed seeds equal those of the adapter that re-implemented
+    ``CFGDenoiser.forward`` (recorded with it in ``tests/data``; set LORACLR_RECORD=1 to record again)."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    got = {}
+    for name, (args, steps, batch) in REFERENCE_CASES.items():
+        _, res = run_job(model, loaded.script, PROMPT, args=[False, args], steps=steps, batch_size=batch)
+        assert "CLoRA error" not in res.extra_generation_params, res.extra_generation_params
+        got[name] = res.images[0].contiguous()
+    if os.environ.get("LORACLR_RECORD") == "1":
+        REFERENCE.parent.mkdir(exist_ok=True)
+        save_file(got, str(REFERENCE))
+    ref = load_file(str(REFERENCE))
+    for name, x in got.items():
+        assert torch.allclose(x, ref[name], atol=1e-5, rtol=1e-5), (name, float((x - ref[name]).abs().max()))
+
+
+# ------------------------------------------------------------------------------------------ A1111 host behaviour
+
+
+def test_a1111_other_scripts_callbacks_fire_with_clora(loaded, model, installed_runs):
+    """A1111's own ``CFGDenoiser.forward`` runs under CLoRA: another script's ``on_cfg_denoiser`` /
+    ``on_cfg_denoised`` / ``on_cfg_after_cfg`` callbacks fire on every step, see CLoRA's rows, and what they
+    change is used (here: the after-CFG callback scales the result)."""
+    seen = {"denoiser": [], "denoised": [], "after": []}
+
+    def on_denoiser(params):
+        seen["denoiser"].append((params.sampling_step, params.x.shape[0], params.text_cond.shape[0]))
+
+    def on_denoised(params):
+        seen["denoised"].append(params.x.clone())
+
+    def on_after(params):
+        seen["after"].append(params.x.clone())
+        params.x = params.x * scale["v"]
+
+    scale = {"v": 1.0}
+    for register, fn in [
+        (script_callbacks.on_cfg_denoiser, on_denoiser),
+        (script_callbacks.on_cfg_denoised, on_denoised),
+        (script_callbacks.on_cfg_after_cfg, on_after),
+    ]:
+        register(fn)
+    try:
+        p, res = run_job(model, loaded.script, PROMPT, args=[False, {}], steps=3)
+        w = installed_runs["run"].denoiser.last_weights
+        assert "CLoRA error" not in res.extra_generation_params
+        assert [n for _, n, _ in seen["denoiser"]] == [2, 2, 2]  # cond row + uncond row, every step
+        assert len(seen["denoised"]) == 3 and len(seen["after"]) == 3
+        assert w is not None and w.shape[1] == 3  # CLoRA ran its three branches
+        # the raw outputs the callback saw are CLoRA's, not the plain model's
+        seen_clora = seen["denoised"][0]
+        for v in seen.values():
+            v.clear()
+        run_job(model, loaded.script, "a cat and a dog", steps=3)
+        assert (seen_clora - seen["denoised"][0]).abs().max() > 1e-4
+        for v in seen.values():
+            v.clear()
+        scale["v"] = 0.5  # the callback's change reaches the sampler
+        _, halved = run_job(model, loaded.script, PROMPT, args=[False, {}], steps=3)
+        assert not torch.allclose(halved.images[0], res.images[0])
+        assert_a1111_sampler_untouched(p.sampler)
+    finally:
+        for fn in (on_denoiser, on_denoised, on_after):
+            script_callbacks.remove_callbacks_for_function(fn)
+    assert count_hooks(model) == 0
+
+
+@pytest.mark.parametrize("case", ["fusion", "fusion_update", "routed_layout", "routed_auto"])
+def test_a1111_separate_cond_and_uncond_calls(loaded, model, monkeypatch, case):
+    """``batch_cond_uncond`` off: A1111 calls the model for the cond rows, then the uncond rows; CLoRA takes
+    the masks (and the latent update) from the cond call and gives the same image as batched."""
+    from safetensors.torch import load_file
+
+    args, steps, batch = REFERENCE_CASES[case]
+    monkeypatch.setattr(shared.opts, "batch_cond_uncond", False)
+    calls = {"n": 0}
+    real = type(model).apply_model
+
+    def counting(self, x, t, cond):
+        calls["n"] += 1
+        return real(self, x, t, cond)
+
+    monkeypatch.setattr(type(model), "apply_model", counting)
+    _, res = run_job(model, loaded.script, PROMPT, args=[False, args], steps=steps, batch_size=batch)
+    assert "CLoRA error" not in res.extra_generation_params, res.extra_generation_params
+    ref = load_file(str(REFERENCE))[case]
+    assert torch.allclose(res.images[0], ref, atol=1e-4, rtol=1e-4), float((res.images[0] - ref).abs().max())
+    if case == "routed_layout":
+        assert calls["n"] == 2 * steps  # one routed pass per half and step
+    assert count_hooks(model) == 0
+
+
+def test_a1111_unequal_lengths_skip_early_cfg_and_and_parts(loaded, model, monkeypatch, installed_runs):
+    """A negative prompt longer than 75 tokens (cond chunk, then the uncond call), skip-early-CFG steps
+    (cond rows only) and an ``AND`` part (passed to the model as it is) all run with CLoRA on."""
+    monkeypatch.setattr(shared.opts, "skip_early_cond", 0.4)
+    p = processing.StableDiffusionProcessing(
+        sd_model=model,
+        prompt=PROMPT + " AND a tree :0.5",
+        negative_prompt="blurry " * 90,
+        steps=3,
+        scripts=processing.ScriptRunner([(loaded.script, [False, {"latent_update": True}])]),
+    )
+    res = processing.process_images(p)
+    assert "CLoRA error" not in res.extra_generation_params, res.extra_generation_params
+    assert "first AND part" in res.extra_generation_params[ca.INFOTEXT_NOTICE_KEY]
+    assert res.extra_generation_params["Skip Early CFG"] == 0.4
+    run = installed_runs["run"]
+    assert run.denoiser.last_weights.shape[1] == 3 and torch.isfinite(res.images[0]).all()
+    assert any(h["step"] == 0 for h in run.denoiser.history)  # the latent update ran on a cond-only step
+    assert count_hooks(model) == 0
+    assert_a1111_sampler_untouched(p.sampler)
+
+
+def test_a1111_refiner_switch_and_mask_blend_stay_the_hosts(loaded, model, installed_runs):
+    """At the refiner switch A1111 drops its k-diffusion wrapper and builds one for the refiner: CLoRA stops
+    there (its LoRAs belong to the first model) and sampling goes on; an inpainting mask is blended by
+    A1111 (another script's ``on_mask_blend`` is called) and the kept region is the original latent."""
+    blends = []
+
+    class Blender(scripts.Script):
+        def on_mask_blend(self, p, mba, *args):
+            blends.append(mba.sigma)
+
+    refiner = copy.copy(model)  # another model object (same weights): A1111 builds a new wrapper for it
+    p = processing.StableDiffusionProcessing(
+        sd_model=model,
+        prompt=PROMPT,
+        steps=4,
+        scripts=processing.ScriptRunner([(loaded.script, [False, {}]), (Blender(), [])]),
+    )
+    p.refiner_checkpoint_info, p.refiner_switch_at = refiner, 0.5
+    c, h, w = model.latent_shape
+    p.init_latent = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(3))
+    p.mask = torch.zeros(1, 1, h, w)
+    p.mask[..., w // 2 :] = 1.0
+    p.nmask = 1.0 - p.mask
+    try:
+        res = processing.process_images(p)
+    finally:
+        shared.sd_model = model
+    assert "CLoRA error" not in res.extra_generation_params, res.extra_generation_params
+    assert len(blends) == 4
+    assert torch.allclose(res.images[0][..., w // 2 :], p.init_latent[..., w // 2 :], atol=1e-4)
+    assert installed_runs["run"].denoiser.step == 1  # steps 0 and 1 ran CLoRA, the refiner's steps did not
+    assert p.sampler.model_wrap_cfg.inner_model is not p.sampler.model_wrap  # the refiner's own wrapper
+    assert count_hooks(model) == 0
+    assert_a1111_sampler_untouched(p.sampler)

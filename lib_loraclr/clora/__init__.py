@@ -6,7 +6,8 @@
 - `loss`       — `nt_xent`, `clora_loss`: NT-Xent (pytorch-metric-learning semantics) on min–max maps.
 - `masks`      — `concept_masks`, `fusion_weights`, `fuse`.
 - `options`    — `CloraOptions` (paper / recommended schedules).
-- `denoiser`   — `CloraDenoiser`: the CLoRA step as a k-diffusion denoiser wrapper.
+- `denoiser`   — `CloraDenoiser`: the CLoRA step as a k-diffusion denoiser wrapper (``predict``: per CFG half).
+- `step`       — `clora_call`: the CLoRA step inside a host's own batched model call (the WebUI adapters).
 - `builder`    — `build_clora_denoiser`: prompts + concepts + LoRAs → a ready `CloraDenoiser`.
 - `official`   — `OfficialCloraLoop`: faithful per-branch re-implementation of the official loop (benchmarks).
 """
@@ -19,9 +20,11 @@ from .loss import clora_loss, nt_xent
 from .masks import concept_masks, fuse, fusion_weights
 from .options import CloraOptions
 from .routing import UNET_PREFIX, RoutedLoras, te_branch_conds, te_key
+from .step import OTHER, clora_call
 from .tokens import BranchPrompts, Concept, branch_prompts
 
 __all__ = [
+    "OTHER",
     "UNET_PREFIX",
     "AttentionCapture",
     "BranchPrompts",
@@ -36,6 +39,7 @@ __all__ = [
     "RoutingError",
     "branch_prompts",
     "build_clora_denoiser",
+    "clora_call",
     "clora_loss",
     "concept_masks",
     "count_hooks",

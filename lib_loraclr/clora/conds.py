@@ -61,3 +61,39 @@ def token_length(cond: Any) -> int:
 
 def batch_size(cond: Any) -> int:
     return int(crossattn(cond).shape[0])
+
+
+def select_rows(cond: Any, rows: Sequence[int], n: int) -> Any:
+    """Rows ``rows`` of a conditioning whose batch is ``n`` rows (recursively). Entries with fewer rows (a
+    batch-1 broadcast) are kept whole; entries with more are read by position (A1111 keeps every row of
+    ``image_cond_in`` when it drops the uncond rows of ``x_in``)."""
+    if isinstance(cond, torch.Tensor):
+        if cond.dim() == 0 or cond.shape[0] < n:
+            return cond
+        if cond.shape[0] == n and list(rows) == list(range(n)):
+            return cond
+        return cond[torch.as_tensor(list(rows), dtype=torch.long, device=cond.device)]
+    if isinstance(cond, dict):
+        return {k: select_rows(v, rows, n) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(select_rows(v, rows, n) for v in cond)
+    return cond
+
+
+def replace_text(cond: Any, text: Any) -> Any:
+    """``cond`` (a host's conditioning for the UNet) with its text part replaced by ``text``: a ``[B|1, T, D]``
+    tensor, or a dict such as SDXL's ``{"crossattn", "vector"}`` whose keys replace the same keys of
+    ``cond``. Other entries (``c_concat``, …) and the key order are kept; a list-wrapped entry
+    (``{"c_crossattn": [t]}``) stays wrapped."""
+    if isinstance(text, dict):
+        if isinstance(cond, dict) and all(k in cond for k in text):
+            return {k: text.get(k, v) for k, v in cond.items()}
+        text = crossattn(text)
+    if isinstance(cond, torch.Tensor):
+        return text
+    if isinstance(cond, dict):
+        for k in _CROSSATTN_KEYS:
+            if k in cond:
+                v = cond[k]
+                return {**cond, k: type(v)([text]) if isinstance(v, (list, tuple)) else text}
+    raise ConditioningMismatchError(f"cannot place a text conditioning into a {type(cond).__name__}")

@@ -79,10 +79,11 @@ def cond_table(
     """``{(half, branch): conditioning of B rows}``; a ``None`` branch entry takes the call's own cond/uncond."""
     table: dict[tuple[int, int], Any] = {}
     for k in range(len(conds)):
-        c = conds[k] if conds[k] is not None else cond
-        if c is None:
-            raise ConditioningMismatchError(f"branch {k} has no conditioning")
-        table[(COND, k)] = _expand(c, b)
+        if COND in halves:
+            c = conds[k] if conds[k] is not None else cond
+            if c is None:
+                raise ConditioningMismatchError(f"branch {k} has no conditioning")
+            table[(COND, k)] = _expand(c, b)
         if UNCOND in halves:
             u = unconds[k] if unconds[k] is not None else uncond
             if u is None:
@@ -92,6 +93,18 @@ def cond_table(
         if batch_size(c) != b:
             raise ConditioningMismatchError(f"conditioning {key} has batch {batch_size(c)}, the latent {b}")
     return table
+
+
+def guided(x: torch.Tensor, fused: dict[int, torch.Tensor], cond_scale: float, denoiser: Any) -> torch.Tensor:
+    """CFG over `CloraDenoiser.predict`'s halves (``uncond + (cond − uncond)·scale``, or the cond half alone);
+    writes the latent update of this call (``denoiser.x_new``) into ``x``, where k-diffusion's samplers
+    step from it."""
+    if getattr(denoiser, "updated_now", False) and denoiser.x_new is not None:
+        with torch.no_grad():
+            x.copy_(denoiser.x_new)
+    if UNCOND not in fused:
+        return fused[COND]
+    return fused[UNCOND] + (fused[COND] - fused[UNCOND]) * cond_scale
 
 
 class CloraDenoiser:
@@ -178,6 +191,8 @@ class CloraDenoiser:
         self.step = -1
         self._last_sigma: float | None = None
         self._updated_step = -1
+        self.x_new: torch.Tensor | None = None
+        self.updated_now = False
         self.masks.reset()
 
     def _advance(self, sigma: torch.Tensor) -> int:
@@ -185,11 +200,13 @@ class CloraDenoiser:
         if self._last_sigma is None or s > self._last_sigma:
             self.step = 0
             self._updated_step = -1
+            self.x_new = None
             self.masks.reset()
             self.history.clear()
             self.step_log.clear()
         elif s < self._last_sigma:
             self.step += 1
+            self.x_new = None
         self._last_sigma = s
         return self.step
 
@@ -207,9 +224,28 @@ class CloraDenoiser:
         cond_scale: float = 1.0,
         **kwargs: Any,
     ) -> torch.Tensor:
-        step = self._advance(sigma)
+        """The k-diffusion denoiser protocol: the guided prediction; an updated latent is written into ``x``."""
         use_cfg = cond_scale != 1.0 and (uncond is not None or all(u is not None for u in self.unconds))
-        halves = (COND, UNCOND) if use_cfg else (COND,)
+        fused = self.predict(x, sigma, cond, uncond, (COND, UNCOND) if use_cfg else (COND,))
+        return guided(x, fused, cond_scale, self)
+
+    def predict(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Any = None,
+        uncond: Any = None,
+        halves: Sequence[int] = (COND,),
+    ) -> dict[int, torch.Tensor]:
+        """The fused prediction ``[B, C, H, W]`` of each CFG half in ``halves`` (no guidance): what a host's
+        model call returns for those rows. ``x`` is not written: an updated latent is ``x_new`` (with
+        ``updated_now`` True on the call that made it); later calls at the same σ without the cond half
+        (a host that calls cond and uncond separately) run at it and reuse the step's masks."""
+        halves = tuple(h for h in (COND, UNCOND) if h in halves)
+        if not halves:
+            raise ValueError("predict needs at least one CFG half")
+        step = self._advance(sigma)
+        self.updated_now = False
         table = self._cond_table(x.shape[0], cond, uncond, halves)
         opts = self.options
         if self.router is not None:
@@ -217,33 +253,41 @@ class CloraDenoiser:
         if self.capture is not None:
             self.capture.install()
         try:
-            n_updates = opts.updates_at(step) if self.can_update and opts.enabled else 0
-            if n_updates and step != self._updated_step:
-                self._updated_step = step
-                x_new = self._update(x, sigma, table, halves, n_updates, step)
-                if x_new is not None:
-                    with torch.no_grad():
-                        x.copy_(x_new)
+            if COND in halves:
+                n_updates = opts.updates_at(step) if self.can_update and opts.enabled else 0
+                if n_updates and step != self._updated_step:
+                    self._updated_step = step
+                    x_new = self._update(x, sigma, table, halves, n_updates, step)
+                    if x_new is not None:
+                        x = self.x_new = x_new
+                        self.updated_now = True
+            elif self.x_new is not None and self.x_new.shape == x.shape:
+                x = self.x_new.to(device=x.device, dtype=x.dtype)
             run_branches = range(self.n_branches) if opts.enabled else range(1)
             blocks = [(h, k) for h in halves for k in run_branches]
             fixed = self.masks.fixed(x.shape[0], x.device)
-            want_maps = self.capture is not None and opts.enabled and fixed is None
+            want_maps = self.capture is not None and opts.enabled and fixed is None and COND in halves
             with torch.no_grad():
                 outs, maps = self._run(x, sigma, table, blocks, want_output=True, want_maps=want_maps)
             assert outs is not None
             fused: dict[int, torch.Tensor] = {}
             per_half = {h: torch.stack([outs[(h, k)] for k in run_branches], dim=1) for h in halves}
+            weights: torch.Tensor | None = None
             if opts.enabled and self.n_branches > 1:
+                hw = (x.shape[-2], x.shape[-1])
                 if fixed is not None:
-                    masks = fixed
-                else:
+                    weights = fusion_weights(fixed, hw)
+                elif COND in halves:
                     m = self._branch_maps(maps, halves)
                     self._log_step(step, maps, halves)
                     masks = self.masks.from_maps(m, step, map_hw(m.shape[2], x.shape[-2], x.shape[-1]))
-                weights = fusion_weights(masks, (x.shape[-2], x.shape[-1]))
+                    weights = fusion_weights(masks, hw)
+                elif self.last_weights is not None and self.last_weights.shape[0] == x.shape[0]:
+                    weights = self.last_weights  # the masks of this step's cond call
+            if weights is not None:
                 self.last_weights = weights
                 for h in halves:
-                    fused[h] = fuse(per_half[h], weights)
+                    fused[h] = fuse(per_half[h], weights.to(per_half[h].device))
             else:
                 for h in halves:
                     fused[h] = per_half[h][:, 0]  # branch 0 only (CLoRA disabled or one branch)
@@ -252,9 +296,7 @@ class CloraDenoiser:
                 self.capture.remove()
             if self.router is not None:
                 self.router.remove()
-        if not use_cfg:
-            return fused[COND]
-        return fused[UNCOND] + (fused[COND] - fused[UNCOND]) * cond_scale
+        return fused
 
     # ------------------------------------------------------------------ masks
     @property

@@ -29,7 +29,7 @@ from torch import nn
 
 from .attention import cross_attention_layers, map_hw
 from .conds import cat_conds, crossattn, token_length
-from .denoiser import COND, UNCOND, CloraDenoiser, cond_table
+from .denoiser import COND, UNCOND, CloraDenoiser, cond_table, guided
 from .routing import RoutedLoras
 
 
@@ -229,6 +229,9 @@ class RegionalDenoiser:
         self.routed_steps = 0
         self.branch_steps = 0
         self._last_sigma: float | None = None
+        self._routed_at: tuple[float, bool] | None = None  # (σ, routed?) of the step in progress
+        self.x_new: torch.Tensor | None = None
+        self.updated_now = False
 
     @property
     def conds(self) -> list[Any]:
@@ -271,19 +274,41 @@ class RegionalDenoiser:
         cond_scale: float = 1.0,
         **kwargs: Any,
     ) -> torch.Tensor:
+        use_cfg = cond_scale != 1.0 and (uncond is not None or all(u is not None for u in self.unconds))
+        fused = self.predict(x, sigma, cond, uncond, (COND, UNCOND) if use_cfg else (COND,))
+        return guided(x, fused, cond_scale, self)
+
+    def predict(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Any = None,
+        uncond: Any = None,
+        halves: Sequence[int] = (COND,),
+    ) -> dict[int, torch.Tensor]:
+        """The prediction of each CFG half in ``halves`` (`CloraDenoiser.predict`'s contract). Every call of
+        one step (same σ) takes the path its first call took: branch fusion or the routed pass."""
+        halves = tuple(h for h in (COND, UNCOND) if h in halves)
         s = float(sigma.flatten()[0])
         if self._last_sigma is not None and s > self._last_sigma and self.estimator is not None:
             self.estimator.reset()  # a new sampling run: forget the frozen layout, estimate it again
+            self._routed_at = None
         self._last_sigma = s
         masks = self.layout_masks
-        if masks is None:
+        if self._routed_at is None or self._routed_at[0] != s:
+            self._routed_at = (s, masks is not None)
+        self.x_new, self.updated_now = None, False
+        if not self._routed_at[1] or masks is None:
             assert self.estimator is not None
-            self.branch_steps += 1
-            out = self.estimator(x, sigma, cond=cond, uncond=uncond, cond_scale=cond_scale, **kwargs)
+            if COND in halves:
+                self.branch_steps += 1
+            out = self.estimator.predict(x, sigma, cond, uncond, halves)
             self.last_weights = self.estimator.last_weights
+            self.x_new, self.updated_now = self.estimator.x_new, self.estimator.updated_now
             return out
-        self.routed_steps += 1
-        return self.routed(x, sigma, masks, cond, uncond, cond_scale)
+        if COND in halves:
+            self.routed_steps += 1
+        return self.routed_halves(x, sigma, masks, cond, uncond, halves)
 
     def routed(
         self,
@@ -295,9 +320,25 @@ class RegionalDenoiser:
         cond_scale: float = 1.0,
     ) -> torch.Tensor:
         """One routed step: guided denoised ``[B, C, H, W]`` with region masks ``[B or 1, K, h, w]``."""
-        b = x.shape[0]
         use_cfg = cond_scale != 1.0 and (uncond is not None or all(u is not None for u in self.unconds))
-        halves = (COND, UNCOND) if use_cfg else (COND,)
+        outs = self.routed_halves(x, sigma, masks, cond, uncond, (COND, UNCOND) if use_cfg else (COND,))
+        if not use_cfg:
+            return outs[COND]
+        return outs[UNCOND] + (outs[COND] - outs[UNCOND]) * cond_scale
+
+    def routed_halves(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        masks: torch.Tensor,
+        cond: Any = None,
+        uncond: Any = None,
+        halves: Sequence[int] = (COND,),
+    ) -> dict[int, torch.Tensor]:
+        """The routed pass's prediction of each CFG half in ``halves`` (one UNet call when their token
+        lengths agree)."""
+        b = x.shape[0]
+        halves = tuple(h for h in (COND, UNCOND) if h in halves)
         table = cond_table(self.conds, self.unconds, b, cond, uncond, halves)
         m = masks.to(device=x.device, dtype=torch.float32)
         if m.shape[0] == 1 and b > 1:
@@ -312,7 +353,7 @@ class RegionalDenoiser:
                 token_length(table[(COND, k)]) == token_length(table[(UNCOND, k)])
                 for k in range(self.n_branches)
             )
-            if use_cfg
+            if len(halves) == 2
             else True
         )
         calls = [halves] if same else [(h,) for h in halves]
@@ -340,9 +381,7 @@ class RegionalDenoiser:
             if self.router is not None:
                 self.router.set_regions(None)
                 self.router.remove()
-        if not use_cfg:
-            return outs[COND]
-        return outs[UNCOND] + (outs[COND] - outs[UNCOND]) * cond_scale
+        return outs
 
 
 __all__ = ["RegionalAttention", "RegionalDenoiser"]

@@ -1,10 +1,20 @@
 """Host adapters: where CLoRA plugs into A1111 and Forge sampling. Chosen by capability (`host.is_forge`).
 
-A1111 (`A1111Adapter`): an instance ``forward`` on the run's own CFG denoiser (``p.sampler.model_wrap_cfg``,
-created fresh for every sampling pass) that reconstructs this step's conditionings like the WebUI
-(prompt editing schedules included) and calls `lib_loraclr.clora.CloraDenoiser`, which runs every
-branch × CFG half in one batched UNet call with per-row LoRA routing, updates the latent in place and
-fuses the predictions with the attention masks. Inpainting blends and the live preview are kept.
+A1111 (`A1111Adapter`): A1111's own ``CFGDenoiser.forward`` runs unchanged (its callbacks, ``AND``
+weights, cond/uncond padding and splitting, skip-early-CFG, mask blending, refiner switch, live preview,
+interrupts). The adapter wraps only the model call it makes: an instance ``forward`` on the run's
+k-diffusion wrapper (``p.sampler.model_wrap_cfg.inner_model``, made fresh for every sampling pass), plus a
+forward pre-hook and a forward hook on the CFG denoiser (torch module hooks, per run, removed by
+``remove``). The pre-hook records the sampler's ``x`` and, from ``cond.batch``, the rows A1111 batches
+(per image one cond row per ``AND`` part, then the uncond rows); each model call consumes its rows in
+order (`CfgStep`), so batched, split (``batch_cond_uncond`` off, unequal lengths) and cond-only calls are
+all known. `lib_loraclr.clora.clora_call` then runs `CloraDenoiser` / `RegionalDenoiser` on the rows of the
+CFG halves (branch 0 = the call's own cond rows, branch k = the same with concept k's prompt, rebuilt from
+its schedule at this step; every branch on the call's uncond rows) and returns the fused prediction in
+their place; further ``AND`` parts get the host's plain call. The latent update (off by default) runs on
+the call with the cond rows; the forward hook writes it into the sampler's ``x`` after the CFG call, where
+k-diffusion's one-evaluation samplers step from it. At the refiner switch A1111 builds a new wrapper for
+the refiner: CLoRA stops there.
 
 Forge (`ForgeAdapter`): the UNet patcher is cloned (``p.sd_model.forge_objects.unet.clone()``), and
 `ForgeFusion` is set as its UNet function wrapper: each UNet call of Forge's sampler runs all branches
@@ -21,6 +31,7 @@ installed for the duration of each call only, which works identically on both ho
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -170,8 +181,32 @@ class A1111Host:
         self.__dict__.update(mods)
 
 
+class CfgStep:
+    """What the run's CFG denoiser is doing in the call in progress (recorded by a forward pre-hook): the
+    sampler's ``x`` (where a latent update is written), the prompt schedules' step, and the roles of the
+    rows of the batch it builds — per image one cond row per ``AND`` part, then one uncond row per image
+    (A1111 1.10's ``CFGDenoiser.forward``). Its model calls consume the rows in order (`take`)."""
+
+    def __init__(self, x: torch.Tensor, step: int, repeats: Sequence[int]) -> None:
+        from lib_loraclr.clora import OTHER
+
+        self.x = x
+        self.step = step
+        self.roles: list[tuple[int, int]] = []
+        for i, n in enumerate(repeats):
+            self.roles += [(COND, i)] + [(OTHER, i)] * (n - 1)  # CLoRA fuses each image's first AND part
+        self.roles += [(UNCOND, i) for i in range(len(repeats))]
+        self.offset = 0
+        self.x_new: torch.Tensor | None = None
+
+    def take(self, n: int) -> list[tuple[int, int]] | None:
+        """Roles of the next ``n`` rows; None when the calls do not add up to the batch."""
+        a, self.offset = self.offset, self.offset + n
+        return self.roles[a : self.offset] if self.offset <= len(self.roles) else None
+
+
 class A1111Adapter:
-    """CLoRA on A1111 through the run's CFG denoiser (see the module docstring)."""
+    """CLoRA on A1111 inside the run's CFG denoiser's model calls (see the module docstring)."""
 
     name = "a1111"
 
@@ -179,6 +214,14 @@ class A1111Adapter:
         self._host = host
         self._cfg: Any = None
         self._frozen: list[Any] = []
+        self._handles: list[Any] = []
+        self._wrap: Any = None  # the k-diffusion wrapper whose instance ``forward`` is ours
+        self._forward: Any = None
+        self._previous: Any = None  # an instance ``forward`` that was there before ours
+        self._step: CfgStep | None = None
+        self._denoiser: Any = None
+        self._schedules: Sequence[Any] = ()
+        self._run: Any = None
 
     @property
     def host(self) -> A1111Host:
@@ -216,8 +259,14 @@ class A1111Adapter:
 
         schedules = engine.te_branch_conds(encode, [[q] for q in bp.prompts[1:]], router_te)
         layout = engine.user_layout(run.args, len(specs), (int(p.height) // 8, int(p.width) // 8))
+        wrap = cfg.inner_model  # the k-diffusion wrapper (CompVisDenoiser …) the CFG denoiser calls
+        original = wrap.forward  # its forward as it is now (the class's, or another extension's)
+
+        def model(x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+            return original(x, sigma, cond=cond)
+
         denoiser = engine.clora_denoiser(
-            inner_model=cfg.inner_model,
+            inner_model=model,
             unet=unet,
             conds=[None] * bp.n_branches,
             groups=bp.groups,
@@ -226,90 +275,108 @@ class A1111Adapter:
             router=unet_router(unet, specs),
             layout=layout,
             background_tokens=bp.background_tokens,
+            input_scale=engine.input_scale_of(wrap),
         )
         if run.args.mode == "routed" and not masks_only:
             denoiser = engine.regional_denoiser(denoiser, layout)
-        original = cfg.__dict__.get("forward")
 
-        def forward(x, sigma, uncond, cond, cond_scale, s_min_uncond=0.0, image_cond=None):
-            return self.step(
-                cfg, denoiser, schedules, run, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond
-            )
+        def forward(x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return self.model_call(original, x, sigma, **kwargs)
 
         forward._loraclr = True  # type: ignore[attr-defined]
-        forward._loraclr_original = original  # type: ignore[attr-defined]
         unfreeze(self._frozen)  # a previous install of this adapter that was not removed
-        self._frozen = freeze_parameters(unet)
-        cfg.forward = forward
-        self._cfg = cfg
+        self._frozen = []
+        self._denoiser, self._schedules, self._run, self._cfg = denoiser, schedules, run, cfg
+        try:
+            self._frozen = freeze_parameters(unet)
+            self._handles = [cfg.register_forward_pre_hook(self._before_cfg, with_kwargs=True)]
+            try:
+                self._handles.append(
+                    cfg.register_forward_hook(self._after_cfg, with_kwargs=True, always_call=True)
+                )
+            except TypeError:  # torch 2.0: no always_call
+                self._handles.append(cfg.register_forward_hook(self._after_cfg, with_kwargs=True))
+            self._wrap, self._previous, self._forward = wrap, wrap.__dict__.get("forward"), forward
+            wrap.forward = forward
+        except BaseException:
+            self.remove(p)
+            raise
         return denoiser
 
-    def step(
-        self,
-        cfg: Any,
-        denoiser: Any,
-        schedules: Sequence[Any],
-        run: Any,
-        x: torch.Tensor,
-        sigma: torch.Tensor,
-        uncond: Any,
-        cond: Any,
-        cond_scale: float,
-        s_min_uncond: float,
-        image_cond: Any,
-    ) -> torch.Tensor:
-        """One CFG-denoiser call with CLoRA (mirrors ``CFGDenoiser.forward`` where it matters)."""
-        h = self.host
-        if h.state.interrupted or h.state.skipped:
-            raise h.sd_samplers_common.InterruptedException
-        conds_list, tensor = h.prompt_parser.reconstruct_multicond_batch(cond, cfg.step)
-        unc = h.prompt_parser.reconstruct_cond_batch(uncond, cfg.step)
-        first = [c[0][0] for c in conds_list]  # each image's first AND part
-        if len(conds_list) and any(len(c) > 1 for c in conds_list):
-            run.notice("CLoRA uses the first AND part of the prompt for its branches")
-        c0 = {k: v[first] for k, v in tensor.items()} if isinstance(tensor, dict) else tensor[first]
+    # ------------------------------------------------------------------ hooks on the CFG denoiser
+    def _before_cfg(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook: the sampler's ``x`` and the rows the CFG denoiser will batch (``cond.batch``:
+        per image its ``AND`` parts)."""
+        self._step = None
+        try:
+            bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        except TypeError:
+            return
+        x, cond = bound.get("x"), bound.get("cond")
+        batch = getattr(cond, "batch", None)
+        if (
+            not isinstance(x, torch.Tensor)
+            or not isinstance(batch, (list, tuple))
+            or len(batch) != x.shape[0]
+        ):
+            return
+        repeats = [max(1, len(parts)) for parts in batch]
+        if any(n > 1 for n in repeats) and self._run is not None:
+            self._run.notice("CLoRA uses the first AND part of the prompt for its branches")
+        self._step = CfgStep(x, int(getattr(module, "step", 0)), repeats)
 
-        def make(c: Any) -> dict[str, Any]:
-            if isinstance(c, dict):
-                return {**c, "c_concat": [image_cond]}
-            return {"c_crossattn": [c], "c_concat": [image_cond]}
-
-        denoiser.conds = [make(c0)] + [
-            make(h.prompt_parser.reconstruct_cond_batch(s, cfg.step)) for s in schedules
-        ]
-        denoiser.unconds = [make(unc)] * len(denoiser.conds)
-        mask = getattr(cfg, "mask", None)
-        if mask is not None and getattr(cfg, "mask_before_denoising", False):
+    def _after_cfg(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        """Forward hook: the latent update of this step goes into the sampler's ``x``, from which
+        k-diffusion's one-evaluation samplers take their step after the call (`CloraDenoiser`)."""
+        st, self._step = self._step, None
+        if st is not None and st.x_new is not None and st.x_new.shape == st.x.shape:
             with torch.no_grad():
-                x.copy_(x * cfg.nmask + cfg.init_latent * mask)
-        scale = cond_scale * getattr(cfg, "cond_scale_miltiplier", 1.0)
-        denoised = denoiser(x, sigma, cond=None, uncond=None, cond_scale=scale)
+                st.x.copy_(st.x_new.to(device=st.x.device, dtype=st.x.dtype))
+
+    # ------------------------------------------------------------------ the model call
+    def model_call(
+        self, original: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        """One call of the CFG denoiser to its k-diffusion wrapper, ``(x_in, sigma_in, cond=…)``: CLoRA's
+        prediction for the rows of the CFG halves (`lib_loraclr.clora.clora_call`), the wrapper's own
+        forward (``original``) for the rest, and for any call outside a CFG step."""
+        from lib_loraclr.clora import clora_call
+
+        st, denoiser = self._step, self._denoiser
+        if st is None or denoiser is None or set(kwargs) != {"cond"}:
+            return original(x, sigma, **kwargs)
+        rows = st.take(int(x.shape[0]))
+        if rows is None:
+            self._run.notice("the CFG denoiser's batch did not match its prompts: a step ran without CLoRA")
+            return original(x, sigma, **kwargs)
+        text = [self.host.prompt_parser.reconstruct_cond_batch(s, st.step) for s in self._schedules]
+
+        def model(xx: torch.Tensor, ss: torch.Tensor, cond: Any) -> torch.Tensor:
+            return original(xx, ss, cond=cond)
+
+        out = clora_call(denoiser, model, x, sigma, kwargs["cond"], rows, branch_text=text)
         if denoiser.fallback_reason:
-            run.notice(denoiser.fallback_reason)
-        if mask is not None and not getattr(cfg, "mask_before_denoising", False):
-            denoised = denoised * cfg.nmask + cfg.init_latent * mask
-        sampler = getattr(cfg, "sampler", None)
-        if sampler is not None:
-            sampler.last_latent = denoised
-        store = getattr(h.sd_samplers_common, "store_latent", None)
-        if callable(store):
-            store(denoised)
-        cfg.step += 1
-        return denoised
+            self._run.notice(denoiser.fallback_reason)
+        if getattr(denoiser, "updated_now", False):
+            st.x_new = denoiser.x_new
+        return out
 
     def remove(self, p: Any) -> None:
         frozen, self._frozen = self._frozen, []
         unfreeze(frozen)
-        cfg, self._cfg = self._cfg, None
-        if cfg is None:
-            return
-        fwd = cfg.__dict__.get("forward")
-        if fwd is not None and getattr(fwd, "_loraclr", False):
-            original = fwd._loraclr_original
-            if original is None:
-                del cfg.__dict__["forward"]
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+        wrap, self._wrap = self._wrap, None
+        if wrap is not None and wrap.__dict__.get("forward") is self._forward:
+            if self._previous is None:
+                del wrap.__dict__["forward"]
             else:
-                cfg.__dict__["forward"] = original
+                wrap.__dict__["forward"] = self._previous
+        self._forward = self._previous = None
+        self._step = None
+        self._denoiser = None
+        self._cfg = None
 
 
 # ------------------------------------------------------------------------------------------ Forge

@@ -174,6 +174,13 @@ def clora_denoiser(**kwargs: Any) -> Any:
     return CloraDenoiser(**kwargs)
 
 
+def input_scale_of(inner_model: Any) -> Callable[[Any], Any]:
+    """``c_in(σ)`` of a k-diffusion wrapper (`lib_loraclr.clora.denoiser.default_input_scale`)."""
+    from lib_loraclr.clora.denoiser import default_input_scale
+
+    return default_input_scale(inner_model)
+
+
 def attention_capture(unet: Any) -> Any:
     """Capture at the layers whose maps localise the concepts (`localizing_layers`)."""
     from lib_loraclr.clora import AttentionCapture

@@ -69,6 +69,9 @@ class StableDiffusionProcessing:
         self.script_args = script_args or []
         self.sampler = None
         self.is_hr_pass = False
+        self.refiner_checkpoint_info = None
+        self.refiner_switch_at = None
+        self.s_min_uncond = 0.0
         self.iteration = 0
         self.disable_extra_networks = False
         self.all_prompts = None
@@ -111,6 +114,9 @@ class StableDiffusionProcessing:
         cache[0] = key
         return cache[1]
 
+    def get_conds(self):
+        return self.c, self.uc
+
     def setup_conds(self):
         self.uc = self.get_conds_with_caching(
             prompt_parser.get_learned_conditioning,
@@ -138,23 +144,50 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         self.hr_scale = hr_scale
 
 
+def _cat_conds(conds):
+    if isinstance(conds[0], dict):
+        return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    return torch.cat(conds)
+
+
+def _rows(cond, a, b):
+    return {k: v[a:b] for k, v in cond.items()} if isinstance(cond, dict) else cond[a:b]
+
+
+def _pad_text(text, repeats, empty):
+    if isinstance(text, dict):
+        text["crossattn"] = _pad_text(text["crossattn"], repeats, empty)
+        return text
+    return torch.cat([text, empty.repeat((text.shape[0], repeats, 1))], dim=1)
+
+
 class CFGDenoiser(torch.nn.Module):
-    """A1111's CFG denoiser, reduced to what matters here: reconstructs this step's conds (AND weights),
-    repeats the latents per sub-prompt, one batched inner call for conds + uncond, ``combine_denoised``,
-    fires ``cfg_denoiser_callback`` with ``denoiser=self``."""
+    """A1111 1.10.1's ``sd_samplers_cfg_denoiser.CFGDenoiser`` with ``CFGDenoiserKDiffusion.inner_model``
+    (no InstructPix2Pix branch): interrupt check, refiner switch, this step's conds (AND parts), mask
+    blending before or after (``on_mask_blend``), the repeated batch (cond rows per AND part, then uncond),
+    ``cfg_denoiser_callback`` (its params read back), skip-early-CFG / NGMS, cond/uncond padding, the
+    model calls (batched; per ``batch_size`` rows without ``batch_cond_uncond``; cond chunks then the
+    uncond rows for unequal lengths), ``cfg_denoised_callback``, ``combine_denoised`` with AND weights and
+    ``cond_scale_miltiplier``, ``last_latent``, ``store_latent``, ``cfg_after_cfg_callback``, ``step += 1``."""
 
     def __init__(self, sampler):
         super().__init__()
-        self.sampler = sampler
         self.model_wrap = None
         self.mask = None
         self.nmask = None
         self.init_latent = None
-        self.mask_before_denoising = False
-        self.step = 0
+        self.steps = None
         self.total_steps = None
+        self.step = 0
+        self.image_cfg_scale = None
+        self.padded_cond_uncond = False
+        self.padded_cond_uncond_v0 = False
+        self.sampler = sampler
         self.p = None
         self.cond_scale_miltiplier = 1.0
+        self.need_last_noise_uncond = False
+        self.last_noise_uncond = None
+        self.mask_before_denoising = False
 
     @property
     def inner_model(self):
@@ -164,59 +197,204 @@ class CFGDenoiser(torch.nn.Module):
             self.model_wrap = CompVisDenoiser(shared.sd_model)
         return self.model_wrap
 
-    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
-        if shared.state.interrupted or shared.state.skipped:
-            raise sd_samplers_common.InterruptedException
-        conds_list, tensor = prompt_parser.reconstruct_multicond_batch(cond, self.step)
-        uncond = prompt_parser.reconstruct_cond_batch(uncond, self.step)
-        repeats = [len(c) for c in conds_list]
-        x_in = torch.cat([torch.stack([x[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [x])
-        sigma_in = torch.cat(
-            [torch.stack([sigma[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [sigma]
-        )
-        image_cond_in = torch.cat(
-            [torch.stack([image_cond[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [image_cond]
-        )
-        script_callbacks.cfg_denoiser_callback(
-            script_callbacks.CFGDenoiserParams(
-                x_in, image_cond_in, sigma_in, self.step, self.total_steps, tensor, uncond, self
-            )
-        )
-        cond_in = torch.cat([tensor, uncond])
-        x_out = self.inner_model(x_in, sigma_in, cond={"c_crossattn": [cond_in], "c_concat": [image_cond_in]})
+    def combine_denoised(self, x_out, conds_list, uncond, cond_scale):
         denoised_uncond = x_out[-uncond.shape[0] :]
         denoised = torch.clone(denoised_uncond)
         for i, conds in enumerate(conds_list):
             for cond_index, weight in conds:
                 denoised[i] += (x_out[cond_index] - denoised_uncond[i]) * (weight * cond_scale)
-        if self.mask is not None:
-            denoised = denoised * self.nmask + self.init_latent * self.mask
-        self.sampler.last_latent = denoised
+        return denoised
+
+    def get_pred_x0(self, x_in, x_out, sigma):
+        return x_out
+
+    def update_inner_model(self):
+        self.model_wrap = None
+        c, uc = self.p.get_conds()
+        self.sampler.sampler_extra_args["cond"] = c
+        self.sampler.sampler_extra_args["uncond"] = uc
+
+    def pad_cond_uncond(self, cond, uncond):
+        empty = shared.sd_model.cond_stage_model_empty_prompt
+        num_repeats = (cond.shape[1] - uncond.shape[1]) // empty.shape[1]
+        if num_repeats < 0:
+            cond = _pad_text(cond, -num_repeats, empty)
+            self.padded_cond_uncond = True
+        elif num_repeats > 0:
+            uncond = _pad_text(uncond, num_repeats, empty)
+            self.padded_cond_uncond = True
+        return cond, uncond
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        opts, state = shared.opts, shared.state
+        if state.interrupted or state.skipped:
+            raise sd_samplers_common.InterruptedException
+        if sd_samplers_common.apply_refiner(self, sigma):
+            cond = self.sampler.sampler_extra_args["cond"]
+            uncond = self.sampler.sampler_extra_args["uncond"]
+        conds_list, tensor = prompt_parser.reconstruct_multicond_batch(cond, self.step)
+        uncond = prompt_parser.reconstruct_cond_batch(uncond, self.step)
+
+        def apply_blend(current_latent):
+            blended = current_latent * self.nmask + self.init_latent * self.mask
+            if self.p.scripts is not None:
+                from modules import scripts
+
+                mba = scripts.MaskBlendArgs(
+                    current_latent,
+                    self.nmask,
+                    self.init_latent,
+                    self.mask,
+                    blended,
+                    denoiser=self,
+                    sigma=sigma,
+                )
+                self.p.scripts.on_mask_blend(self.p, mba)
+                blended = mba.blended_latent
+            return blended
+
+        if self.mask_before_denoising and self.mask is not None:
+            x = apply_blend(x)
+        batch_size = len(conds_list)
+        repeats = [len(conds_list[i]) for i in range(batch_size)]
+        if isinstance(uncond, dict):
+
+            def make_condition_dict(c_crossattn, c_concat):
+                return {**c_crossattn, "c_concat": [c_concat]}
+        else:
+
+            def make_condition_dict(c_crossattn, c_concat):
+                return {"c_crossattn": [c_crossattn], "c_concat": [c_concat]}
+
+        def repeated(t, tail):
+            return torch.cat([torch.stack([t[i] for _ in range(n)]) for i, n in enumerate(repeats)] + [tail])
+
+        x_in, sigma_in, image_cond_in = (
+            repeated(x, x),
+            repeated(sigma, sigma),
+            repeated(image_cond, image_cond),
+        )
+        params = script_callbacks.CFGDenoiserParams(
+            x_in, image_cond_in, sigma_in, state.sampling_step, state.sampling_steps, tensor, uncond, self
+        )
+        script_callbacks.cfg_denoiser_callback(params)
+        x_in, image_cond_in, sigma_in = params.x, params.image_cond, params.sigma
+        tensor, uncond = params.text_cond, params.text_uncond
+        skip_uncond = False
+        if opts.skip_early_cond != 0.0 and self.step / self.total_steps <= opts.skip_early_cond:
+            skip_uncond = True
+            self.p.extra_generation_params["Skip Early CFG"] = opts.skip_early_cond
+        elif (self.step % 2 or opts.s_min_uncond_all) and s_min_uncond > 0 and sigma[0] < s_min_uncond:
+            skip_uncond = True
+            self.p.extra_generation_params["NGMS"] = s_min_uncond
+        if skip_uncond:
+            x_in = x_in[:-batch_size]
+            sigma_in = sigma_in[:-batch_size]
+        self.padded_cond_uncond = False
+        if opts.pad_cond_uncond and tensor.shape[1] != uncond.shape[1]:
+            tensor, uncond = self.pad_cond_uncond(tensor, uncond)
+
+        if tensor.shape[1] == uncond.shape[1] or skip_uncond:
+            cond_in = tensor if skip_uncond else _cat_conds([tensor, uncond])
+            if opts.batch_cond_uncond:
+                x_out = self.inner_model(x_in, sigma_in, cond=make_condition_dict(cond_in, image_cond_in))
+            else:
+                x_out = torch.zeros_like(x_in)
+                for a in range(0, x_out.shape[0], batch_size):
+                    b = a + batch_size
+                    x_out[a:b] = self.inner_model(
+                        x_in[a:b],
+                        sigma_in[a:b],
+                        cond=make_condition_dict(_rows(cond_in, a, b), image_cond_in[a:b]),
+                    )
+        else:
+            x_out = torch.zeros_like(x_in)
+            chunk = batch_size * 2 if opts.batch_cond_uncond else batch_size
+            for a in range(0, tensor.shape[0], chunk):
+                b = min(a + chunk, tensor.shape[0])
+                x_out[a:b] = self.inner_model(
+                    x_in[a:b],
+                    sigma_in[a:b],
+                    cond=make_condition_dict(_rows(tensor, a, b), image_cond_in[a:b]),
+                )
+            if not skip_uncond:
+                n = uncond.shape[0]
+                x_out[-n:] = self.inner_model(
+                    x_in[-n:], sigma_in[-n:], cond=make_condition_dict(uncond, image_cond_in[-n:])
+                )
+
+        denoised_image_indexes = [c[0][0] for c in conds_list]
+        if skip_uncond:
+            x_out = torch.cat([x_out, torch.cat([x_out[i : i + 1] for i in denoised_image_indexes])])
+        script_callbacks.cfg_denoised_callback(
+            script_callbacks.CFGDenoisedParams(
+                x_out, state.sampling_step, state.sampling_steps, self.inner_model
+            )
+        )
+        if self.need_last_noise_uncond:
+            self.last_noise_uncond = torch.clone(x_out[-uncond.shape[0] :])
+        scale = 1.0 if skip_uncond else cond_scale * self.cond_scale_miltiplier
+        denoised = self.combine_denoised(x_out, conds_list, uncond, scale)
+        if not self.mask_before_denoising and self.mask is not None:
+            denoised = apply_blend(denoised)
+        first = denoised_image_indexes
+        self.sampler.last_latent = self.get_pred_x0(
+            torch.cat([x_in[i : i + 1] for i in first]), torch.cat([x_out[i : i + 1] for i in first]), sigma
+        )
+        sd_samplers_common.store_latent(self.sampler.last_latent)
+        after = script_callbacks.AfterCFGCallbackParams(denoised, state.sampling_step, state.sampling_steps)
+        script_callbacks.cfg_after_cfg_callback(after)
+        denoised = after.x
         self.step += 1
         return denoised
 
 
 class KDiffusionSampler:
+    """A1111's ``KDiffusionSampler`` reduced to Euler on Karras sigmas: the CFG denoiser and its k-diffusion
+    wrapper made at construction, ``sampler_extra_args``, ``state.sampling_step`` per step."""
+
     def __init__(self, sd_model):
         self.model_wrap_cfg = CFGDenoiser(self)
+        self.model_wrap = self.model_wrap_cfg.inner_model
         self.last_latent = None
+        self.sampler_extra_args = {}
 
-    def sample(self, p, x, conditioning, unconditional_conditioning, steps):
+    def sample(self, p, x, conditioning, unconditional_conditioning, steps, image_conditioning=None):
         from k_diffusion.sampling import get_sigmas_karras, sample_euler
 
-        wrap = self.model_wrap_cfg.inner_model
+        wrap = self.model_wrap
         sigmas = get_sigmas_karras(steps, float(wrap.sigma_min), float(wrap.sigma_max), device=x.device)
-        self.model_wrap_cfg.p = p
-        self.model_wrap_cfg.total_steps = steps
-        image_cond = x.new_zeros(x.shape[0], 5, 1, 1)
-        extra = {
+        cfg = self.model_wrap_cfg
+        cfg.p = p
+        cfg.steps = steps
+        cfg.total_steps = steps
+        cfg.step = 0
+        cfg.mask = getattr(p, "mask", None)
+        cfg.nmask = getattr(p, "nmask", None)
+        cfg.init_latent = getattr(p, "init_latent", None)
+        shared.state.sampling_steps = steps
+        shared.state.sampling_step = 0
+        if image_conditioning is None:
+            image_conditioning = x.new_zeros(x.shape[0], 5, 1, 1)
+        self.sampler_extra_args = {
             "cond": conditioning,
+            "image_cond": image_conditioning,
             "uncond": unconditional_conditioning,
             "cond_scale": p.cfg_scale,
-            "s_min_uncond": 0.0,
-            "image_cond": image_cond,
+            "s_min_uncond": getattr(p, "s_min_uncond", 0.0),
         }
-        return sample_euler(self.model_wrap_cfg, x * sigmas[0], sigmas, extra_args=extra, disable=True)
+
+        def callback_state(d):
+            shared.state.sampling_step = d["i"]
+
+        return sample_euler(
+            cfg,
+            x * sigmas[0],
+            sigmas,
+            extra_args=self.sampler_extra_args,
+            disable=True,
+            callback=callback_state,
+        )
 
 
 class ScriptRunner:
@@ -241,6 +419,13 @@ class ScriptRunner:
 
     def process_before_every_sampling(self, p, **kwargs):
         self._each("process_before_every_sampling", p, **kwargs)
+
+    def on_mask_blend(self, p, mba):
+        for script, args in self.items:
+            try:
+                script.on_mask_blend(p, mba, *args)
+            except Exception as e:
+                print(f"Error running on_mask_blend: {type(e).__name__}: {e}")
 
     def postprocess_batch(self, p, images, **kwargs):
         self._each("postprocess_batch", p, images=images, **kwargs)

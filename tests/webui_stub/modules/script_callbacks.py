@@ -22,6 +22,21 @@ class CFGDenoiserParams:
         self.denoiser = denoiser
 
 
+class CFGDenoisedParams:
+    def __init__(self, x, sampling_step, total_sampling_steps, inner_model):
+        self.x = x
+        self.sampling_step = sampling_step
+        self.total_sampling_steps = total_sampling_steps
+        self.inner_model = inner_model
+
+
+class AfterCFGCallbackParams:
+    def __init__(self, x, sampling_step, total_sampling_steps):
+        self.x = x
+        self.sampling_step = sampling_step
+        self.total_sampling_steps = total_sampling_steps
+
+
 def _add(category, fn):
     callback_map[category].append(fn)
 
@@ -68,6 +83,10 @@ def on_cfg_denoiser(callback):
     _add("cfg_denoiser", callback)
 
 
+def on_cfg_denoised(callback):
+    _add("cfg_denoised", callback)
+
+
 def on_cfg_after_cfg(callback):
     _add("cfg_after_cfg", callback)
 
@@ -98,6 +117,20 @@ def script_unloaded_callback():
 
 def cfg_denoiser_callback(params):
     _call("cfg_denoiser", params)
+
+
+def cfg_denoised_callback(params):
+    _call("cfg_denoised", params)
+
+
+def cfg_after_cfg_callback(params):
+    _call("cfg_after_cfg", params)
+
+
+def remove_callbacks_for_function(callback_func):
+    for callbacks in callback_map.values():
+        while callback_func in callbacks:
+            callbacks.remove(callback_func)
 
 
 def infotext_pasted_callback(infotext, params):

@@ -11,6 +11,18 @@ from modules import script_loading
 AlwaysVisible = object()
 
 
+class MaskBlendArgs:
+    def __init__(self, current_latent, nmask, init_latent, mask, blended_latent, denoiser=None, sigma=None):
+        self.current_latent = current_latent
+        self.nmask = nmask
+        self.init_latent = init_latent
+        self.mask = mask
+        self.blended_latent = blended_latent
+        self.denoiser = denoiser
+        self.is_final_blend = denoiser is None
+        self.sigma = sigma
+
+
 class PostprocessBatchListArgs:
     def __init__(self, images):
         self.images = images
@@ -80,6 +92,9 @@ class Script:
         pass
 
     def postprocess(self, p, processed, *args):
+        pass
+
+    def on_mask_blend(self, p, mba, *args):
         pass
 
     def before_hr(self, p, *args):
