@@ -168,7 +168,10 @@ def test_a1111_finds_every_concepts_trigger_in_the_merged_file(world_linear) -> 
     meta = a1111_read_metadata(world_linear.path)
     assert meta["modelspec.trigger_phrase"] == "sks, ohwx"
     assert read_lora(world_linear.path).trigger_words() == ["sks", "ohwx"]
-    assert world_linear.res.report["sidecar"] == {"file": str(sidecar_path(world_linear.path)), "written": True}
+    assert world_linear.res.report["sidecar"] == {
+        "file": str(sidecar_path(world_linear.path)),
+        "written": True,
+    }
 
 
 def test_linear_merge_is_saved_at_the_smallest_rank_within_the_tolerance(world_linear) -> None:
