@@ -191,6 +191,8 @@ class MergeMethod(Method):
         return patched(world.model, self.deltas)
 
 
+DISTILL_STEPS = 100  # of the ``loraclr_distill`` method
+
 METHODS: dict[str, Callable[[], Method]] = {
     "base": BaseMethod,
     "single": SingleMethod,
@@ -202,6 +204,10 @@ METHODS: dict[str, Callable[[], Method]] = {
     # without the neutral-prompt "base" concept (preserve_base=False), which the recommended preset adds
     "lsq_np": lambda: MergeMethod("lsq", "recommended", "lsq_np", preserve_base=False),
     "loraclr_np": lambda: MergeMethod("loraclr", "recommended", "loraclr_np", preserve_base=False),
+    # recommended + the output-level refinement (lib_loraclr/merge/distill.py; docs/DESIGN.md "Merge recipe")
+    "loraclr_distill": lambda: MergeMethod(
+        "loraclr", "recommended", "loraclr_distill", overrides={"distill_steps": DISTILL_STEPS}
+    ),
 }
 
 

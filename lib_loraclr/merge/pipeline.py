@@ -105,6 +105,11 @@ class MergeConfig:
     loraclr_overrides: dict[str, Any] = field(
         default_factory=dict
     )  # LoraclrParams fields, e.g. {"iters": 20}
+    # optional output-level refinement after the solve (lsq / loraclr; ``merge/distill.py``): Adam steps
+    # distilling the single-LoRA teachers' noise predictions into the merged ΔW. 0 = off (the default: it
+    # costs forward+backward passes of the whole model per step; measured in docs/DESIGN.md "Merge recipe")
+    distill_steps: int = 0
+    distill_overrides: dict[str, Any] = field(default_factory=dict)  # DistillParams fields, e.g. {"lr": 0.01}
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -123,6 +128,10 @@ class MergeConfig:
             raise MergeInputError("sample_images must be at least 1")
         if self.sequential_ridge < 0:
             raise MergeInputError("sequential_ridge must be >= 0")
+        if self.distill_steps < 0:
+            raise MergeInputError("distill_steps must be >= 0")
+        if self.distill_steps or self.distill_overrides:
+            self.distill_params()  # unknown or bad refinement options fail before any work
         if not self.templates or any("{}" not in t for t in self.templates):
             raise MergeInputError("every prompt template needs a '{}' for the trigger words")
 
@@ -151,6 +160,21 @@ class MergeConfig:
         if self.sequential is not None:
             return bool(self.sequential)
         return not self.official
+
+    def distill_params(self) -> Any:
+        """The `lib_loraclr.merge.distill.DistillParams` of this merge (``distill_steps`` + overrides)."""
+        from dataclasses import replace
+
+        from lib_loraclr.merge.distill import DistillParams
+
+        try:
+            p = replace(DistillParams(steps=self.distill_steps, seed=self.seed), **self.distill_overrides)
+        except TypeError as e:
+            raise MergeInputError(
+                f"unknown distill parameter in {sorted(self.distill_overrides)}: {e}"
+            ) from None
+        p.validate()
+        return p
 
     def effective_preserve_base(self) -> bool:
         return (not self.official) if self.preserve_base is None else self.preserve_base
@@ -536,6 +560,20 @@ def merge_loras(
         for k in conv_keys:
             solve(k, [None] * n, None)
 
+    distill_info = None
+    if config.distill_steps > 0 and config.method in ("loraclr", "lsq"):
+        from lib_loraclr.merge.distill import distill_merged
+
+        refined, distill_info = distill_merged(
+            model,
+            merged,
+            own_dense,
+            prompts if preserve else [*prompts[:n], []],
+            config,
+            config.distill_params(),
+            progress,
+        )
+        merged.update(refined)
     out = DeltaSet(
         modules={
             k: LoraModule(key=k, dense=d.reshape(_target_shape(model, k)).contiguous(), kind="full")
@@ -545,6 +583,8 @@ def merge_loras(
         fmt="merged",
     )
     report = build_report(concepts, config, layer_info, time.perf_counter() - t_start)
+    if distill_info is not None:
+        report["distill"] = distill_info
     return MergeResult(deltas=out, report=report)
 
 

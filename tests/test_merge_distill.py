@@ -1,0 +1,148 @@
+"""The output-level refinement (``lib_loraclr/merge/distill.py``) on the tiny SD1 model: it lowers the loss it
+minimises, leaves the model bit-identical, stops when asked, and ``distill_steps=0`` changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib_loraclr.apply import patched
+from lib_loraclr.merge import distill as D
+from lib_loraclr.merge.pipeline import Concept, MergeConfig, MergeInputError, _concept_prompts, merge_loras
+from lib_loraclr.tiny.models import build_tiny_sd1
+from tests.lora_factory import attention_keys, random_lora
+
+SHAPE = (4, 8, 16)  # small (the default 16×16 costs 4× per attention call); not 8×8: 1×1 at the bottom
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny_sd1(seed=0)
+
+
+@pytest.fixture(scope="module")
+def concepts(model):
+    keys = attention_keys(model)
+    return [
+        Concept(random_lora(model, keys, seed=1), "sks", name="a"),
+        Concept(random_lora(model, keys, seed=2), "ohwx", name="b"),
+    ]
+
+
+def _config(**kw) -> MergeConfig:
+    kw.setdefault("sequential", False)
+    kw.setdefault("distill_overrides", {"pool": 4, "batch": 2})
+    return MergeConfig(
+        method="lsq", sample_steps=2, sampler="euler", shape=SHAPE, neutral_prompts=("a photo",), **kw
+    )
+
+
+def _toy(model, concepts):
+    """(merged = the mean of the two LoRAs, own deltas + the base, prompts + the neutral ones, config)."""
+    cfg = _config()
+    own = [{k: m.delta() for k, m in c.deltas.modules.items()} for c in concepts] + [{}]
+    merged = {k: ((own[0][k] + own[1][k]) / 2).reshape(own[0][k].shape[0], -1) for k in own[0]}
+    prompts = [_concept_prompts(c, cfg) for c in concepts] + [list(cfg.neutral_prompts)]
+    return merged, own, prompts, cfg
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [
+        p.requires_grad for p in model.parameters()
+    ]
+
+
+def _assert_untouched(model, snap) -> None:
+    state, flags = snap
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_pure_helpers() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 3, generator=g), torch.randn(3, 5, generator=g)
+    up, down = D.lowrank_factors(a @ b, 3)
+    assert up.shape == (6, 3) and down.shape == (3, 5)
+    torch.testing.assert_close(up @ down, a @ b, atol=1e-5, rtol=1e-5)
+    own = torch.randn(2, 1, 4, 4, generator=g)
+    others = torch.randn(2, 3, 1, 4, 4, generator=g)
+    assert torch.equal(D.contrast_hinge(own, own, others, 0.5), torch.zeros(2))  # at the own teacher: 0
+    assert (D.contrast_hinge(others[:, 0], own, others, 0.5) > 0).all()  # at another teacher: pushed
+    x0, noise = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    ac = torch.tensor([0.25, 0.5])
+    xt = D.noised_latents(x0, noise, torch.tensor([0, 1]), ac)
+    torch.testing.assert_close(xt[:, 0, 0, 0], torch.tensor([0.5, 0.5**0.5]))
+
+
+def test_hooks_equal_patched_weights(model, concepts) -> None:
+    """The student's hooks add exactly what ``patched`` would add to the weights (TE and UNet)."""
+    delta = {k: m.delta() for k, m in concepts[0].deltas.modules.items()}
+    student = D.Student({k: d.reshape(d.shape[0], -1) for k, d in delta.items()})
+    x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        with patched(model, delta):
+            want = model.apply_model(x, t, model.get_learned_conditioning(["a sks", "sks"]))
+        with D.student_hooks(model, student):
+            got = model.apply_model(x, t, model.get_learned_conditioning(["a sks", "sks"]))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_distill_lowers_its_loss_and_keeps_the_model(model, concepts, rank) -> None:
+    merged, own, prompts, cfg = _toy(model, concepts)
+    snap = _snapshot(model)
+    params = D.DistillParams(steps=12, pool=4, batch=2, rank=rank, lr=0.05)
+    out, info = D.distill_merged(model, merged, own, prompts, cfg, params)
+    _assert_untouched(model, snap)
+    assert set(out) == set(merged) and all(out[k].shape == merged[k].shape for k in merged)
+    assert info["loss_after"] < info["loss_before"], info
+    assert info["keys"] == len(merged) and not info["skipped_keys"]
+
+
+def test_pipeline_distill_keeps_bits_and_reports(model, concepts) -> None:
+    snap = _snapshot(model)
+    res = merge_loras(model, concepts, _config(distill_steps=2))
+    _assert_untouched(model, snap)
+    d = res.report["distill"]
+    assert d["steps"] == 2 and d["loss_after"] <= d["loss_before"] * 1.5
+
+
+def test_should_stop_interrupts_between_steps(model, concepts) -> None:
+    class Stop(Exception):
+        pass
+
+    seen: list[str] = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        seen.append(stage)
+        if stage.startswith("distill: step 2/"):
+            raise Stop  # what run_job's tick does when should_stop() turns true (MergeInterrupted)
+
+    snap = _snapshot(model)
+    with pytest.raises(Stop):
+        merge_loras(model, concepts, _config(distill_steps=5), progress)
+    _assert_untouched(model, snap)
+    assert any(s.startswith("distill: teacher outputs") for s in seen)
+    assert seen[-1].startswith("distill: step 2/")
+
+
+def test_zero_steps_is_todays_merge_bit_for_bit(model, concepts) -> None:
+    plain = merge_loras(model, concepts, _config(distill_overrides={}))
+    off = merge_loras(model, concepts, _config(distill_steps=0, distill_overrides={"lr": 1.0, "rank": 2}))
+    assert set(plain.deltas.modules) == set(off.deltas.modules)
+    for k in plain.deltas.modules:
+        assert torch.equal(plain.deltas[k].delta(), off.deltas[k].delta()), k
+    assert "distill" not in off.report and "distill" not in plain.report
+
+
+def test_bad_options_are_refused(model, concepts) -> None:
+    with pytest.raises(MergeInputError):
+        merge_loras(model, concepts, _config(distill_steps=-1))
+    with pytest.raises(MergeInputError):
+        merge_loras(model, concepts, _config(distill_steps=1, distill_overrides={"nope": 1}))
+    with pytest.raises(MergeInputError):
+        merge_loras(model, concepts, _config(distill_steps=1, distill_overrides={"latents": "x"}))
