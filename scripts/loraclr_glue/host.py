@@ -29,6 +29,31 @@ def is_forge(p_or_model: Any) -> bool:
     return forge_unet(model) is not None
 
 
+#: the ldm/sgm UNet layout of SD1.x, SD2.x and the SDXL family (Pony, Illustrious, …): what CLoRA serves
+UNET_PARTS = ("input_blocks", "middle_block", "output_blocks")
+
+
+def diffusion_model(sd_model: Any) -> Any | None:
+    """The denoising network of a loaded model: Forge's ``forge_objects.unet.model.diffusion_model`` or
+    A1111's ``model.diffusion_model``; None when neither is there."""
+    unet = forge_unet(sd_model)
+    holder = getattr(unet, "model", None) if unet is not None else getattr(sd_model, "model", None)
+    return getattr(holder, "diffusion_model", None)
+
+
+def unsupported_model(sd_model: Any) -> str | None:
+    """One line saying why CLoRA cannot serve this model (Flux, SD3, Z-Image and other transformer models),
+    or None for a UNet of the SD1/SD2/SDXL layout (or a model whose network is not found: the adapter
+    then reports its own problem)."""
+    net = diffusion_model(sd_model)
+    if net is None or all(hasattr(net, part) for part in UNET_PARTS):
+        return None
+    return (
+        f"CLoRA works with SD1.x, SD2.x and SDXL-family checkpoints; this model ({type(net).__name__}) is not one "
+        "(Flux, SD3 and other transformer models are not supported), so the image is made without CLoRA"
+    )
+
+
 def script_has_hook(script_base: type, name: str) -> bool:
     """Whether the WebUI's ``scripts.Script`` defines a hook (``process_before_every_sampling``: A1111 ≥ 1.10, Forge)."""
     return callable(getattr(script_base, name, None))

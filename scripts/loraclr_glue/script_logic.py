@@ -14,7 +14,7 @@ from typing import Any
 
 from lib_loraclr import clora_args as ca
 
-from . import clora_run
+from . import clora_run, host
 from .adapters import pick_adapter
 from .lora_files import lora_dir
 
@@ -71,6 +71,13 @@ class CloraScriptLogic:
             return None
         prompts = list(getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")])
         if not any(ca.is_active(args, q) for q in prompts):
+            return None
+        why = host.unsupported_model(getattr(p, "sd_model", None))
+        if why is not None:  # inert: nothing hooked, the host's own LoRA loading untouched
+            print(f"{clora_run.LOG_PREFIX} {why}")
+            params = getattr(p, "extra_generation_params", None)
+            if isinstance(params, dict):
+                params[ca.INFOTEXT_NOTICE_KEY] = why
             return None
         if getattr(p, "_ad_inner", False):
             print(f"{clora_run.LOG_PREFIX} ADetailer inpaint pass: CLoRA is not applied to face/region crops")

@@ -21,6 +21,8 @@ Several words: <code>&lt;clora:mycat:words=fluffy cat&gt;</code>. Trigger words:
 <code>&lt;clora:mycat:0.8:0.6&gt;</code> or <code>te=…:unet=…</code>.
 <code>&lt;lora:…&gt;</code> tags keep their global meaning (e.g. a style). Tags in the prompt always run
 CLoRA with the options below; this switch adds the table's rows.
+For SD1.x, SD2.x and SDXL-family checkpoints (Pony, Illustrious…); with Flux, SD3 and other transformer
+models CLoRA stays off and says so in the image's infotext.
 </div>
 """
 
