@@ -13,8 +13,8 @@ What it does, in a temporary folder (deleted afterwards unless ``--keep DIR``):
    layer (``self_attn`` ``q/k/v/out_proj``, ``mlp.fc1/fc2``: 12 × 6 = 72 modules), random factors with
    ‖ΔW‖ = 0.3·‖W0‖ per module (a visible effect), triggers "sks dog", "ohwx cat", "zwx car", "qtz vase";
 3. runs ``python -m lib_loraclr merge --base … --concept … --out … --method loraclr --preset recommended``
-   in a subprocess with the user's defaults (sampling steps 20 unless ``--steps``; rank: the CLI's default,
-   lossless per module; fp16 output; the feature runs on the model's default latent, which for a plain SD1
+   in a subprocess with the user's defaults (sampling steps 20 unless ``--steps``; rank: the CLI's default
+   cap; fp16 output; the feature runs on the model's default latent, which for a plain SD1
    checkpoint is 16×16 = 128×128 px, not 512²: ``MergeConfig.shape`` is not a CLI option) and measures
    - wall time of the subprocess, and its CPU time (user + system; on a shared machine CPU ÷ wall shows the
      share of the cores the merge actually got),
