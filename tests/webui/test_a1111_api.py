@@ -17,8 +17,8 @@ from pathlib import PurePath
 from webui_client import TEST_PREFIX, infotext_params
 
 CLORA_TITLE = "clora"
-#: a short CLoRA run: one latent-update step, one refinement iteration (CPU hosts)
-CLORA_OPTIONS = {"update_steps": 1, "refinement_steps": [0], "refinement_iters": 1}
+#: a short CLoRA run (the latent update is off by default; on here): one latent-update step, one refinement iteration (CPU hosts)
+CLORA_OPTIONS = {"latent_update": True, "update_steps": 1, "refinement_steps": [0], "refinement_iters": 1}
 
 
 def clora_scripts(args: list) -> dict:
@@ -128,19 +128,22 @@ def test_clora_table_form_and_masks_only(webui, lora_names):
     assert a in params["CLoRA table"] and b in params["CLoRA table"]
 
 
-def test_clora_bad_arguments_are_reported_not_raised(webui, lora_names):
+def test_clora_bad_arguments_answer_422_before_queueing(webui, lora_names):
     a, b = lora_names[:2]
-    _info, text = webui.txt2img(
-        f"a cat<clora:{a}> and a dog<clora:{b}>", **clora_scripts([False, {"mask_treshold": 0.3}])
+    body = {
+        "prompt": f"a cat<clora:{a}> and a dog<clora:{b}>",
+        **clora_scripts([False, {"mask_treshold": 0.3}]),
+    }
+    r = webui.post("/sdapi/v1/txt2img", body)
+    assert r.status == 422 and "mask_threshold" in r.body["detail"], r.text[:1000]
+
+
+def test_clora_unknown_lora_answers_422(webui, lora_names):
+    r = webui.post(
+        "/sdapi/v1/txt2img",
+        {"prompt": f"a cat<clora:{TEST_PREFIX}missing_xyz> and a dog<clora:{lora_names[0]}>"},
     )
-    params = infotext_params(text)
-    assert "mask_threshold" in params.get("CLoRA error", ""), text
-
-
-def test_clora_unknown_lora_is_reported(webui, lora_names):
-    _info, text = webui.txt2img(f"a cat<clora:{TEST_PREFIX}missing_xyz> and a dog<clora:{lora_names[0]}>")
-    params = infotext_params(text)
-    assert "not found" in params.get("CLoRA error", ""), text
+    assert r.status == 422 and "not found" in r.body["detail"], r.text[:1000]
 
 
 # ---------------------------------------------------------------------------------------------- UI mode

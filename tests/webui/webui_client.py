@@ -9,6 +9,11 @@ Environment:
 - ``LORACLR_WEBUI_LORAS``    two (or more) comma-separated LoRA names in the WebUI's LoRA folder, each with
                              trigger words in its metadata (default: the first two that have them).
 - ``LORACLR_WEBUI_TIMEOUT``  seconds for one generation / merge request (default 1800; CPU hosts are slow).
+- ``LORACLR_WEBUI_SIZE``     image width = height of the test generations (default 128; a random-weight
+                             SD1.5 gives NaNs in A1111 at 64×64, an 8×8 latent).
+- ``LORACLR_WEBUI_REFERENCE`` a folder of reference generations made by the same host WITHOUT the
+                             extension (``python tests/webui/webui_client.py reference …``); enables the
+                             "CLoRA off changes nothing" test.
 - ``LORACLR_WEBUI_MERGE``    JSON object merged into the merge request's ``advanced`` (default
                              ``{"sample_steps": 2}`` so a CPU host finishes in minutes).
 """
@@ -22,6 +27,14 @@ from dataclasses import dataclass
 from typing import Any
 
 URL_ENV = "LORACLR_WEBUI_URL"
+
+
+def image_size() -> int:
+    import os
+
+    return int(os.environ.get("LORACLR_WEBUI_SIZE", "128"))
+
+
 TEST_PREFIX = "loraclr_test_"
 
 
@@ -68,14 +81,14 @@ class WebUI:
         return self.request("POST", path, {} if body is None else body, **kw)
 
     def txt2img(self, prompt: str, **payload: Any) -> tuple[dict[str, Any], str]:
-        """Run a small txt2img (64×64, 2 steps, fixed seed unless overridden) → (info dict, first infotext)."""
+        """Run a small txt2img (`image_size()`², 2 steps, fixed seed unless overridden) → (info dict, first infotext)."""
         body = {
             "prompt": prompt,
             "negative_prompt": "",
             "seed": 1234,
             "steps": 2,
-            "width": 64,
-            "height": 64,
+            "width": image_size(),
+            "height": image_size(),
             "cfg_scale": 5,
             "sampler_name": "Euler",
             "batch_size": 1,
@@ -138,3 +151,88 @@ def pick_loras(client: WebUI, host: str = "the WebUI") -> list[str]:
     if len(usable) < 2:
         pytest.skip(f"need two LoRAs with trigger words in {host}'s LoRA folder; found {usable}")
     return usable[:2]
+
+
+# ---------------------------------------------------------------------------------------------- "off changes nothing"
+
+#: a directory of reference images made by the SAME host WITHOUT the extension (see README.md here)
+REFERENCE_ENV = "LORACLR_WEBUI_REFERENCE"
+
+#: txt2img payloads of the "CLoRA off changes nothing" check; ``{lora}`` = a LoRA of the host's folder
+REFERENCE_CASES: dict[str, dict[str, Any]] = {
+    "plain": {"prompt": "a photo of a cat and a dog"},
+    "lora": {"prompt": "a photo of a cat and a dog <lora:{lora}:1>"},
+    "cfg_batch2": {"prompt": "a cat, a dog", "negative_prompt": "blurry", "batch_size": 2, "cfg_scale": 7},
+}
+
+
+def reference_payload(case: str, lora: str) -> dict[str, Any]:
+    """The full txt2img body of a reference case (the defaults of `WebUI.txt2img` plus the case's fields)."""
+    body: dict[str, Any] = {
+        "negative_prompt": "",
+        "seed": 1234,
+        "steps": 2,
+        "width": image_size(),
+        "height": image_size(),
+        "cfg_scale": 5,
+        "sampler_name": "Euler",
+        "batch_size": 1,
+        "n_iter": 1,
+        "send_images": True,
+        "save_images": False,
+    }
+    body.update(REFERENCE_CASES[case])
+    body["prompt"] = body["prompt"].replace("{lora}", lora)
+    return body
+
+
+def decoded_pixels(b64: str) -> tuple[tuple[int, int], str, bytes]:
+    """(size, mode, raw pixel bytes) of a base64 PNG from the API (PNG text chunks are ignored)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
+        return im.size, im.mode, im.tobytes()
+
+
+def save_references(client: WebUI, folder: str, lora: str) -> list[str]:
+    """Run every reference case on ``client`` (a host WITHOUT the extension) and write ``CASE.json``
+    (payload, images as base64, infotexts) into ``folder``. Returns the files written."""
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    for case in REFERENCE_CASES:
+        body = reference_payload(case, lora)
+        r = client.post("/sdapi/v1/txt2img", body)
+        assert r.status == 200, f"txt2img → {r.status}: {r.text[:2000]}"
+        info = json.loads(r.body["info"])
+        path = os.path.join(folder, f"{case}.json")
+        with open(path, "w", encoding="utf8") as f:
+            json.dump(
+                {
+                    "case": case,
+                    "lora": lora,
+                    "payload": body,
+                    "images": r.body["images"],
+                    "infotexts": info["infotexts"],
+                },
+                f,
+            )
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":  # python tests/webui/webui_client.py reference FOLDER LORA_NAME
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "reference":
+        sys.exit("usage: LORACLR_WEBUI_URL=… python tests/webui/webui_client.py reference FOLDER LORA_NAME")
+    import os
+
+    for p in save_references(
+        WebUI(os.environ.get(URL_ENV, "http://127.0.0.1:7861"), 1800), sys.argv[2], sys.argv[3]
+    ):
+        print("wrote", p)
