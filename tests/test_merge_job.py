@@ -134,3 +134,17 @@ def test_missing_trigger_falls_back_to_the_files_then_refuses(lora_folder, tmp_p
     with pytest.raises(MissingTriggerError, match=r"'bare' \(bare\.safetensors\) has no trigger words"):
         run_job(job)
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_distill_steps_reach_the_job_from_every_front_end(lora_folder, tmp_path):
+    from lib_loraclr.merge.request import validate_request
+
+    req = validate_request({"loras": ["a", "b"], "output": {"name": "m"}, "advanced": {"distill_steps": 100}})
+    assert req.advanced == {"distill_steps": 100}
+    argv = ["--base", str(ASSETS / "base.safetensors"), "--out", str(tmp_path / "m.safetensors")]
+    argv += ["--distill-steps", "100"]
+    for stem, trig in CONCEPTS:
+        argv += ["--concept", str(lora_folder / f"{stem}.safetensors"), trig]
+    rest, specs = cli._split_concepts(argv)
+    job = cli.job_from_args(cli.build_parser().parse_args(rest), specs)
+    assert job.options["distill_steps"] == 100 and job.config().distill_steps == 100

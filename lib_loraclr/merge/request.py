@@ -92,6 +92,7 @@ _ADV_INT = {
     "svd_rank": (1, validate.MAX_RANK),
     "sketch_rows": (1, 100_000),
     "max_stats_bytes": (1, 1 << 40),
+    "distill_steps": (0, 10_000),
 }
 _ADV_FLOAT = {"ridge": (0.0, 1e6)}
 _ADV_TEXT = ("sampler", "sample_prompts", "prior", "kv_rows")
