@@ -142,19 +142,19 @@ def _parse() -> tuple[Config, str | None]:
 
 # ---------------------------------------------------------------------------------------------- setup
 def build(cfg: Config) -> Any:
-    from lib_loraclr.tiny.models import TinySDConfig, TinyTextConfig, TinyUNetConfig, build_tiny_sd1
+    from lib_loraclr.models.sd import SD1Config, TextConfig, UNetConfig, build_tiny_sd1
 
     if cfg.model == "sd15":
-        conf = TinySDConfig(
-            unet=TinyUNetConfig(model_channels=320, channel_mult=[1, 2, 4, 4], num_heads=8, context_dim=768),
-            text=TinyTextConfig(hidden_size=768, layers=2, heads=12, intermediate=3072),
+        conf = SD1Config(
+            unet=UNetConfig(model_channels=320, channel_mult=[1, 2, 4, 4], num_heads=8, context_dim=768),
+            text=TextConfig(hidden_size=768, layers=2, heads=12, intermediate=3072),
         )
     elif cfg.model == "mini15":
-        conf = TinySDConfig(unet=TinyUNetConfig(channel_mult=[1, 2, 4, 4], num_head_channels=16))
+        conf = SD1Config(unet=UNetConfig(channel_mult=[1, 2, 4, 4], num_head_channels=16))
     elif cfg.model == "tiny16":
-        conf = TinySDConfig(unet=TinyUNetConfig(num_head_channels=16))
+        conf = SD1Config(unet=UNetConfig(num_head_channels=16))
     else:
-        conf = TinySDConfig()
+        conf = SD1Config()
     return build_tiny_sd1(seed=cfg.seed, config=conf).to(cfg.device)
 
 
@@ -181,7 +181,7 @@ def make_denoiser(kind: str, n_loras: int, model: Any, cfg: Config) -> Any:
     from lib_loraclr.clora import UNET_PREFIX, CloraDenoiser, Concept, RoutedLoras, branch_prompts
     from lib_loraclr.clora.official import OfficialCloraLoop
     from lib_loraclr.clora.synthetic import random_lora
-    from lib_loraclr.tiny.sampling import CFGDenoiser
+    from lib_loraclr.models.sampling import CFGDenoiser
 
     unet = model.model.diffusion_model
     concepts = [Concept(t, w) for t, w in CONCEPT_WORDS[:n_loras]]
@@ -232,7 +232,7 @@ def _reset_peak_rss() -> bool:
 def run_case(cfg: Config, case: str, model: Any = None) -> dict[str, Any]:
     """case = "plain" or "<kind>:<n_loras>" → seconds, peak MB, losses at the recorded latents."""
     from lib_loraclr.clora import efficient_attention
-    from lib_loraclr.tiny.sampling import sample
+    from lib_loraclr.models.sampling import sample
 
     if cfg.device == "cpu":
         torch.set_num_threads(1)

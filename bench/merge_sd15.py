@@ -59,7 +59,7 @@ def build_checkpoint(path: Path, seed: int = 0, dtype: torch.dtype = torch.float
     """Random-weight SD1.5 (UNet + CLIP-L) in A1111 key names; returns {key: shape}."""
     from safetensors.torch import save_file
 
-    from lib_loraclr.tiny.full_trees import full_sd15_tree
+    from lib_loraclr.models.full_trees import full_sd15_tree
 
     shapes = {k: tuple(v.shape) for k, v in full_sd15_tree().state_dict().items()}
     g = torch.Generator().manual_seed(seed)

@@ -52,7 +52,7 @@ Request = list[str]  # slot words left to right: ["sks", "7"]
 
 @dataclass
 class World:
-    """The loaded world: model (`TinySD`), concepts, LoRAs (name → DeltaSet), scene judge."""
+    """The loaded world: model (`SD1Model`), concepts, LoRAs (name → DeltaSet), scene judge."""
 
     model: torch.nn.Module
     concepts: dict[str, Concept]
@@ -64,7 +64,7 @@ class World:
 
     def sample(self, prompts: list[str], width: int, cfg: float, seed: int, denoiser=None) -> torch.Tensor:
         """Images ``[n, 1, 8, 8·width]``; image i of the whole list uses noise seed ``seed + i``."""
-        from lib_loraclr.tiny.sampling import sample
+        from lib_loraclr.models.sampling import sample
 
         out = []
         for s in range(0, len(prompts), self.batch):
@@ -386,7 +386,7 @@ class CloraMethod(Method):
 
     def setup(self, world, names):
         from lib_loraclr.clora import CloraOptions
-        from lib_loraclr.tiny.sampling import CFGDenoiser
+        from lib_loraclr.models.sampling import CFGDenoiser
 
         super().setup(world, names)
         make = CloraOptions.recommended if self.schedule == "recommended" else CloraOptions.paper
@@ -525,7 +525,7 @@ class MergedLayoutMethod(MergeMethod):
     def generate(self, world, requests, cfg, seed):
         from lib_loraclr.apply import patched
         from lib_loraclr.clora.regional import RegionalDenoiser
-        from lib_loraclr.tiny.sampling import CFGDenoiser
+        from lib_loraclr.models.sampling import CFGDenoiser
 
         width = len(requests[0])
         out = torch.zeros(len(requests), 1, 8, 8 * width)

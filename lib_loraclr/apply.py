@@ -2,7 +2,7 @@
 
 Used offline (merge feature collection, the measuring world, previews); the CLoRA engine uses
 forward hooks instead (``lib_loraclr.clora.routing``). The model's module paths must be the
-canonical keys (docs/DESIGN.md), e.g. a ``TinySD`` or the WebUI's ``sd_model``; pass ``prefix`` to
+canonical keys (docs/DESIGN.md), e.g. a ``SD1Model`` or the WebUI's ``sd_model``; pass ``prefix`` to
 strip a leading part when the model is a bare sub-model (the ldm UNet alone: ``"model.diffusion_model."``).
 """
 

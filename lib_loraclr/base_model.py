@@ -21,7 +21,7 @@ class BaseModelError(LoraclrError):
     """The base checkpoint cannot be used for a merge."""
 
 
-#: Builds an SD1 UNet from its sizes: ``factory(TinyUNetConfig) -> nn.Module`` whose module names follow
+#: Builds an SD1 UNet from its sizes: ``factory(UNetConfig) -> nn.Module`` whose module names follow
 #: ldm's layout (``input_blocks`` / ``middle_block`` / ``output_blocks`` / ``out``, ``attn1``/``attn2`` with
 #: ``to_q``/``to_k``/``to_v``/``to_out.0``) and whose ``forward(x, timesteps=…, context=…)`` returns ε.
 UNetFactory = Callable[[Any], torch.nn.Module]
@@ -42,14 +42,14 @@ def load_base(
     """
     from safetensors import safe_open
 
-    from lib_loraclr.safeio import read_safetensors_metadata
-    from lib_loraclr.tiny.models import (
+    from lib_loraclr.models.sd import (
         CONFIG_METADATA_KEY,
-        TinySD,
-        TinySDConfig,
+        SD1Config,
+        SD1Model,
         load_tiny_checkpoint,
         sd_alphas_cumprod,
     )
+    from lib_loraclr.safeio import read_safetensors_metadata
 
     p = check_input_file(path, "base checkpoint")  # InputFileError: missing, a folder, unreadable
     if p.suffix != ".safetensors":
@@ -69,7 +69,7 @@ def load_base(
             )
         shapes = {n: tuple(f.get_slice(n).get_shape()) for n in names}
         try:
-            cfg = TinySDConfig.from_dict(sd1_config_from_shapes(shapes))
+            cfg = SD1Config.from_dict(sd1_config_from_shapes(shapes))
         except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
             raise BaseModelError(
                 f"{p.name}: the SD1 weights are incomplete or mis-shaped (reading the sizes failed at {e}); "
@@ -78,7 +78,7 @@ def load_base(
         # Build on the meta device and assign the file's tensors (one fp32 copy of the weights in memory,
         # converted tensor by tensor): about 4 GB for SD1.5 instead of three copies.
         with torch.device("meta"):
-            model = TinySD(cfg, tokenizer=tokenizer, unet_factory=unet_factory)
+            model = SD1Model(cfg, tokenizer=tokenizer, unet_factory=unet_factory)
         _check_shapes(p, model.state_dict(), shapes, extra_ok=unet_factory is None, prefixes=parts)
         sd = {n: _as_float(f.get_tensor(n)) for n in names}
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
@@ -148,7 +148,7 @@ def _check_tiny_checkpoint(p: Path, raw_config: str) -> None:
     (names and shapes), with no weight allocated. Raises BaseModelError naming the key."""
     from safetensors import safe_open
 
-    from lib_loraclr.tiny.models import CONFIG_METADATA_KEY, TinySD, TinySDConfig, TinySDXL, TinySDXLConfig
+    from lib_loraclr.models.sd import CONFIG_METADATA_KEY, SD1Config, SD1Model, SDXLConfig, SDXLModel
 
     key = CONFIG_METADATA_KEY
     try:
@@ -167,9 +167,7 @@ def _check_tiny_checkpoint(p: Path, raw_config: str) -> None:
     try:
         with torch.device("meta"):
             model = (
-                TinySD(TinySDConfig.from_dict(cfg))
-                if kind == "sd1"
-                else TinySDXL(TinySDXLConfig.from_dict(cfg))
+                SD1Model(SD1Config.from_dict(cfg)) if kind == "sd1" else SDXLModel(SDXLConfig.from_dict(cfg))
             )
     except (
         TypeError,

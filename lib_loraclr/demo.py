@@ -30,7 +30,7 @@ DEMO_FILES = ("merged_loraclr.safetensors", "grid.png", "results.json", "merge_r
 def _sample(
     model: Any, prompts: list[str], width: int, cfg: float, seed: int, steps: int, denoiser: Any = None
 ) -> torch.Tensor:
-    from lib_loraclr.tiny.sampling import sample
+    from lib_loraclr.models.sampling import sample
 
     kw = {"denoiser": denoiser} if denoiser is not None else {}
     return sample(
@@ -59,7 +59,7 @@ def clora_sampler(
     (``routed``: one UNet pass with each LoRA in its region; ``layout``: a ratio string such as "1,1")."""
     from lib_loraclr.clora import CloraOptions, Concept, build_clora_denoiser
     from lib_loraclr.clora.layout import box_masks, layout_weights, parse_ratio_layout
-    from lib_loraclr.tiny.sampling import CFGDenoiser
+    from lib_loraclr.models.sampling import CFGDenoiser
 
     def run(words: list[str], n: int, cfg: float, seed: int) -> torch.Tensor:
         base = "a " + " and a ".join(str(concept_digit.get(w, w)) for w in words)

@@ -119,7 +119,7 @@ class PromptEncoder:
     """WebUI-style prompt encoder around a tokenizer and a transformers ``CLIPTextModel``.
 
     Args:
-        tokenizer: a transformers CLIP tokenizer (``lib_loraclr.tiny.tokenizer.clip_tokenizer()``).
+        tokenizer: a transformers CLIP tokenizer (``lib_loraclr.models.tokenizer.clip_tokenizer()``).
         text_model: a transformers-4 ``CLIPTextModel`` (module names ``text_model.*``).
         clip_skip: 1 = last layer; k > 1 = ``hidden_states[-k]`` (+ final layer norm unless
             ``final_norm_on_skip`` is False, which is SDXL's CLIP-L convention).
@@ -311,7 +311,7 @@ class OpenClipPromptEncoder(PromptEncoder):
 
     ``text_model`` needs open_clip ``CLIP``'s attributes: ``token_embedding``, ``positional_embedding``,
     ``transformer.resblocks`` (sequence-first), ``attn_mask``, ``ln_final``, ``text_projection``
-    (the real ``open_clip`` CLIP minus ``visual``, or `lib_loraclr.tiny.openclip_text.OpenClipTextModel`).
+    (the real ``open_clip`` CLIP minus ``visual``, or `lib_loraclr.models.openclip_text.OpenClipTextModel`).
 
     ``layer``: ``"penultimate"`` (the input of the last block) or ``"last"``; ``final_norm``: apply
     ``ln_final`` to it (SD2 / ldm: True; SDXL / sgm: False). Pooled output (``encode_with_pooled``):

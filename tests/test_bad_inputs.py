@@ -1251,7 +1251,7 @@ def clora_env(webui, tmp_path_factory):
     """A tiny SD1 model with the tokenizer hook A1111 has, and LoRA files for it (good and bad)."""
     from lora_factory import attention_keys, random_lora
 
-    from lib_loraclr.tiny.models import build_tiny_sd1
+    from lib_loraclr.models.sd import build_tiny_sd1
     from lib_loraclr.writers import write_kohya_lora
 
     model = build_tiny_sd1(0)

@@ -5,13 +5,13 @@ import torch
 from safetensors.torch import save_file
 
 from lib_loraclr.base_model import BaseModelError, load_base, sd1_config_from_shapes
-from lib_loraclr.tiny.full_trees import full_sd15_tree
-from lib_loraclr.tiny.models import TinySDConfig, TinyTextConfig, build_tiny_sd1
+from lib_loraclr.models.full_trees import full_sd15_tree
+from lib_loraclr.models.sd import SD1Config, TextConfig, build_tiny_sd1
 
 
 def test_plain_sd1_layout_file_loads_bit_exact(tmp_path) -> None:
     # plain SD1 files do not say the text encoder's head count: head width 64 is assumed (CLIP-L: 12 × 64)
-    ref = build_tiny_sd1(seed=3, config=TinySDConfig(text=TinyTextConfig(heads=1)))
+    ref = build_tiny_sd1(seed=3, config=SD1Config(text=TextConfig(heads=1)))
     sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
     sd["first_stage_model.decoder.conv_in.weight"] = torch.zeros(1)  # other parts are ignored
     save_file(sd, str(tmp_path / "plain.safetensors"))  # no metadata: read like a real checkpoint

@@ -14,7 +14,7 @@ from lib_loraclr.clora import (
 )
 from lib_loraclr.clora.attention import StopForward, map_hw, override_attention
 from lib_loraclr.clora.official import _explicit_forward
-from lib_loraclr.tiny.models import build_tiny_sd1, build_tiny_sdxl
+from lib_loraclr.models.sd import build_tiny_sd1, build_tiny_sdxl
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +104,9 @@ def test_early_stop_gives_the_same_gradient(sd1):
 
 
 def test_gradient_checkpoint_flag_is_switched_off_and_restored():
-    from lib_loraclr.tiny.models import TinySDConfig
+    from lib_loraclr.models.sd import SD1Config
 
-    m = build_tiny_sd1(seed=2, config=TinySDConfig())
+    m = build_tiny_sd1(seed=2, config=SD1Config())
     unet = m.model.diffusion_model
     blocks = [b for b in unet.modules() if type(b).__name__ == "BasicTransformerBlock"]
     for b in blocks:

@@ -23,8 +23,8 @@ from lib_loraclr.clora.denoiser import COND
 from lib_loraclr.clora.masks import fuse
 from lib_loraclr.clora.official import OfficialCloraLoop
 from lib_loraclr.clora.synthetic import random_lora
-from lib_loraclr.tiny.models import build_tiny_sd1, build_tiny_sdxl
-from lib_loraclr.tiny.sampling import CFGDenoiser, sample, sampler_sigmas
+from lib_loraclr.models.sampling import CFGDenoiser, sample, sampler_sigmas
+from lib_loraclr.models.sd import build_tiny_sd1, build_tiny_sdxl
 
 PROMPT = "a cat and a dog"
 CONCEPTS = [Concept("sks", "cat"), Concept("<d8>", "dog")]

@@ -22,7 +22,7 @@ from lib_loraclr.clora.layout import (
     resize_regions,
 )
 from lib_loraclr.clora.masks import concept_scores, layout_masks, slot_masks
-from lib_loraclr.tiny.models import build_tiny_sd1, build_tiny_sdxl
+from lib_loraclr.models.sd import build_tiny_sd1, build_tiny_sdxl
 
 
 def test_ratio_strings_as_regional_prompter_reads_them():
@@ -174,7 +174,7 @@ def test_other_content_words_claim_the_background():
 
 def test_content_tokens_skip_stop_words_and_concepts():
     from lib_loraclr.clora.tokens import Concept, branch_prompts, content_tokens
-    from lib_loraclr.tiny.models import build_tiny_sd1
+    from lib_loraclr.models.sd import build_tiny_sd1
 
     tp = build_tiny_sd1(seed=0).prompt_encoder.token_positions
     prompt = "a cat and a dog in a park"

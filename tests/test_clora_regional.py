@@ -168,8 +168,8 @@ def test_tiny_models_routed_equals_fusion_with_one_region_and_runs_with_two(arch
     from lib_loraclr.clora import UNET_PREFIX, CloraDenoiser, CloraOptions, Concept, branch_prompts
     from lib_loraclr.clora.layout import box_masks, layout_weights, parse_ratio_layout
     from lib_loraclr.clora.synthetic import random_lora
-    from lib_loraclr.tiny.models import build_tiny_sd1, build_tiny_sdxl
-    from lib_loraclr.tiny.sampling import CFGDenoiser, sample
+    from lib_loraclr.models.sampling import CFGDenoiser, sample
+    from lib_loraclr.models.sd import build_tiny_sd1, build_tiny_sdxl
 
     model = build_tiny_sd1(seed=0) if arch == "sd1" else build_tiny_sdxl(seed=0)
     unet = model.model.diffusion_model

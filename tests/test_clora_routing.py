@@ -9,7 +9,7 @@ from lib_loraclr.apply import patched
 from lib_loraclr.clora import UNET_PREFIX, RoutedLoras, RoutingError, count_hooks, te_branch_conds, te_key
 from lib_loraclr.clora.synthetic import random_lora
 from lib_loraclr.deltas import DeltaSet, LoraModule
-from lib_loraclr.tiny.models import build_tiny_sd1
+from lib_loraclr.models.sd import build_tiny_sd1
 
 
 @pytest.fixture(scope="module")

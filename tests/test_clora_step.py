@@ -20,8 +20,8 @@ from lib_loraclr.clora import (
 from lib_loraclr.clora.conds import cat_conds, replace_text, select_rows
 from lib_loraclr.clora.denoiser import COND, UNCOND
 from lib_loraclr.clora.synthetic import random_lora
-from lib_loraclr.tiny.models import build_tiny_sd1, build_tiny_sdxl
-from lib_loraclr.tiny.sampling import wrap_model
+from lib_loraclr.models.sampling import wrap_model
+from lib_loraclr.models.sd import build_tiny_sd1, build_tiny_sdxl
 
 PROMPT = "a cat and a dog"
 CONCEPTS = [Concept("sks", "cat"), Concept("<d8>", "dog")]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lib_loraclr.clora import Concept, ConceptNotFoundError, branch_prompts
+from lib_loraclr.models.tokenizer import clip_tokenizer
 from lib_loraclr.text import PromptEncoder
-from lib_loraclr.tiny.tokenizer import clip_tokenizer
 
 
 class _NoModel:

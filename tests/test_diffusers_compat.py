@@ -53,7 +53,7 @@ DIFFUSERS_KOHYA_GAPS = {
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
 def test_diffusers_checkpoint_converter_agrees_on_every_unet_weight(arch: str) -> None:
-    from lib_loraclr.tiny.full_trees import full_sd15_tree, full_sdxl_tree
+    from lib_loraclr.models.full_trees import full_sd15_tree, full_sdxl_tree
 
     tree = full_sd15_tree() if arch == "sd1" else full_sdxl_tree()
     ldm_keys = [UNET_PREFIX + k for k in tree.model.diffusion_model.state_dict()]

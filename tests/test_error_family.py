@@ -11,8 +11,8 @@ import pytest
 
 from lib_loraclr.clora.errors import CloraError
 from lib_loraclr.errors import LoraclrError
-from lib_loraclr.tiny.models import TinyCheckpointError
-from lib_loraclr.tiny.sampling import UnknownSamplerError
+from lib_loraclr.models.sampling import UnknownSamplerError
+from lib_loraclr.models.sd import TinyCheckpointError
 from lib_loraclr.world.vocab import UnknownWordError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from lib_loraclr.tiny.full_trees import full_sd2_tree, full_sd15_tree, full_sdxl_tree
-from lib_loraclr.tiny.openclip_text import OpenClipTextModel
+from lib_loraclr.models.full_trees import full_sd2_tree, full_sd15_tree, full_sdxl_tree
+from lib_loraclr.models.openclip_text import OpenClipTextModel
 
 
 def _names(tree):

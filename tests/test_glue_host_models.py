@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lib_loraclr.base_model import BaseModelError, load_base, sd1_config_from_shapes
-from lib_loraclr.tiny.full_trees import full_sd15_tree
-from lib_loraclr.tiny.models import (
-    TinySDConfig,
-    TinyTextConfig,
-    TinyUNetConfig,
+from lib_loraclr.models.full_trees import full_sd15_tree
+from lib_loraclr.models.sd import (
+    SD1Config,
+    TextConfig,
+    UNetConfig,
     _build_ldm_unet,
     build_tiny_sd1,
 )
@@ -31,7 +31,7 @@ _spec.loader.exec_module(host_models)
 
 @pytest.fixture(scope="module")
 def plain_ckpt(tmp_path_factory):
-    ref = build_tiny_sd1(seed=4, config=TinySDConfig(text=TinyTextConfig(heads=1)))
+    ref = build_tiny_sd1(seed=4, config=SD1Config(text=TextConfig(heads=1)))
     path = tmp_path_factory.mktemp("base") / "plain.safetensors"
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))  # no tiny metadata
     return ref, path
@@ -56,7 +56,7 @@ def test_factory_builds_the_unet_and_weights_come_from_the_file(plain_ckpt) -> N
         return _build_ldm_unet(cfg)
 
     m = load_base(path, unet_factory=factory)
-    assert len(seen) == 1 and isinstance(seen[0], TinyUNetConfig) and seen[0].model_channels == 32
+    assert len(seen) == 1 and isinstance(seen[0], UNetConfig) and seen[0].model_channels == 32
     assert m.model.diffusion_model.input_blocks[0][0].weight.device.type == "cpu"
     for k, v in ref.state_dict().items():
         assert torch.equal(m.state_dict()[k], v), k
@@ -64,7 +64,7 @@ def test_factory_builds_the_unet_and_weights_come_from_the_file(plain_ckpt) -> N
     c = ref.get_learned_conditioning(["photo of sks", "ohwx"])
     torch.testing.assert_close(m.apply_model(x, t, c), ref.apply_model(x, t, c), rtol=0, atol=0)
     torch.testing.assert_close(m.get_learned_conditioning(["photo of sks", "ohwx"]), c, rtol=0, atol=0)
-    assert set(vars(m)) == set(vars(ref)) and set(m._modules) == set(ref._modules)  # same object as TinySD
+    assert set(vars(m)) == set(vars(ref)) and set(m._modules) == set(ref._modules)  # same object as SD1Model
     assert m.alphas_cumprod.device.type == "cpu" and torch.equal(m.alphas_cumprod, ref.alphas_cumprod)
 
     # a UNet of another layout is refused with the reason, both ways
@@ -81,7 +81,7 @@ def test_factory_builds_the_unet_and_weights_come_from_the_file(plain_ckpt) -> N
 
 def test_forge_arguments_for_sd15_sizes() -> None:
     shapes = {k: tuple(v.shape) for k, v in full_sd15_tree().state_dict().items()}
-    cfg = TinyUNetConfig(**sd1_config_from_shapes(shapes)["unet"])
+    cfg = UNetConfig(**sd1_config_from_shapes(shapes)["unet"])
     kw = host_models.sd1_unet_kwargs(cfg)
     # Forge (huggingface_guess) describes SD1.5 exactly so: attention in levels 0–2, none in level 3
     assert kw["transformer_depth"] == [1, 1, 1, 1, 1, 1, 0, 0]
@@ -109,9 +109,7 @@ def test_factory_chosen_by_capability() -> None:
             made.append(kw)
 
     f = host_models.forge_unet_factory(FakeForgeUNet)
-    assert (
-        isinstance(f(TinyUNetConfig()), FakeForgeUNet) and made[0]["transformer_depth"] == [1] * 6 + [0] * 2
-    )
+    assert isinstance(f(UNetConfig()), FakeForgeUNet) and made[0]["transformer_depth"] == [1] * 6 + [0] * 2
     assert f.unet_class is FakeForgeUNet
     assert (
         importlib.util.find_spec("ldm") is not None and host_models.merge_unet_factory() is None

@@ -57,21 +57,21 @@ TE_LEAVES = [
 
 @functools.cache
 def sd15_tree() -> nn.Module:
-    from lib_loraclr.tiny.full_trees import full_sd15_tree
+    from lib_loraclr.models.full_trees import full_sd15_tree
 
     return full_sd15_tree()
 
 
 @functools.cache
 def sd2_tree() -> nn.Module:
-    from lib_loraclr.tiny.full_trees import full_sd2_tree
+    from lib_loraclr.models.full_trees import full_sd2_tree
 
     return full_sd2_tree()
 
 
 @functools.cache
 def sdxl_tree() -> nn.Module:
-    from lib_loraclr.tiny.full_trees import full_sdxl_tree
+    from lib_loraclr.models.full_trees import full_sdxl_tree
 
     return full_sdxl_tree()
 

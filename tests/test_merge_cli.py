@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lib_loraclr.__main__ import main as cli
+from lib_loraclr.models.sd import build_tiny_sd1, save_tiny_checkpoint
 from lib_loraclr.readers import read_lora
-from lib_loraclr.tiny.models import build_tiny_sd1, save_tiny_checkpoint
 from lib_loraclr.writers import write_kohya_lora
 from tests.lora_factory import attention_keys, random_lora
 
@@ -81,7 +81,7 @@ def test_merge_cli_writes_lora_and_report(files, capsys) -> None:
 
 def test_merge_cli_checkpoint_and_refusals(files, capsys) -> None:
     assert cli(_args(files, "merged_ckpt.safetensors", "--method", "linear", "--format", "checkpoint")) == 0
-    from lib_loraclr.tiny.models import load_tiny_checkpoint
+    from lib_loraclr.models.sd import load_tiny_checkpoint
 
     assert load_tiny_checkpoint(files / "merged_ckpt.safetensors") is not None
     before = (files / "merged_ckpt.safetensors").stat().st_mtime_ns

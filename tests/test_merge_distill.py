@@ -9,7 +9,7 @@ import torch
 from lib_loraclr.apply import patched
 from lib_loraclr.merge import distill as D
 from lib_loraclr.merge.pipeline import Concept, MergeConfig, MergeInputError, _concept_prompts, merge_loras
-from lib_loraclr.tiny.models import build_tiny_sd1
+from lib_loraclr.models.sd import build_tiny_sd1
 from tests.lora_factory import attention_keys, random_lora
 
 SHAPE = (4, 8, 16)  # small (the default 16×16 costs 4× per attention call); not 8×8: 1×1 at the bottom

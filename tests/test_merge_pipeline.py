@@ -10,9 +10,9 @@ from lib_loraclr.apply import patched
 from lib_loraclr.errors import ArchitectureMismatchError
 from lib_loraclr.merge.pipeline import Concept, MergeConfig, MergeInputError, merge_loras
 from lib_loraclr.merge.report import format_report
+from lib_loraclr.models.sd import build_tiny_sd1
 from lib_loraclr.readers import read_lora
 from lib_loraclr.text import TriggerNotFoundError
-from lib_loraclr.tiny.models import build_tiny_sd1
 from lib_loraclr.writers import write_checkpoint, write_kohya_lora
 from tests.lora_factory import attention_keys, random_lora
 
@@ -108,7 +108,7 @@ def test_bad_requests_have_clear_errors(model, concepts) -> None:
 
 def test_merge_on_tiny_sdxl_layout_and_save(tmp_path) -> None:
     """SDXL layout: both text encoders (OpenCLIP fused q/k/v rows included), dict conditioning."""
-    from lib_loraclr.tiny.models import build_tiny_sdxl
+    from lib_loraclr.models.sd import build_tiny_sdxl
 
     model = build_tiny_sdxl(seed=0)
     keys = attention_keys(model)

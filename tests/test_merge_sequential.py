@@ -7,7 +7,7 @@ import torch
 
 from lib_loraclr.merge.pipeline import Concept, MergeConfig, merge_loras, unet_stage
 from lib_loraclr.merge.stats import PairedStats
-from lib_loraclr.tiny.models import build_tiny_sd1
+from lib_loraclr.models.sd import build_tiny_sd1
 from tests.lora_factory import attention_keys, random_lora
 
 

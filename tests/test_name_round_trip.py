@@ -41,13 +41,13 @@ ROOTS = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders."
 
 
 def _tiny_sd1() -> nn.Module:
-    from lib_loraclr.tiny.models import build_tiny_sd1
+    from lib_loraclr.models.sd import build_tiny_sd1
 
     return build_tiny_sd1(0)
 
 
 def _tiny_sdxl() -> nn.Module:
-    from lib_loraclr.tiny.models import build_tiny_sdxl
+    from lib_loraclr.models.sd import build_tiny_sdxl
 
     return build_tiny_sdxl(0)
 
@@ -59,19 +59,19 @@ def _world() -> nn.Module:
 
 
 def _sd15() -> nn.Module:
-    from lib_loraclr.tiny.full_trees import full_sd15_tree
+    from lib_loraclr.models.full_trees import full_sd15_tree
 
     return full_sd15_tree()
 
 
 def _sd2() -> nn.Module:
-    from lib_loraclr.tiny.full_trees import full_sd2_tree
+    from lib_loraclr.models.full_trees import full_sd2_tree
 
     return full_sd2_tree()
 
 
 def _sdxl() -> nn.Module:
-    from lib_loraclr.tiny.full_trees import full_sdxl_tree
+    from lib_loraclr.models.full_trees import full_sdxl_tree
 
     return full_sdxl_tree()
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_loraclr.tiny.models import build_tiny_sd1
-from lib_loraclr.tiny.sampling import (
+from lib_loraclr.models.sampling import (
     SAMPLERS,
     CFGDenoiser,
     UnknownSamplerError,
@@ -14,6 +13,7 @@ from lib_loraclr.tiny.sampling import (
     sample,
     sampler_sigmas,
 )
+from lib_loraclr.models.sd import build_tiny_sd1
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +132,9 @@ def test_single_image_and_small_unet_shapes(model):
         model, ["a cat"], steps=2, sampler="euler", cfg_scale=1.0
     )  # batch of one: needs a 2x2 bottom level
     assert one.shape == (1, 4, 16, 16) and torch.isfinite(one).all()
-    from lib_loraclr.tiny.models import TinySDConfig
+    from lib_loraclr.models.sd import SD1Config
 
-    cfg = TinySDConfig()
+    cfg = SD1Config()
     cfg.unet.channel_mult, cfg.unet.attention_resolutions = [1, 2], [1, 2]
     small = build_tiny_sd1(seed=0, config=cfg)
     assert small.latent_shape == (4, 8, 8)
@@ -150,7 +150,7 @@ def test_bad_arguments(model):
 
 
 def test_sdxl_sampling_dict_conds():
-    from lib_loraclr.tiny.models import build_tiny_sdxl
+    from lib_loraclr.models.sd import build_tiny_sdxl
 
     xl = build_tiny_sdxl(seed=0)
     assert xl.latent_shape == (4, 8, 8)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from lib_loraclr.models.tokenizer import clip_tokenizer
 from lib_loraclr.text import PromptEncoder, TriggerNotFoundError, parse_prompt_attention
-from lib_loraclr.tiny.tokenizer import clip_tokenizer
 
 BOS, EOS = 49406, 49407
 
@@ -174,8 +174,8 @@ def test_encode_rejects_plain_string(enc):
 
 
 def test_openclip_prompt_encoder():
+    from lib_loraclr.models.openclip_text import OpenClipTextModel
     from lib_loraclr.text import OpenClipPromptEncoder
-    from lib_loraclr.tiny.openclip_text import OpenClipTextModel
 
     torch.manual_seed(0)
     te = OpenClipTextModel(width=32, layers=2, heads=4, embed_dim=16).eval()

@@ -1,13 +1,13 @@
-"""TinySD: SD1 checkpoint layout from the real classes, deterministic init, safetensors round trip."""
+"""SD1Model: SD1 checkpoint layout from the real classes, deterministic init, safetensors round trip."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lib_loraclr.tiny.models import (
+from lib_loraclr.models.sd import (
+    SD1Config,
     TinyCheckpointError,
-    TinySDConfig,
     build_tiny_sd1,
     load_tiny_checkpoint,
     save_tiny_checkpoint,
@@ -123,7 +123,7 @@ def test_checkpoint_round_trip(model, tmp_path):
 
 
 def test_custom_config_round_trip(tmp_path):
-    cfg = TinySDConfig(clip_skip=2)
+    cfg = SD1Config(clip_skip=2)
     cfg.unet.channel_mult = [1, 2]
     cfg.unet.attention_resolutions = [1, 2]
     m = build_tiny_sd1(seed=1, config=cfg)
@@ -153,7 +153,7 @@ def test_load_rejects_foreign_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def xl():
-    from lib_loraclr.tiny.models import build_tiny_sdxl
+    from lib_loraclr.models.sd import build_tiny_sdxl
 
     return build_tiny_sdxl(seed=0)
 
@@ -195,11 +195,11 @@ def test_sdxl_key_layout(xl):
 
 
 def test_sdxl_full_depth_option():
-    from lib_loraclr.tiny.models import TinySDXL, TinySDXLConfig
+    from lib_loraclr.models.sd import SDXLConfig, SDXLModel
 
-    cfg = TinySDXLConfig()
+    cfg = SDXLConfig()
     cfg.unet.transformer_depth = [1, 2, 10]
-    m = TinySDXL(cfg)
+    m = SDXLModel(cfg)
     assert len([n for n, _ in m.named_modules() if n.endswith(".attn2")]) == 70
 
 
@@ -247,7 +247,7 @@ def test_sdxl_apply_model_and_round_trip(xl, tmp_path):
         with pytest.raises(TypeError):
             xl.apply_model(x, t, c["crossattn"])
     loaded = load_tiny_checkpoint(save_tiny_checkpoint(xl, tmp_path / "xl.safetensors"))
-    assert type(loaded).__name__ == "TinySDXL" and loaded.config == xl.config
+    assert type(loaded).__name__ == "SDXLModel" and loaded.config == xl.config
     sa, sb = xl.state_dict(), loaded.state_dict()
     assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lib_loraclr.tiny import tokenizer as tk
+from lib_loraclr.models import tokenizer as tk
 
 
 def test_standard_ids():

@@ -25,7 +25,7 @@ from modules import extra_networks, processing, script_callbacks, scripts, share
 
 from lib_loraclr import clora_args as ca
 from lib_loraclr.clora import count_hooks
-from lib_loraclr.tiny.models import build_tiny_sd1
+from lib_loraclr.models.sd import build_tiny_sd1
 from lib_loraclr.writers import write_kohya_lora
 
 PROMPT = "a cat<clora:catlora:trigger=sks> and a dog<clora:doglora:trigger=ohwx>"

@@ -60,7 +60,7 @@ def test_base_checkpoint_has_the_sd1_layout_and_loads_like_a_checkpoint(base):
 
 
 def test_word_tokenizer_equals_clip_tokenizer():
-    from lib_loraclr.tiny.tokenizer import clip_tokenizer
+    from lib_loraclr.models.tokenizer import clip_tokenizer
     from lib_loraclr.world.vocab import TRIGGERS, WordTokenizer
 
     tok, wt = clip_tokenizer(), WordTokenizer()

@@ -1,7 +1,7 @@
 """The CLoRA step as a denoiser wrapper for k-diffusion samplers (σ-space), batched over branches.
 
 `CloraDenoiser` replaces the WebUI's CFG denoiser: ``denoiser(x, sigma, cond=…, uncond=…, cond_scale=…)``
-→ guided denoised latents ``[B, C, H, W]`` (protocol of `lib_loraclr.tiny.sampling`). Per call:
+→ guided denoised latents ``[B, C, H, W]`` (protocol of `lib_loraclr.models.sampling`). Per call:
 
 1. rows: for every CFG half (cond first, then uncond — the WebUI's order) and branch k, the B images;
    ALL rows go through ONE UNet call (``inner_model``, e.g. k-diffusion's ``CompVisDenoiser``) with
@@ -20,7 +20,7 @@ UNet sees ``c_in·x = z`` with ``c_in = 1/√(1+σ²)``. Then ``∇_x L = c_in·
 in x is ``x ← x − (s/c_in²)·∇_x L = x − s·(1+σ²)·∇_x L``. ``c_in`` is read from
 ``inner_model.get_scalings(σ)`` (last element), so v-prediction wrappers work too; pass
 ``input_scale`` for other wrappers (DDIM in timestep space: ``lambda t: 1``). DDIM η = 0 in σ-space
-(how `lib_loraclr.tiny.sampling` runs it) is Euler, so the same mapping reproduces the official DDIM update.
+(how `lib_loraclr.models.sampling` runs it) is Euler, so the same mapping reproduces the official DDIM update.
 
 The updated latent reaches the sampler IN PLACE: the wrapper writes ``x_new`` into the ``x`` tensor it
 was given (``x.copy_``) and returns the fresh prediction ``D(x_new)``. k-diffusion's one-evaluation

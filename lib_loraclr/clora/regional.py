@@ -180,7 +180,7 @@ class RegionalAttention:
 
 
 class RegionalDenoiser:
-    """CLoRA's routed mode: a denoiser wrapper (protocol of `lib_loraclr.tiny.sampling`) that runs ONE
+    """CLoRA's routed mode: a denoiser wrapper (protocol of `lib_loraclr.models.sampling`) that runs ONE
     UNet pass per step with per-region LoRAs and prompts.
 
     Args:

@@ -472,7 +472,7 @@ def te_branch_conds(
     """Encode each branch's prompts with that branch's text-encoder LoRAs active.
 
     ``prompts[b]`` = the prompts (one per image, or cond + uncond) of branch ``b``; ``encode`` is the
-    model's prompt encoder (e.g. ``TinySD.get_learned_conditioning``); ``router`` holds hooks on the text
+    model's prompt encoder (e.g. ``SD1Model.get_learned_conditioning``); ``router`` holds hooks on the text
     encoder (a `RoutedLoras` built with ``key_filter=lambda k: not is_unet_key(k)``), or None.
     Returns ``[encode(prompts[b]) for b]``. Hooks are installed only for the duration of the call.
     """

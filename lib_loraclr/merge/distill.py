@@ -254,7 +254,7 @@ def build_pool(
 ) -> list[_PromptData]:
     """Noised latents and teacher outputs for every prompt: ``prompts[i]`` / ``own[i]`` for concept i < n,
     the last entry of each = the neutral prompts with the base as teacher (``own[n] == {}``)."""
-    from lib_loraclr.tiny.sampling import sample
+    from lib_loraclr.models.sampling import sample
 
     n = len(own) - 1
     gen = torch.Generator().manual_seed(params.seed)

@@ -15,7 +15,7 @@ bounded-memory sufficient statistics (``FeatureStats``): memory does not grow wi
 Spatial layers are grouped into passes under a memory budget; k×k convolutions (k > 1, LoCon) have no
 row form and fall back to the linear merge (reported).
 
-The model is duck-typed (a ``TinySD``, or the WebUI's model with the same attributes): module paths
+The model is duck-typed (a ``SD1Model``, or the WebUI's model with the same attributes): module paths
 are the canonical keys; ``prompt_encoder`` (``lib_loraclr.text.PromptEncoder``) tokenises;
 ``get_learned_conditioning(prompts)``, ``apply_model``, ``alphas_cumprod`` drive sampling.
 """
@@ -706,7 +706,7 @@ def _paired_sampling(
     draws the trajectory; at every step the STUDENT (``student`` weights, ``student_te`` conditioning) runs on
     the same latent, and each group's input rows of both passes go to ``sinks[group]`` (aligned row by row).
     Prompts are batched by canvas; ``config.sample_images`` seeded images per prompt, no CFG."""
-    from lib_loraclr.tiny.sampling import wrap_model
+    from lib_loraclr.models.sampling import wrap_model
 
     by_shape: dict[Any, list[str]] = {}
     for p in prompts:
@@ -732,7 +732,7 @@ def _paired_runs(
     sinks: dict[str, PairedStats],
 ) -> None:
     """The sampling runs of ``_paired_sampling`` (weights swapped by ``swap``)."""
-    from lib_loraclr.tiny.sampling import sample
+    from lib_loraclr.models.sampling import sample
 
     for shape, ps in by_shape.items():
         with torch.no_grad():
@@ -935,7 +935,7 @@ def _plan_passes(fe: _Features, runs: int, config: MergeConfig) -> list[list[str
 def _sample(model: nn.Module, prompt: str, config: MergeConfig) -> None:
     """Seeded sampling runs without CFG (the official feature run; ``config.sample_images`` images, seeds
     ``seed …``); hooks collect the features."""
-    from lib_loraclr.tiny.sampling import sample
+    from lib_loraclr.models.sampling import sample
 
     shape = config.shape_for(prompt) if config.shape_for is not None else config.shape
     sample(

@@ -125,7 +125,7 @@ def validate_advanced(advanced: Mapping[str, Any]) -> dict[str, Any]:
             if v is not None and not isinstance(v, str):
                 raise MergeRequestError(f"{what} must be text, got {v!r}")
             if k == "sampler" and v is not None:
-                from lib_loraclr.tiny.sampling import SAMPLERS
+                from lib_loraclr.models.sampling import SAMPLERS
 
                 if v not in SAMPLERS:
                     raise MergeRequestError(

@@ -3,5 +3,5 @@
 See ``lib_loraclr/world/README.md`` for the design, the numbers and the regeneration command. Modules:
 `data` (digits, scenes, captions), `vocab` (triggers, word tokenizer), `model` (the training model),
 `concepts` (concept definitions), `judges` (classifier + identity), `assets` (loading the committed
-files as a `TinySD` and `DeltaSet` s), `evaluate` (scene scoring used by ``bench/quality.py``).
+files as a `SD1Model` and `DeltaSet` s), `evaluate` (scene scoring used by ``bench/quality.py``).
 """

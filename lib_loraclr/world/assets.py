@@ -1,4 +1,4 @@
-"""Loading the committed world: base model (`TinySD`), concept LoRAs (`DeltaSet`) and judges.
+"""Loading the committed world: base model (`SD1Model`), concept LoRAs (`DeltaSet`) and judges.
 
 ``assets/base.safetensors`` is a `save_tiny_checkpoint`-style file (SD1 keys, config in the metadata key
 ``loraclr_tiny_config``) whose weights are stored in fp16 to keep the world small (9.7 MB instead of 13 MB;
@@ -18,10 +18,10 @@ LORA_DIR = ASSETS / "loras"
 
 
 def world_config():
-    """The `TinySDConfig` of the world model (pixel space, 1 channel, 8×8·k images)."""
-    from lib_loraclr.tiny.models import TinySDConfig, TinyTextConfig, TinyUNetConfig
+    """The `SD1Config` of the world model (pixel space, 1 channel, 8×8·k images)."""
+    from lib_loraclr.models.sd import SD1Config, TextConfig, UNetConfig
 
-    unet = TinyUNetConfig(
+    unet = UNetConfig(
         in_channels=1,
         out_channels=1,
         model_channels=32,
@@ -31,12 +31,12 @@ def world_config():
         num_heads=4,
         context_dim=64,
     )
-    return TinySDConfig(unet=unet, text=TinyTextConfig(hidden_size=64, layers=2, heads=4, intermediate=256))
+    return SD1Config(unet=unet, text=TextConfig(hidden_size=64, layers=2, heads=4, intermediate=256))
 
 
 def load_base(path: Path | str = BASE_FILE):
-    """The base world model as a `TinySD` (eval mode, fp32, CPU)."""
-    from lib_loraclr.tiny.models import load_tiny_checkpoint
+    """The base world model as a `SD1Model` (eval mode, fp32, CPU)."""
+    from lib_loraclr.models.sd import load_tiny_checkpoint
 
     return load_tiny_checkpoint(path).float()
 

@@ -7,8 +7,8 @@ tokenizer. Module paths are the SD1 checkpoint's (``model.diffusion_model.…``,
 ``cond_stage_model.transformer.text_model.…``), so DeltaSet keys, ``lib_loraclr.apply.patched`` and the
 readers/writers treat it like a real SD1 model.
 
-``WorldSD`` is a small stand-in with ``TinySD``'s interface (``apply_model``, ``get_learned_conditioning``,
-``alphas_cumprod``); ``build_world_model`` uses ``lib_loraclr.tiny.models.TinySD`` when it can build this
+``WorldSD`` is a small stand-in with ``SD1Model``'s interface (``apply_model``, ``get_learned_conditioning``,
+``alphas_cumprod``); ``build_world_model`` uses ``lib_loraclr.models.sd.SD1Model`` when it can build this
 configuration, else ``WorldSD``. Both have identical state-dict keys.
 """
 
@@ -77,7 +77,7 @@ class WorldSD(nn.Module):
         self.register_buffer("alphas_cumprod", sd1_alphas_cumprod(), persistent=False)
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        from lib_loraclr.tiny.tokenizer import clip_tokenizer
+        from lib_loraclr.models.tokenizer import clip_tokenizer
 
         tok = clip_tokenizer()(
             list(prompts), padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"

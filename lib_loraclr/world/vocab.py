@@ -60,7 +60,7 @@ class UnknownWordError(LoraclrError, ValueError):
 
 def build_word_table() -> dict[str, list[int]]:
     """Token ids (without BOS/EOS) of every world word, from the real CLIP tokenizer."""
-    from lib_loraclr.tiny.tokenizer import clip_tokenizer
+    from lib_loraclr.models.tokenizer import clip_tokenizer
 
     tok = clip_tokenizer()
     return {w: tok(w).input_ids[1:-1] for w in WORDS}

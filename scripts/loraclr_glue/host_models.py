@@ -23,7 +23,7 @@ from torch import nn
 
 def sd1_unet_kwargs(cfg: Any) -> dict[str, Any]:
     """``IntegratedUNet2DConditionModel`` arguments for an SD1-layout UNet described by ``cfg``
-    (`lib_loraclr.tiny.models.TinyUNetConfig`: sizes read from the checkpoint's shapes).
+    (`lib_loraclr.models.sd.UNetConfig`: sizes read from the checkpoint's shapes).
 
     Forge describes attention per res block (``transformer_depth``: one entry per input res block,
     ``transformer_depth_output``: one per output block, popped from the end) instead of ldm's
@@ -61,7 +61,7 @@ def forge_unet_class() -> type[nn.Module] | None:
 
 
 def forge_unet_factory(unet_class: type[nn.Module] | None = None) -> Callable[[Any], nn.Module] | None:
-    """``factory(TinyUNetConfig) -> nn.Module`` building Forge's SD1 UNet (None outside Forge)."""
+    """``factory(UNetConfig) -> nn.Module`` building Forge's SD1 UNet (None outside Forge)."""
     cls = unet_class or forge_unet_class()
     if cls is None:
         return None

@@ -146,7 +146,7 @@ def sample(
     denoiser: Callable[..., torch.Tensor] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> torch.Tensor:
-    """Sample latents ``[B, C, H, W]`` from a tiny model (`TinySD` or `TinySDXL`), under ``no_grad``.
+    """Sample latents ``[B, C, H, W]`` from a tiny model (`SD1Model` or `SDXLModel`), under ``no_grad``.
 
     - ``shape``: latent ``(C, H, W)``; None = ``model.latent_shape`` ((4, 16, 16) for the default SD1
       layout, whose 4 levels need a 2×2 bottom; (4, 8, 8) for 2-level UNets), else (4, 8, 8);

@@ -1,6 +1,6 @@
 """Tiny Stable Diffusion models with the real checkpoint module layout, built from the real classes.
 
-`TinySD` mirrors an SD1 ``LatentDiffusion`` object as the WebUI holds it (latent space only, no VAE):
+`SD1Model` mirrors an SD1 ``LatentDiffusion`` object as the WebUI holds it (latent space only, no VAE):
 
 - ``model.diffusion_model``            — ldm ``UNetModel`` (``ldm.modules.diffusionmodules.openaimodel``)
 - ``cond_stage_model.transformer``     — transformers ``CLIPTextModel`` (transformers-4 names ``text_model.*``)
@@ -13,7 +13,7 @@
 The default config has SD1's exact module layout (16 ``attn2``: input_blocks 1,2,4,5,7,8, middle_block.1,
 output_blocks 3–11) with 32 base channels and a 64-d, 2-layer text encoder.
 
-`TinySDXL` mirrors sgm's ``DiffusionEngine`` module names (see its docstring).
+`SDXLModel` mirrors sgm's ``DiffusionEngine`` module names (see its docstring).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def sd_alphas_cumprod() -> torch.Tensor:
 
 
 @dataclass
-class TinyUNetConfig:
+class UNetConfig:
     """Arguments of ldm's ``UNetModel`` (defaults: SD1 module layout, tiny channels)."""
 
     in_channels: int = 4
@@ -63,7 +63,7 @@ class TinyUNetConfig:
 
 
 @dataclass
-class TinyTextConfig:
+class TextConfig:
     """A small transformers ``CLIPTextConfig`` (real 49,408-token vocabulary)."""
 
     hidden_size: int = 64
@@ -89,26 +89,26 @@ class TinyTextConfig:
 
 
 @dataclass
-class TinySDConfig:
-    """Config of `TinySD`: UNet, text encoder and CLIP skip (1 = last layer)."""
+class SD1Config:
+    """Config of `SD1Model`: UNet, text encoder and CLIP skip (1 = last layer)."""
 
-    unet: TinyUNetConfig = field(default_factory=TinyUNetConfig)
-    text: TinyTextConfig = field(default_factory=TinyTextConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     clip_skip: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "sd1", **asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TinySDConfig:
+    def from_dict(cls, d: dict[str, Any]) -> SD1Config:
         return cls(
-            unet=TinyUNetConfig(**d.get("unet", {})),
-            text=TinyTextConfig(**d.get("text", {})),
+            unet=UNetConfig(**d.get("unet", {})),
+            text=TextConfig(**d.get("text", {})),
             clip_skip=int(d.get("clip_skip", 1)),
         )
 
 
-def _build_ldm_unet(cfg: TinyUNetConfig) -> nn.Module:
+def _build_ldm_unet(cfg: UNetConfig) -> nn.Module:
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     return UNetModel(
@@ -130,7 +130,7 @@ def _build_ldm_unet(cfg: TinyUNetConfig) -> nn.Module:
     )
 
 
-def default_latent_size(cfg: TinyUNetConfig) -> int:
+def default_latent_size(cfg: UNetConfig) -> int:
     """Smallest latent side ≥ 8 whose deepest UNet level is at least 2×2.
 
     ldm's GroupNorm32 has 32 groups: at 1×1 with 32 channels each group holds a single value, so the
@@ -191,20 +191,20 @@ def _context_from_cond(cond: Any) -> torch.Tensor:
     return cond
 
 
-class TinySD(nn.Module):
+class SD1Model(nn.Module):
     """Tiny SD1 ``LatentDiffusion`` stand-in (see the module docstring); ε-prediction."""
 
     parameterization = "eps"
 
     def __init__(
-        self, config: TinySDConfig | None = None, tokenizer: Any = None, unet_factory: Any = None
+        self, config: SD1Config | None = None, tokenizer: Any = None, unet_factory: Any = None
     ) -> None:
-        """``unet_factory(TinyUNetConfig) -> nn.Module``: another UNet class with ldm's module names and
+        """``unet_factory(UNetConfig) -> nn.Module``: another UNet class with ldm's module names and
         ``forward(x, timesteps=…, context=…)`` (e.g. a host's own), instead of ldm's ``UNetModel``."""
         super().__init__()
         from .tokenizer import clip_tokenizer
 
-        self.config = config or TinySDConfig()
+        self.config = config or SD1Config()
         if self.config.text.hidden_size != self.config.unet.context_dim:
             raise ValueError(
                 f"text hidden_size {self.config.text.hidden_size} != UNet context_dim {self.config.unet.context_dim}"
@@ -237,8 +237,8 @@ class TinySD(nn.Module):
         return self.prompt_encoder.encode(list(prompts))
 
 
-def build_tiny_sd1(seed: int = 0, config: TinySDConfig | None = None, nonzero_outputs: bool = True) -> TinySD:
-    """A randomly initialised `TinySD` (deterministic per ``seed``; the global RNG is left untouched).
+def build_tiny_sd1(seed: int = 0, config: SD1Config | None = None, nonzero_outputs: bool = True) -> SD1Model:
+    """A randomly initialised `SD1Model` (deterministic per ``seed``; the global RNG is left untouched).
 
     ``nonzero_outputs``: give ldm's zero-initialised layers small random weights (see
     `randomize_zero_outputs`), so that attention layers and LoRAs on them change the output, and the
@@ -246,7 +246,7 @@ def build_tiny_sd1(seed: int = 0, config: TinySDConfig | None = None, nonzero_ou
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = TinySD(config)
+        model = SD1Model(config)
         if nonzero_outputs:
             randomize_zero_outputs(model.model.diffusion_model)
             _offset_final_norm(model.cond_stage_model.transformer)
@@ -264,7 +264,7 @@ def save_tiny_checkpoint(model: nn.Module, path: str | os.PathLike[str], overwri
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
-        raise TypeError("save_tiny_checkpoint needs a TinySD or TinySDXL model")
+        raise TypeError("save_tiny_checkpoint needs a SD1Model or SDXLModel model")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {CONFIG_METADATA_KEY: json.dumps(config.to_dict()), "format": "pt"}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -279,8 +279,8 @@ def save_tiny_checkpoint(model: nn.Module, path: str | os.PathLike[str], overwri
     return path
 
 
-def load_tiny_checkpoint(path: str | os.PathLike[str]) -> TinySD | TinySDXL:
-    """Load a checkpoint written by `save_tiny_checkpoint` (`TinySD` or `TinySDXL`), eval mode."""
+def load_tiny_checkpoint(path: str | os.PathLike[str]) -> SD1Model | SDXLModel:
+    """Load a checkpoint written by `save_tiny_checkpoint` (`SD1Model` or `SDXLModel`), eval mode."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -296,11 +296,11 @@ def load_tiny_checkpoint(path: str | os.PathLike[str]) -> TinySD | TinySDXL:
         )
     cfg = json.loads(metadata[CONFIG_METADATA_KEY])
     kind = cfg.get("kind", "sd1")
-    model: TinySD | TinySDXL
+    model: SD1Model | SDXLModel
     if kind == "sd1":
-        model = TinySD(TinySDConfig.from_dict(cfg))
+        model = SD1Model(SD1Config.from_dict(cfg))
     elif kind == "sdxl":
-        model = TinySDXL(TinySDXLConfig.from_dict(cfg))
+        model = SDXLModel(SDXLConfig.from_dict(cfg))
     else:
         raise TinyCheckpointError(f"{path}: unknown tiny model kind {kind!r}")
     model.load_state_dict(load_file(str(path)), strict=True)
@@ -311,7 +311,7 @@ def load_tiny_checkpoint(path: str | os.PathLike[str]) -> TinySD | TinySDXL:
 
 
 @dataclass
-class TinySDXLUNetConfig:
+class SDXLUNetConfig:
     """`SDXLUNetModel` arguments. SDXL base: model_channels 320, num_head_channels 64,
     transformer_depth [1, 2, 10], context_dim 2048, adm_in_channels 2816."""
 
@@ -326,7 +326,7 @@ class TinySDXLUNetConfig:
 
 
 @dataclass
-class TinyOpenClipConfig:
+class OpenClipConfig:
     """`OpenClipTextModel` sizes (SDXL te2 = ViT-bigG: width 1280, 32 layers, 20 heads, embed 1280)."""
 
     width: int = 64
@@ -336,12 +336,12 @@ class TinyOpenClipConfig:
 
 
 @dataclass
-class TinySDXLConfig:
-    """Config of `TinySDXL`. ``size_embed_dim``: sgm's per-number size embedding (SDXL: 256)."""
+class SDXLConfig:
+    """Config of `SDXLModel`. ``size_embed_dim``: sgm's per-number size embedding (SDXL: 256)."""
 
-    unet: TinySDXLUNetConfig = field(default_factory=TinySDXLUNetConfig)
-    te1: TinyTextConfig = field(default_factory=TinyTextConfig)
-    te2: TinyOpenClipConfig = field(default_factory=TinyOpenClipConfig)
+    unet: SDXLUNetConfig = field(default_factory=SDXLUNetConfig)
+    te1: TextConfig = field(default_factory=TextConfig)
+    te2: OpenClipConfig = field(default_factory=OpenClipConfig)
     size_embed_dim: int = 16
 
     @property
@@ -356,11 +356,11 @@ class TinySDXLConfig:
         return {"kind": "sdxl", **asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TinySDXLConfig:
+    def from_dict(cls, d: dict[str, Any]) -> SDXLConfig:
         return cls(
-            unet=TinySDXLUNetConfig(**d.get("unet", {})),
-            te1=TinyTextConfig(**d.get("te1", {})),
-            te2=TinyOpenClipConfig(**d.get("te2", {})),
+            unet=SDXLUNetConfig(**d.get("unet", {})),
+            te1=TextConfig(**d.get("te1", {})),
+            te2=OpenClipConfig(**d.get("te2", {})),
             size_embed_dim=int(d.get("size_embed_dim", 16)),
         )
 
@@ -385,7 +385,7 @@ def _vector_from_cond(cond: dict[str, Any]) -> torch.Tensor:
     raise KeyError(f"SDXL conditioning needs a 'vector', got keys {sorted(cond)}")
 
 
-class TinySDXL(nn.Module):
+class SDXLModel(nn.Module):
     """Tiny SDXL ``DiffusionEngine`` stand-in with sgm's module names (latent space only).
 
     - ``model.diffusion_model``: `SDXLUNetModel` (ldm classes, sgm names; ``label_emb.0.{0,2}``);
@@ -403,14 +403,14 @@ class TinySDXL(nn.Module):
     parameterization = "eps"
     is_sdxl = True
 
-    def __init__(self, config: TinySDXLConfig | None = None, tokenizer: Any = None) -> None:
+    def __init__(self, config: SDXLConfig | None = None, tokenizer: Any = None) -> None:
         super().__init__()
         from .full_trees import SizeEmbedder
         from .openclip_text import OpenClipTextModel
         from .sdxl_unet import sdxl_unet
         from .tokenizer import clip_tokenizer
 
-        self.config = cfg = config or TinySDXLConfig()
+        self.config = cfg = config or SDXLConfig()
         self.tokenizer = tokenizer if tokenizer is not None else clip_tokenizer()
         u = cfg.unet
         unet = sdxl_unet(
@@ -481,16 +481,16 @@ class TinySDXL(nn.Module):
         """ε ``[B, C, H, W]``; ``cond`` = ``{"crossattn": [B, T, D], "vector": [B, adm]}`` (also accepts
         ``c_crossattn`` / ``c_adm`` keys and lists, as the WebUI's wrappers pass)."""
         if not isinstance(cond, dict):
-            raise TypeError("TinySDXL.apply_model needs a dict with 'crossattn' and 'vector'")
+            raise TypeError("SDXLModel.apply_model needs a dict with 'crossattn' and 'vector'")
         return self.model.diffusion_model(
             x, timesteps=t, context=_context_from_cond(cond), y=_vector_from_cond(cond)
         )
 
 
 def build_tiny_sdxl(
-    seed: int = 0, config: TinySDXLConfig | None = None, nonzero_outputs: bool = True
-) -> TinySDXL:
-    """A randomly initialised `TinySDXL` (deterministic per ``seed``; global RNG untouched).
+    seed: int = 0, config: SDXLConfig | None = None, nonzero_outputs: bool = True
+) -> SDXLModel:
+    """A randomly initialised `SDXLModel` (deterministic per ``seed``; global RNG untouched).
 
     ``nonzero_outputs``: small random weights for ldm's zero-initialised layers, and a +0.1 offset on both
     text encoders' position embeddings so that the hidden states have a clear mean (the WebUI's emphasis
@@ -498,7 +498,7 @@ def build_tiny_sdxl(
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = TinySDXL(config)
+        model = SDXLModel(config)
         if nonzero_outputs:
             randomize_zero_outputs(model.model.diffusion_model)
             with torch.no_grad():
