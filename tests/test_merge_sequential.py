@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_loraclr.merge.pipeline import Concept, MergeConfig, merge_loras, unet_stage
+from lib_loraclr.merge.pipeline import Concept, MergeConfig, merge_loras
+from lib_loraclr.merge.sequential import unet_stage
 from lib_loraclr.merge.stats import PairedStats
 from lib_loraclr.models.sd import build_tiny_sd1
 from tests.lora_factory import attention_keys, random_lora
@@ -112,3 +113,24 @@ def test_sequential_two_concepts_runs_every_stage_in_depth_order(small) -> None:
     # the official preset never solves sequentially unless asked
     assert MergeConfig(preset="official").effective_sequential() is False
     assert MergeConfig(sequential=True, preset="official").effective_sequential() is True
+
+
+def test_a_pass_that_feeds_one_stage_stops_after_it_with_the_same_rows(small) -> None:
+    """``_collect(stop_after=…)`` records exactly the rows of a full pass and then stops the pass: the layers
+    after the awaited module never run (what makes sequential solving cost one pass per stage, not two)."""
+    from lib_loraclr.merge.pipeline import StopForward, _collect, _hook_module
+    from lib_loraclr.merge.sequential import _count_runs, _RowBuffer, _until_recorded
+
+    model, concepts = small
+    g, key = "layer0:x", next(k for k in concepts[0].deltas.modules if ".encoder.layers.0." in k)
+    later = {"last": next(n for n, _ in model.named_modules() if n.endswith("final_layer_norm"))}
+    full, cut = {g: _RowBuffer()}, {g: _RowBuffer()}
+    with torch.no_grad():
+        with _collect(model, full, {g: key}), _count_runs(model, later) as ran_full:
+            model.get_learned_conditioning(["photo of a sks"])
+        fires = len(full[g].blocks)
+        with _collect(model, cut, {g: key}, stop_after={g: fires}), _count_runs(model, later) as ran_cut:
+            assert _until_recorded(lambda: model.get_learned_conditioning(["photo of a sks"])) is None
+    assert fires >= 1 and ran_full["last"] >= 1 and ran_cut["last"] == 0
+    assert torch.equal(full[g].rows(), cut[g].rows())
+    assert issubclass(StopForward, Exception) and _hook_module(model, key) is not None

@@ -10,7 +10,7 @@ Stages (LoRACLR's official order, methods.md §1.4):
    ("photo of a {trigger}", no CFG), with the merged TE and K/V and concept i's other UNet LoRA active.
 Each layer is solved independently from the base weight (``merge_layer``). With ``MergeConfig.sequential``
 (the recommended default) the same stages run in depth order on inputs recorded from the partially merged
-model, paired with the concept's own-LoRA inputs (``_merge_sequential``, ``PairedStats``). Features are accumulated as
+model, paired with the concept's own-LoRA inputs (``merge/sequential.py``, ``PairedStats``). Features are accumulated as
 bounded-memory sufficient statistics (``FeatureStats``): memory does not grow with steps or resolution.
 Spatial layers are grouped into passes under a memory budget; k×k convolutions (k > 1, LoCon) have no
 row form and fall back to the linear merge (reported).
@@ -23,7 +23,6 @@ are the canonical keys; ``prompt_encoder`` (``lib_loraclr.text.PromptEncoder``) 
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -253,19 +252,29 @@ def _w0(model: nn.Module, key: str) -> torch.Tensor:
     return (w if rows is None else w[rows]).float().flatten(1)
 
 
+class StopForward(Exception):
+    """Raised by a ``_collect`` hook once every awaited module has seen its input: the rest of the forward
+    pass is not needed (sequential solving runs passes that feed one stage only)."""
+
+
 @contextmanager
 def _collect(
     model: nn.Module,
-    stats: dict[str, FeatureStats],
+    stats: dict[str, Any],
     hook_keys: dict[str, str],
     select: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    stop_after: dict[str, int] | None = None,
 ) -> Iterator[None]:
-    """Forward pre-hooks feeding each input group's rows into ``stats[group]``; always removed.
+    """Forward pre-hooks feeding each input group's rows into ``stats[group]`` (anything with ``add(rows)``);
+    always removed.
 
     ``hook_keys[group]`` is one canonical key of the group: its module's input is the group's input.
     ``select(x)`` may cut positions of a batch-first ``[B, L, D]`` input first (text encoder).
+    ``stop_after[group]`` = how many times that module runs in the pass: once every listed group has run that
+    often, the hook raises ``StopForward`` (the module itself then does not run).
     """
     handles = []
+    pending = dict(stop_after) if stop_after else None
 
     def make(group: str):
         seq_first = _sequence_first(hook_keys[group])
@@ -279,6 +288,12 @@ def _collect(
             r = _rows(mod, x)
             if r is not None:
                 stats[group].add(r)
+            if pending is not None and group in pending:
+                pending[group] -= 1
+                if pending[group] <= 0:
+                    del pending[group]
+                if not pending:
+                    raise StopForward
 
         return hook
 
@@ -485,8 +500,10 @@ def merge_loras(
 
     own_dense = [{k: m.delta() for k, m in s.modules.items()} for s in scaled] + [{}]  # + the base (no LoRA)
     if seq:
-        _merge_sequential(
-            model, config, keys, by_group, own_dense, prompts, n, n_rows, concepts, merged, solve, tick
+        from lib_loraclr.merge.sequential import merge_sequential
+
+        merge_sequential(
+            model, config, by_group, own_dense, prompts, n, n_rows, concepts, merged, solve, tick
         )
     # ---- stage 1: text encoder
     te_all = by_group["te"] if not seq else []
@@ -606,286 +623,6 @@ def _kv_positions(
     if rows == "all":
         return list(range(length))
     return list(range(eot + 1))
-
-
-class _RowBuffer:
-    """Rows of one forward pass (transient: one prompt or one sampling step), for paired statistics."""
-
-    def __init__(self) -> None:
-        self.blocks: list[torch.Tensor] = []
-
-    def add(self, rows: torch.Tensor) -> None:
-        self.blocks.append(rows.float())
-
-    def rows(self) -> torch.Tensor:
-        return torch.cat(self.blocks) if len(self.blocks) != 1 else self.blocks[0]
-
-
-def _call_order(model: nn.Module, hook_keys: dict[str, str], run: Callable[[], Any]) -> list[str]:
-    """Input groups in the order their modules first run during ``run()`` (groups never run go last)."""
-    order: list[str] = []
-    handles = []
-
-    def make(group: str):
-        def hook(mod: nn.Module, args: tuple) -> None:
-            if group not in order:
-                order.append(group)
-
-        return hook
-
-    try:
-        for g, k in hook_keys.items():
-            handles.append(_hook_module(model, k).register_forward_pre_hook(make(g)))
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
-    return order + [g for g in hook_keys if g not in order]
-
-
-_BLOCK = re.compile(r"\.(input_blocks|output_blocks)\.(\d+)\.|\.(middle_block)\.")
-
-
-def unet_stage(key: str) -> tuple[int, int]:
-    """Depth stage of a UNet key for sequential solving: ``(0, i)`` input block i, ``(1, 0)`` the middle
-    block, ``(2, i)`` output block i, ``(3, 0)`` anything else (ldm / sgm module paths)."""
-    m = _BLOCK.search(key)
-    if m is None:
-        return (3, 0)
-    if m.group(3):
-        return (1, 0)
-    return (0 if m.group(1) == "input_blocks" else 2, int(m.group(2)))
-
-
-class _WeightSets:
-    """Several sets of patched weights, built once and swapped in by reference (no add per forward pass).
-
-    ``sets[name]`` = canonical key → dense ΔW; ``use(name)`` points every touched weight at ``W0 + ΔW`` of that
-    set (``W0`` where the set has no delta); ``restore()`` puts the original tensors back bit-for-bit.
-    Memory: one extra copy of each touched weight per set.
-    """
-
-    def __init__(self, model: nn.Module, sets: dict[str, dict[str, torch.Tensor]]) -> None:
-        self.weights: dict[int, torch.Tensor] = {}
-        self.original: dict[int, torch.Tensor] = {}
-        self.by_set: dict[str, dict[int, torch.Tensor]] = {name: {} for name in sets}
-        for name, deltas in sets.items():
-            for key, d in deltas.items():
-                w, rows = target_weight(model, key)
-                wid = id(w)
-                self.weights.setdefault(wid, w)
-                self.original.setdefault(wid, w.data)
-                new = self.by_set[name].get(wid)
-                if new is None:
-                    new = self.by_set[name][wid] = w.data.clone()
-                view = new if rows is None else new[rows]
-                view += d.reshape(view.shape).to(device=new.device, dtype=new.dtype)
-
-    def use(self, name: str) -> None:
-        for wid, w in self.weights.items():
-            w.data = self.by_set[name].get(wid, self.original[wid])
-
-    def restore(self) -> None:
-        for wid, w in self.weights.items():
-            w.data = self.original[wid]
-
-
-def _paired_sampling(
-    model: nn.Module,
-    prompts: Sequence[str],
-    config: MergeConfig,
-    teacher: dict[str, torch.Tensor],
-    student: dict[str, torch.Tensor],
-    teacher_te: dict[str, torch.Tensor],
-    student_te: dict[str, torch.Tensor],
-    hook_keys: dict[str, str],
-    sinks: dict[str, PairedStats],
-) -> None:
-    """Teacher-forced sampling runs: the TEACHER (``teacher`` UNet weights, conditioning from ``teacher_te``)
-    draws the trajectory; at every step the STUDENT (``student`` weights, ``student_te`` conditioning) runs on
-    the same latent, and each group's input rows of both passes go to ``sinks[group]`` (aligned row by row).
-    Prompts are batched by canvas; ``config.sample_images`` seeded images per prompt, no CFG."""
-    from lib_loraclr.models.sampling import wrap_model
-
-    by_shape: dict[Any, list[str]] = {}
-    for p in prompts:
-        shape = config.shape_for(p) if config.shape_for is not None else config.shape
-        by_shape.setdefault(None if shape is None else tuple(shape), []).extend([p] * config.sample_images)
-    inner = wrap_model(model)
-    swap = _WeightSets(model, {"teacher": teacher, "student": student})
-    try:
-        _paired_runs(model, config, by_shape, inner, swap, teacher_te, student_te, hook_keys, sinks)
-    finally:
-        swap.restore()
-
-
-def _paired_runs(
-    model: nn.Module,
-    config: MergeConfig,
-    by_shape: dict[Any, list[str]],
-    inner: nn.Module,
-    swap: _WeightSets,
-    teacher_te: dict[str, torch.Tensor],
-    student_te: dict[str, torch.Tensor],
-    hook_keys: dict[str, str],
-    sinks: dict[str, PairedStats],
-) -> None:
-    """The sampling runs of ``_paired_sampling`` (weights swapped by ``swap``)."""
-    from lib_loraclr.models.sampling import sample
-
-    for shape, ps in by_shape.items():
-        with torch.no_grad():
-            with patched(model, teacher_te):
-                t_cond = model.get_learned_conditioning(ps)  # type: ignore[operator]
-            with patched(model, student_te):
-                s_cond = model.get_learned_conditioning(ps)  # type: ignore[operator]
-
-        def den(
-            x: torch.Tensor,
-            sigma: torch.Tensor,
-            cond: Any = None,
-            uncond: Any = None,
-            cond_scale: float = 1.0,
-            t_cond: Any = t_cond,
-            s_cond: Any = s_cond,
-        ) -> torch.Tensor:
-            bt = {g: _RowBuffer() for g in sinks}
-            bs = {g: _RowBuffer() for g in sinks}
-            swap.use("teacher")
-            with _collect(model, bt, hook_keys):  # type: ignore[arg-type]
-                out = inner(x, sigma, cond=t_cond)
-            swap.use("student")
-            with _collect(model, bs, hook_keys):  # type: ignore[arg-type]
-                inner(x, sigma, cond=s_cond)
-            for g, sink in sinks.items():
-                if bs[g].blocks:
-                    sink.add(bs[g].rows(), bt[g].rows())
-            return out
-
-        sample(
-            model,
-            ps,
-            negative="",
-            steps=config.sample_steps,
-            cfg_scale=1.0,
-            sampler=config.sampler,
-            seed=config.seed,
-            shape=shape,
-            denoiser=den,
-        )
-
-
-def _merge_sequential(
-    model: nn.Module,
-    config: MergeConfig,
-    keys: Sequence[str],
-    by_group: dict[str, list[str]],
-    own: list[dict[str, torch.Tensor]],
-    prompts: list[list[str]],
-    n: int,
-    n_rows: int,
-    concepts: Sequence[Concept],
-    merged: dict[str, torch.Tensor],
-    solve: Callable[..., None],
-    tick: Callable[[str], None],
-) -> None:
-    """Sequential solving (``MergeConfig.sequential``): text-encoder input groups in call order, then K/V,
-    then the UNet's blocks in depth order; every stage records PAIRED statistics (the partially merged
-    student's inputs and the concept's own-LoRA teacher's inputs at the same tokens / sampling steps) and
-    solves its layers on drift-corrected targets. ``own[i]``: concept i's dense ΔW per key (``own[n]`` = {}:
-    the base, for the neutral prompts); rows ``0 … n_rows-1`` join the solve, row ``n`` is the neutral one."""
-    enc = model.prompt_encoder  # type: ignore[attr-defined]
-    rows = range(n + 1)
-
-    def student(i: int, part: Sequence[str]) -> dict[str, torch.Tensor]:
-        return {k: merged[k] if k in merged else own[i][k] for k in part if k in merged or k in own[i]}
-
-    def only(i: int, part: Sequence[str]) -> dict[str, torch.Tensor]:
-        return {k: own[i][k] for k in part if k in own[i]}
-
-    # ---- text encoder: one input group at a time, in call order
-    te_all = by_group["te"]
-    te_keys = [k for k in te_all if _rowable(model, k)]
-    if te_keys:
-        fe = _Features(model, te_keys, config)
-        order = _call_order(model, fe.hook_keys, lambda: model.get_learned_conditioning([prompts[0][0]]))  # type: ignore[operator]
-        for g in order:
-            tick(f"text encoder (sequential): {g}")
-            paired = [PairedStats(fe.dims[g], config.sketch_rows, config.seed) for _ in rows]
-            one = {g: fe.hook_keys[g]}
-            for i in rows:
-                for p in prompts[min(i, n)]:
-                    eot = enc.eot_position(p)
-                    bt, bs = {g: _RowBuffer()}, {g: _RowBuffer()}
-                    sel = _te_select(config, eot)
-                    with torch.no_grad():
-                        with patched(model, only(i, te_all)), _collect(model, bt, one, select=sel):  # type: ignore[arg-type]
-                            model.get_learned_conditioning([p])  # type: ignore[operator]
-                        with patched(model, student(i, te_all)), _collect(model, bs, one, select=sel):  # type: ignore[arg-type]
-                            model.get_learned_conditioning([p])  # type: ignore[operator]
-                    paired[i].add(bs[g].rows(), bt[g].rows())
-            for k in te_keys:
-                if input_group(k) == g:
-                    solve(k, [], paired[n].features, paired=paired[:n_rows])
-    for k in te_all:
-        if k not in te_keys:
-            solve(k, [None] * n, None)
-    te_merged = {k: merged[k] for k in te_all}
-
-    # ---- cross-attention K/V: student = the merged text encoder, teacher = the concept's own
-    kv_keys = by_group["kv"]
-    if kv_keys:
-        tick("cross-attention K/V (sequential): encoding prompts")
-        dim = _d_in(model, kv_keys[0])
-        paired = [PairedStats(dim, config.sketch_rows, config.seed) for _ in rows]
-        with torch.no_grad():
-            for i in rows:
-                for p in prompts[min(i, n)]:
-                    with patched(model, only(i, te_all)):
-                        ct = _crossattn(model.get_learned_conditioning([p]))[0]  # type: ignore[operator]
-                    with patched(model, te_merged):
-                        cs = _crossattn(model.get_learned_conditioning([p]))[0]  # type: ignore[operator]
-                    eot = enc.eot_position(p)
-                    pos = _kv_positions(
-                        config, enc, p, concepts[i].trigger if i < n else None, eot, cs.shape[0]
-                    )
-                    paired[i].add(cs[pos].float(), ct[pos].float())
-        for k in kv_keys:
-            solve(k, [], paired[n].features, paired=paired[:n_rows])
-
-    # ---- the other UNet layers: block by block in depth order, teacher-forced sampling runs
-    unet_all = by_group["unet"] + kv_keys
-    row_keys = [k for k in by_group["unet"] if _rowable(model, k)]
-    stages: dict[tuple[int, int], list[str]] = {}
-    for k in row_keys:
-        stages.setdefault(unet_stage(k), []).append(k)
-    for si, (_stage, skeys) in enumerate(sorted(stages.items())):
-        fe = _Features(model, skeys, config)
-        sinks_all = [
-            {g: PairedStats(d, config.sketch_rows, config.seed) for g, d in fe.dims.items()} for _ in rows
-        ]
-        for i in rows:
-            tick(f"UNet (sequential): stage {si + 1}/{len(stages)}, run {i + 1}/{n + 1}")
-            ps = prompts[min(i, n)]
-            ps = ps if config.effective_sample_prompts() == "all" else ps[:1]
-            _paired_sampling(
-                model,
-                ps,
-                config,
-                only(i, unet_all),
-                student(i, unet_all),
-                only(i, te_all),
-                te_merged,
-                fe.hook_keys,
-                sinks_all[i],
-            )
-        for k in skeys:
-            g = input_group(k)
-            solve(k, [], sinks_all[n][g].features, paired=[sinks_all[i][g] for i in range(n_rows)])
-    for k in by_group["unet"]:
-        if k not in row_keys:
-            solve(k, [None] * n, None)
 
 
 def _concept_delta(mod: LoraModule) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
