@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Protocol
 
 import torch
 
@@ -362,264 +363,28 @@ class _Objective:
         p = self.p
         self.all_pairs = [(i, j) for i in range(self.N) for j in range(self.N) if i != j]
         self.hinge_on = p.lambda_con > 0 and self.N > 1
-        self.gap_scale = torch.ones(self.N, self.N)  # hinge gap multiplier per pair (axis: separation / σ_i)
-        if not self.hinge_on:
-            return
-        if p.negatives == "paired":
-            self._setup_paired()
-        else:
-            self._setup_rowspace()
+        self.neg: _Negatives | None = None
+        if self.hinge_on:
+            self.neg = _PairedNegatives(self) if p.negatives == "paired" else _RowspaceNegatives(self)
 
-    def _setup_paired(self) -> None:
-        sk = [fs.sketch() for fs in self.feats]
-        self._sk_x = [x.float().cpu() for _, x in sk]
-        self._sk_idx = [idx for idx, _ in sk]
-        full = self._rows_mode and all(int(ix.numel()) == n for ix, n in zip(self._sk_idx, self.n))
-        self._xw0: torch.Tensor | None = None
-        if full:  # the sketches are all the rows: reuse X_iΔW_iᵀ (and X W0ᵀ, see _rows_times)
-            self._xw0 = torch.cat(self._sk_x) @ self.w0.T
-            y = self._xw0 + self._Tcat
-            self._sk_y = list(torch.split(y, self.n))
-        else:
-            base = list(torch.split(torch.cat(self._sk_x) @ self.w0.T, [int(x.shape[0]) for x in self._sk_x]))
-            self._sk_y = [
-                b + cs.apply_delta_t(x) if cs.has_delta else b
-                for b, x, cs in zip(base, self._sk_x, self._concepts)
-            ]
-        same = all(torch.equal(self._sk_idx[0], ix) for ix in self._sk_idx) and len(set(self.n)) == 1
-        self._aligned = same and self._sk_idx[0].numel() > 0
-        self._pair_sel: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, float]] = {}
-        if self._aligned:
-            self._xs = torch.stack(self._sk_x)
-            self._ys = torch.stack(self._sk_y)
-            self._scale = self.n[0] / self._sk_idx[0].numel()
-        else:
-            for i, j in self.all_pairs:
-                lim = min(self.n[i], self.n[j])
-                ii, jj = self._sk_idx[i], self._sk_idx[j]
-                common = ii[torch.isin(ii, jj) & (ii < lim)]
-                if common.numel() == 0:
-                    continue
-                si = torch.searchsorted(ii, common)
-                sj = torch.searchsorted(jj, common)
-                self._pair_sel[(i, j)] = (si, sj, lim / common.numel())
-        # normalisers t_ij: distance between the two targets on the paired rows
-        self._t = torch.ones(self.N, self.N)
-        if self.p.normalize == "concept":
-            for i, j in self.all_pairs:
-                yi, yj, sc = self._paired_rows(self._sk_y, i, j)
-                if yi is not None:
-                    self._t[i, j] = math.sqrt(sc * float((yi - yj).double().pow(2).sum())) + 1e-30
-
-    def _paired_rows(self, ys, i, j):
-        if self._aligned:
-            return ys[i], self._sk_y[j], self._scale
-        if (i, j) not in self._pair_sel:
-            return None, None, 1.0
-        si, sj, sc = self._pair_sel[(i, j)]
-        return ys[i][si], self._sk_y[j][sj], sc
-
-    def _dist_paired(self, delta: torch.Tensor) -> torch.Tensor:
-        """``[N, N]`` matrix of (normalised) D_ij, j ≠ i; diagonal and unknown pairs = +inf."""
-        if self._aligned and self._xw0 is not None and not delta.requires_grad:
-            yh = (self._xw0 + self._rows_times(delta)).reshape(self.N, -1, self.d_out)  # shares X Δᵀ
-        elif self._aligned:
-            yh = self._xs @ (self.w0 + delta).T  # [N, k, d_out]
-        if self._aligned:
-            a = yh.reshape(self.N, -1)
-            v = self._ys.reshape(self.N, -1)
-            d2 = a.pow(2).sum(1, keepdim=True) + v.pow(2).sum(1, keepdim=True).T - 2 * a @ v.T
-            dist = torch.sqrt(torch.clamp(self._scale * d2, min=1e-12))
-            dist = dist.masked_fill(torch.eye(self.N, dtype=torch.bool), float("inf"))
-        else:
-            a_w = self.w0 + delta
-            yh = [x @ a_w.T for x in self._sk_x]
-            rows = []
-            for i in range(self.N):
-                row = []
-                for j in range(self.N):
-                    yi, yj, sc = self._paired_rows(yh, i, j) if i != j else (None, None, 1.0)
-                    if yi is None:
-                        row.append(delta.new_tensor(float("inf")))
-                        continue
-                    d2 = yi.pow(2).sum() + yj.pow(2).sum() - 2 * (yi * yj).sum()
-                    row.append(torch.sqrt(torch.clamp(sc * d2, min=1e-12)))
-                rows.append(torch.stack(row))
-            dist = torch.stack(rows)
-        return dist / self._t
-
-    def _setup_rowspace(self) -> None:
-        """ "own" / "axis" negatives: exact through a factor ``L_i`` (``L_iᵀL_i = G_i``) of each concept's Gram.
-
-        Per concept i and negative j the terms are (A_ij [p, d_out], const_ij, norm_ij):
-        own:  value = ‖L_iΔᵀ − A‖ / norm with A = L_iΔW_jᵀ, norm = separation (or 1 with normalize="none");
-        axis: value = (⟨L_iΔᵀ, A⟩ − const) / norm with A = L_i(ΔW_i − ΔW_j)ᵀ, const = ⟨L_iΔW_jᵀ, A⟩,
-              norm = ‖A‖² (position of the merged output on the segment from j's target (0) to i's (1)).
-        """
-        self._L = [fs.factor(max_rank=self.p.hinge_rank, dtype=torch.float32) for fs in self.feats]
-        self._stats = list(self._concepts)
-        cache_bytes = sum(int(L.shape[0]) for L in self._L) * self.N * self.d_out * 4
-        self._cache_terms = cache_bytes <= 256 * 2**20
-        self._terms: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._sub_terms: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._valid = []
-        blocks = self._target_blocks(list(range(self.N))) if self._cache_terms else None
-        for i in range(self.N):
-            _, _, _, valid = self._row_terms(i, None if blocks is None else blocks[i])
-            self._valid.extend((i, j) for j in valid.nonzero().flatten().tolist())
-        if self._cache_terms:  # padded batch of every pair: one einsum per evaluation
-            pmax = max(int(L.shape[0]) for L in self._L)
-            self._Lp = torch.zeros(self.N, pmax, self.d_in)
-            self._Ap = torch.zeros(self.N, self.N, pmax, self.d_out)
-            for i in range(self.N):
-                a, _, _, _ = self._terms[i]
-                p_i = int(self._L[i].shape[0])
-                self._Lp[i, :p_i] = self._L[i]
-                self._Ap[i, :, :p_i] = a
-            self._constp = torch.stack([self._terms[i][1] for i in range(self.N)])
-            self._normp = torch.stack([self._terms[i][2] for i in range(self.N)])
-            self._validp = torch.stack([self._terms[i][3] for i in range(self.N)])
-            if self.p.negatives == "own":
-                self._Asq = self._Ap.pow(2).sum((2, 3))
-            self._terms.clear()
-
-    def _dist_all(self, delta: torch.Tensor) -> torch.Tensor:
-        """Every pair at once (cached terms): ``[N, N]`` distances, inf where invalid."""
-        pp = self._Lp @ delta.T  # [N, pmax, d_out]
-        inner = torch.einsum("ijpd,ipd->ij", self._Ap, pp)
-        if self.p.negatives == "axis":
-            vals = (inner - self._constp) / self._normp
-        else:
-            psq = pp.pow(2).sum((1, 2)).unsqueeze(1)
-            vals = (psq - 2 * inner + self._Asq).clamp_min(1e-24).sqrt() / self._normp
-        return torch.where(self._validp, vals, torch.full_like(vals, float("inf")))
-
-    def _target_blocks(self, idx: list[int]) -> list[torch.Tensor]:
-        """``L_i ΔW_jᵀ`` for every j, as ``[N, p_i, d_out]``, for each i in ``idx`` (one batched product)."""
-        lcat = torch.cat([self._L[i] for i in idx])  # [P, d_in]
-        if all(cs.is_low_rank or not cs.has_delta for cs in self._stats):
-            rmax = max([cs.down.shape[0] for cs in self._stats if cs.down is not None] or [1])
-            downs = torch.zeros(self.N, rmax, self.d_in)
-            ups = torch.zeros(self.N, rmax, self.d_out)
-            for j, cs in enumerate(self._stats):
-                if cs.down is not None and cs.up is not None:
-                    downs[j, : cs.down.shape[0]] = cs.down
-                    ups[j, : cs.up.shape[1]] = cs.up.T
-            low = (
-                (lcat @ downs.reshape(-1, self.d_in).T).reshape(-1, self.N, rmax).transpose(0, 1)
-            )  # [N, P, r]
-            t = torch.bmm(low, ups)  # [N, P, d_out]
-        else:
-            t = (lcat @ torch.cat(self.deltas).T).reshape(-1, self.N, self.d_out).transpose(0, 1)
-        return list(torch.split(t, [int(self._L[i].shape[0]) for i in idx], dim=1))
-
-    def _row_terms(self, i: int, t_all: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """(A [N, p, d_out], const [N], norm [N], valid [N] bool) of concept i against every j."""
-        if i in self._terms:
-            return self._terms[i]
-        if t_all is None:
-            t_all = self._target_blocks([i])[0]
-        ti = t_all[i]
-        diff = ti.unsqueeze(0) - t_all
-        sep_sq = diff.pow(2).sum((1, 2)).double()
-        scale_sq = (ti.pow(2).sum() + t_all.pow(2).sum((1, 2))).double()
-        valid = torch.ones(self.N, dtype=torch.bool)
-        valid[i] = False
-        if self.p.negatives == "axis" or self.p.normalize == "concept":
-            valid &= (sep_sq > 1e-12 * scale_sq) & (
-                sep_sq > 0
-            )  # identical targets: nothing to move away from
-        if self.p.negatives == "axis":
-            a = diff
-            const = (t_all * diff).sum((1, 2))
-            norm = sep_sq.float().clamp_min(1e-30)
-            self.gap_scale[i] = torch.where(valid, sep_sq.sqrt().float() / self.s[i], torch.ones(self.N))
-        else:
-            a = t_all
-            const = torch.zeros(self.N)
-            norm = (
-                sep_sq.sqrt().float().clamp_min(1e-30)
-                if self.p.normalize == "concept"
-                else torch.ones(self.N)
-            )
-        out = (a, const, norm, valid)
-        if self._cache_terms:
-            self._terms[i] = out
-        return out
-
-    def _values_i(
-        self, i: int, delta: torch.Tensor, js: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distances of concept i to negatives ``js`` (all valid when None): (values, js).
-
-        Without the all-pairs cache (large layers), the terms of the requested ``js`` are kept per i, so an
-        optimisation over a few candidate pairs does not rebuild them at every evaluation."""
-        if js is not None and not self._cache_terms:
-            key = (i, tuple(js.tolist()))
-            if key not in self._sub_terms:
-                a_all, c_all, n_all, _ = self._row_terms(i)
-                self._sub_terms[key] = (a_all[js].clone(), c_all[js], n_all[js])
-            a, const, norm = self._sub_terms[key]
-            pi = self._L[i] @ delta.T
-            idx = torch.arange(len(js))
-            if self.p.negatives == "axis":
-                vals = ((a * pi.unsqueeze(0)).sum((1, 2)) - const[idx]) / norm[idx]
-            else:
-                vals = (pi.unsqueeze(0) - a).pow(2).sum((1, 2)).clamp_min(1e-24).sqrt() / norm[idx]
-            return vals, js
-        a, const, norm, valid = self._row_terms(i)
-        if js is None:
-            js = valid.nonzero().flatten()
-        pi = self._L[i] @ delta.T  # [p, d_out]
-        a = a[js]
-        if self.p.negatives == "axis":
-            vals = ((a * pi.unsqueeze(0)).sum((1, 2)) - const[js]) / norm[js]
-        else:
-            vals = (pi.unsqueeze(0) - a).pow(2).sum((1, 2)).clamp_min(1e-24).sqrt() / norm[js]
-        return vals, js
+    @property
+    def gap_scale(self) -> torch.Tensor:
+        """Hinge gap multiplier per pair ``[N, N]`` (axis: separation / σ_i; else 1)."""
+        return self.neg.gap_scale if self.neg is not None else torch.ones(self.N, self.N)
 
     def scan(self, delta: torch.Tensor) -> torch.Tensor:
         """All negative distances ``[N, N]`` at ``delta`` (no gradient; inf on the diagonal / invalid pairs)."""
+        assert self.neg is not None
         with torch.no_grad():
-            if self.p.negatives == "paired":
-                return self._dist_paired(delta)
-            if self._cache_terms:
-                return self._dist_all(delta)
-            dist = torch.full((self.N, self.N), float("inf"))
-            for i in range(self.N):
-                vals, js = self._values_i(i, delta, None)
-                dist[i, js] = vals
-            return dist
-
-    def _dist_rows(self, delta: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
-        if self._cache_terms:
-            mask = torch.zeros(self.N, self.N, dtype=torch.bool)
-            if pairs:
-                mask[torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs])] = True
-            d = self._dist_all(delta)
-            return torch.where(mask, d, torch.full_like(d, float("inf")))
-        by_i: dict[int, list[int]] = {}
-        for i, j in pairs:
-            by_i.setdefault(i, []).append(j)
-        vals, ii, jj = [], [], []
-        for i, js in by_i.items():
-            v, jt = self._values_i(i, delta, torch.tensor(js))
-            vals.append(v)
-            ii.append(torch.full((len(js),), i))
-            jj.append(jt)
-        dist = torch.full((self.N, self.N), float("inf"), dtype=delta.dtype)
-        if vals:
-            dist = dist.index_put((torch.cat(ii), torch.cat(jj)), torch.cat(vals))
-        return dist
+            return self.neg.dist(delta, None)
 
     def dist(self, delta: torch.Tensor, pairs: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
         """Normalised negative distances ``[N, N]`` (inf where not evaluated); ``pairs=None``: all (no grad
         for own/axis)."""
-        if self.p.negatives == "paired":
-            return self._dist_paired(delta)
-        if pairs is None:
+        assert self.neg is not None
+        if pairs is None and not isinstance(self.neg, _PairedNegatives):
             return self.scan(delta)
-        return self._dist_rows(delta, pairs)
+        return self.neg.dist(delta, pairs)
 
     # ---- total loss
     def evaluate(self, delta: torch.Tensor) -> dict:
@@ -676,6 +441,276 @@ class _Objective:
         return total, neg, active
 
 
+_TERM_CACHE_BYTES = 256 * 2**20  # the all-pairs term cache of _RowspaceNegatives, at most
+
+
+class _Negatives(Protocol):
+    """The contrastive part's distances: ``dist(Δ, pairs)`` ``[N, N]`` normalised D_ij (inf where not
+    evaluated; ``pairs=None``: all), ``valid`` pairs that can be pushed apart, ``gap_scale`` ``[N, N]``."""
+
+    valid: list[tuple[int, int]]
+    gap_scale: torch.Tensor
+
+    def dist(self, delta: torch.Tensor, pairs: Sequence[tuple[int, int]] | None) -> torch.Tensor: ...
+
+
+class _PairedNegatives:
+    """Official negatives ``D_ij = ‖Ŷ_i − Y_j‖``: concept i's merged output and concept j's target on PAIRED
+    sketch rows (row r of i with row r of j; exact when the sketches hold every row and are aligned)."""
+
+    def __init__(self, o: _Objective) -> None:
+        self.o = o
+        self.valid = list(o.all_pairs)
+        self.gap_scale = torch.ones(o.N, o.N)
+        sk = [fs.sketch() for fs in self.o.feats]
+        self._sk_x = [x.float().cpu() for _, x in sk]
+        self._sk_idx = [idx for idx, _ in sk]
+        full = self.o._rows_mode and all(int(ix.numel()) == n for ix, n in zip(self._sk_idx, self.o.n))
+        self._xw0: torch.Tensor | None = None
+        if full:  # the sketches are all the rows: reuse X_iΔW_iᵀ (and X W0ᵀ, see _rows_times)
+            self._xw0 = torch.cat(self._sk_x) @ self.o.w0.T
+            y = self._xw0 + self.o._Tcat
+            self._sk_y = list(torch.split(y, self.o.n))
+        else:
+            base = list(
+                torch.split(torch.cat(self._sk_x) @ self.o.w0.T, [int(x.shape[0]) for x in self._sk_x])
+            )
+            self._sk_y = [
+                b + cs.apply_delta_t(x) if cs.has_delta else b
+                for b, x, cs in zip(base, self._sk_x, self.o._concepts)
+            ]
+        same = all(torch.equal(self._sk_idx[0], ix) for ix in self._sk_idx) and len(set(self.o.n)) == 1
+        self._aligned = same and self._sk_idx[0].numel() > 0
+        self._pair_sel: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, float]] = {}
+        if self._aligned:
+            self._xs = torch.stack(self._sk_x)
+            self._ys = torch.stack(self._sk_y)
+            self._scale = self.o.n[0] / self._sk_idx[0].numel()
+        else:
+            for i, j in self.o.all_pairs:
+                lim = min(self.o.n[i], self.o.n[j])
+                ii, jj = self._sk_idx[i], self._sk_idx[j]
+                common = ii[torch.isin(ii, jj) & (ii < lim)]
+                if common.numel() == 0:
+                    continue
+                si = torch.searchsorted(ii, common)
+                sj = torch.searchsorted(jj, common)
+                self._pair_sel[(i, j)] = (si, sj, lim / common.numel())
+        # normalisers t_ij: distance between the two targets on the paired rows
+        self._t = torch.ones(self.o.N, self.o.N)
+        if self.o.p.normalize == "concept":
+            for i, j in self.o.all_pairs:
+                yi, yj, sc = self._paired_rows(self._sk_y, i, j)
+                if yi is not None:
+                    self._t[i, j] = math.sqrt(sc * float((yi - yj).double().pow(2).sum())) + 1e-30
+
+    def _paired_rows(self, ys, i, j):
+        if self._aligned:
+            return ys[i], self._sk_y[j], self._scale
+        if (i, j) not in self._pair_sel:
+            return None, None, 1.0
+        si, sj, sc = self._pair_sel[(i, j)]
+        return ys[i][si], self._sk_y[j][sj], sc
+
+    def dist(self, delta: torch.Tensor, pairs: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+        """``[N, N]`` matrix of (normalised) D_ij, j ≠ i (every pair: ``pairs`` is ignored); diagonal and unknown
+        pairs = +inf."""
+        if self._aligned and self._xw0 is not None and not delta.requires_grad:
+            yh = (self._xw0 + self.o._rows_times(delta)).reshape(self.o.N, -1, self.o.d_out)  # shares X Δᵀ
+        elif self._aligned:
+            yh = self._xs @ (self.o.w0 + delta).T  # [N, k, d_out]
+        if self._aligned:
+            a = yh.reshape(self.o.N, -1)
+            v = self._ys.reshape(self.o.N, -1)
+            d2 = a.pow(2).sum(1, keepdim=True) + v.pow(2).sum(1, keepdim=True).T - 2 * a @ v.T
+            dist = torch.sqrt(torch.clamp(self._scale * d2, min=1e-12))
+            dist = dist.masked_fill(torch.eye(self.o.N, dtype=torch.bool), float("inf"))
+        else:
+            a_w = self.o.w0 + delta
+            yh = [x @ a_w.T for x in self._sk_x]
+            rows = []
+            for i in range(self.o.N):
+                row = []
+                for j in range(self.o.N):
+                    yi, yj, sc = self._paired_rows(yh, i, j) if i != j else (None, None, 1.0)
+                    if yi is None:
+                        row.append(delta.new_tensor(float("inf")))
+                        continue
+                    d2 = yi.pow(2).sum() + yj.pow(2).sum() - 2 * (yi * yj).sum()
+                    row.append(torch.sqrt(torch.clamp(sc * d2, min=1e-12)))
+                rows.append(torch.stack(row))
+            dist = torch.stack(rows)
+        return dist / self._t
+
+
+class _RowspaceNegatives:
+    """ "own" / "axis" negatives: exact through a factor ``L_i`` (``L_iᵀL_i = G_i``) of each concept's Gram.
+
+    Per concept i and negative j the terms are (A_ij [p, d_out], const_ij, norm_ij):
+    own:  value = ‖L_iΔᵀ − A‖ / norm with A = L_iΔW_jᵀ, norm = separation (or 1 with normalize="none");
+    axis: value = (⟨L_iΔᵀ, A⟩ − const) / norm with A = L_i(ΔW_i − ΔW_j)ᵀ, const = ⟨L_iΔW_jᵀ, A⟩,
+          norm = ‖A‖² (position of the merged output on the segment from j's target (0) to i's (1)).
+    """
+
+    def __init__(self, o: _Objective) -> None:
+        self.o = o
+        self.gap_scale = torch.ones(o.N, o.N)  # hinge gap multiplier per pair (axis: separation / σ_i)
+        self._L = [fs.factor(max_rank=self.o.p.hinge_rank, dtype=torch.float32) for fs in self.o.feats]
+        self._stats = list(self.o._concepts)
+        cache_bytes = sum(int(L.shape[0]) for L in self._L) * self.o.N * self.o.d_out * 4
+        self._cache_terms = cache_bytes <= _TERM_CACHE_BYTES
+        self._terms: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._sub_terms: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.valid = []
+        blocks = self._target_blocks(list(range(self.o.N))) if self._cache_terms else None
+        for i in range(self.o.N):
+            _, _, _, valid = self._row_terms(i, None if blocks is None else blocks[i])
+            self.valid.extend((i, j) for j in valid.nonzero().flatten().tolist())
+        if self._cache_terms:  # padded batch of every pair: one einsum per evaluation
+            pmax = max(int(L.shape[0]) for L in self._L)
+            self._Lp = torch.zeros(self.o.N, pmax, self.o.d_in)
+            self._Ap = torch.zeros(self.o.N, self.o.N, pmax, self.o.d_out)
+            for i in range(self.o.N):
+                a, _, _, _ = self._terms[i]
+                p_i = int(self._L[i].shape[0])
+                self._Lp[i, :p_i] = self._L[i]
+                self._Ap[i, :, :p_i] = a
+            self._constp = torch.stack([self._terms[i][1] for i in range(self.o.N)])
+            self._normp = torch.stack([self._terms[i][2] for i in range(self.o.N)])
+            self.validp = torch.stack([self._terms[i][3] for i in range(self.o.N)])
+            if self.o.p.negatives == "own":
+                self._Asq = self._Ap.pow(2).sum((2, 3))
+            self._terms.clear()
+
+    def _dist_all(self, delta: torch.Tensor) -> torch.Tensor:
+        """Every pair at once (cached terms): ``[N, N]`` distances, inf where invalid."""
+        pp = self._Lp @ delta.T  # [N, pmax, d_out]
+        inner = torch.einsum("ijpd,ipd->ij", self._Ap, pp)
+        if self.o.p.negatives == "axis":
+            vals = (inner - self._constp) / self._normp
+        else:
+            psq = pp.pow(2).sum((1, 2)).unsqueeze(1)
+            vals = (psq - 2 * inner + self._Asq).clamp_min(1e-24).sqrt() / self._normp
+        return torch.where(self.validp, vals, torch.full_like(vals, float("inf")))
+
+    def _target_blocks(self, idx: list[int]) -> list[torch.Tensor]:
+        """``L_i ΔW_jᵀ`` for every j, as ``[N, p_i, d_out]``, for each i in ``idx`` (one batched product)."""
+        lcat = torch.cat([self._L[i] for i in idx])  # [P, d_in]
+        if all(cs.is_low_rank or not cs.has_delta for cs in self._stats):
+            rmax = max([cs.down.shape[0] for cs in self._stats if cs.down is not None] or [1])
+            downs = torch.zeros(self.o.N, rmax, self.o.d_in)
+            ups = torch.zeros(self.o.N, rmax, self.o.d_out)
+            for j, cs in enumerate(self._stats):
+                if cs.down is not None and cs.up is not None:
+                    downs[j, : cs.down.shape[0]] = cs.down
+                    ups[j, : cs.up.shape[1]] = cs.up.T
+            low = (
+                (lcat @ downs.reshape(-1, self.o.d_in).T).reshape(-1, self.o.N, rmax).transpose(0, 1)
+            )  # [N, P, r]
+            t = torch.bmm(low, ups)  # [N, P, d_out]
+        else:
+            t = (lcat @ torch.cat(self.o.deltas).T).reshape(-1, self.o.N, self.o.d_out).transpose(0, 1)
+        return list(torch.split(t, [int(self._L[i].shape[0]) for i in idx], dim=1))
+
+    def _row_terms(self, i: int, t_all: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """(A [N, p, d_out], const [N], norm [N], valid [N] bool) of concept i against every j."""
+        if i in self._terms:
+            return self._terms[i]
+        if t_all is None:
+            t_all = self._target_blocks([i])[0]
+        ti = t_all[i]
+        diff = ti.unsqueeze(0) - t_all
+        sep_sq = diff.pow(2).sum((1, 2)).double()
+        scale_sq = (ti.pow(2).sum() + t_all.pow(2).sum((1, 2))).double()
+        valid = torch.ones(self.o.N, dtype=torch.bool)
+        valid[i] = False
+        if self.o.p.negatives == "axis" or self.o.p.normalize == "concept":
+            valid &= (sep_sq > 1e-12 * scale_sq) & (
+                sep_sq > 0
+            )  # identical targets: nothing to move away from
+        if self.o.p.negatives == "axis":
+            a = diff
+            const = (t_all * diff).sum((1, 2))
+            norm = sep_sq.float().clamp_min(1e-30)
+            self.gap_scale[i] = torch.where(valid, sep_sq.sqrt().float() / self.o.s[i], torch.ones(self.o.N))
+        else:
+            a = t_all
+            const = torch.zeros(self.o.N)
+            norm = (
+                sep_sq.sqrt().float().clamp_min(1e-30)
+                if self.o.p.normalize == "concept"
+                else torch.ones(self.o.N)
+            )
+        out = (a, const, norm, valid)
+        if self._cache_terms:
+            self._terms[i] = out
+        return out
+
+    def _values_i(
+        self, i: int, delta: torch.Tensor, js: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distances of concept i to negatives ``js`` (all valid when None): (values, js).
+
+        Without the all-pairs cache (large layers), the terms of the requested ``js`` are kept per i, so an
+        optimisation over a few candidate pairs does not rebuild them at every evaluation."""
+        if js is not None and not self._cache_terms:
+            key = (i, tuple(js.tolist()))
+            if key not in self._sub_terms:
+                a_all, c_all, n_all, _ = self._row_terms(i)
+                self._sub_terms[key] = (a_all[js].clone(), c_all[js], n_all[js])
+            a, const, norm = self._sub_terms[key]
+            pi = self._L[i] @ delta.T
+            idx = torch.arange(len(js))
+            if self.o.p.negatives == "axis":
+                vals = ((a * pi.unsqueeze(0)).sum((1, 2)) - const[idx]) / norm[idx]
+            else:
+                vals = (pi.unsqueeze(0) - a).pow(2).sum((1, 2)).clamp_min(1e-24).sqrt() / norm[idx]
+            return vals, js
+        a, const, norm, valid = self._row_terms(i)
+        if js is None:
+            js = valid.nonzero().flatten()
+        pi = self._L[i] @ delta.T  # [p, d_out]
+        a = a[js]
+        if self.o.p.negatives == "axis":
+            vals = ((a * pi.unsqueeze(0)).sum((1, 2)) - const[js]) / norm[js]
+        else:
+            vals = (pi.unsqueeze(0) - a).pow(2).sum((1, 2)).clamp_min(1e-24).sqrt() / norm[js]
+        return vals, js
+
+    def dist(self, delta: torch.Tensor, pairs: Sequence[tuple[int, int]] | None) -> torch.Tensor:
+        """Distances ``[N, N]`` of ``pairs`` (every valid pair when None), inf elsewhere."""
+        if pairs is None:
+            if self._cache_terms:
+                return self._dist_all(delta)
+            dist = torch.full((self.o.N, self.o.N), float("inf"))
+            for i in range(self.o.N):
+                vals, js = self._values_i(i, delta, None)
+                dist[i, js] = vals
+            return dist
+        return self._dist_rows(delta, pairs)
+
+    def _dist_rows(self, delta: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
+        if self._cache_terms:
+            mask = torch.zeros(self.o.N, self.o.N, dtype=torch.bool)
+            if pairs:
+                mask[torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs])] = True
+            d = self._dist_all(delta)
+            return torch.where(mask, d, torch.full_like(d, float("inf")))
+        by_i: dict[int, list[int]] = {}
+        for i, j in pairs:
+            by_i.setdefault(i, []).append(j)
+        vals, ii, jj = [], [], []
+        for i, js in by_i.items():
+            v, jt = self._values_i(i, delta, torch.tensor(js))
+            vals.append(v)
+            ii.append(torch.full((len(js),), i))
+            jj.append(jt)
+        dist = torch.full((self.o.N, self.o.N), float("inf"), dtype=delta.dtype)
+        if vals:
+            dist = dist.index_put((torch.cat(ii), torch.cat(jj)), torch.cat(vals))
+        return dist
+
+
 def _neg_list(neg: torch.Tensor) -> list[float]:
     return [v if math.isfinite(v) else float("nan") for v in neg.detach().tolist()]
 
@@ -716,7 +751,7 @@ def solve_loraclr(
     if params.iters > 0 and not skip:
         obj.set_reference(start)
         if params.negatives != "paired" and obj.hinge_on:
-            cand = _candidates(dist0, obj._valid, params.margin + _SLACK)
+            cand = _candidates(dist0, obj.neg.valid, params.margin + _SLACK)
         else:
             cand = None
         for _round in range(max(1, params.max_rounds)):
@@ -726,7 +761,7 @@ def solve_loraclr(
             dist = obj.scan(best)
             new = [
                 (i, j)
-                for (i, j) in obj._valid
+                for (i, j) in obj.neg.valid
                 if (i, j) not in cand and float(dist[i, j]) < params.margin + _SLACK / 2
             ]
             if not new:
