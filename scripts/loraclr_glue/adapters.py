@@ -669,6 +669,7 @@ def forge_latent_update(
                         }
                         router.set_rows([k for _, k in group for _ in range(b)])
                         capture.reset()
+                        capture.latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
                         capture.enabled = True
                         capture.stop_after_last = bool(opts.stop_early)
                         with contextlib.suppress(StopForward):
