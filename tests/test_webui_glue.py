@@ -525,24 +525,25 @@ def test_forge_adapter_installs_a_function_wrapper_and_removes_it(loaded, model,
 
 
 def test_forge_fusion_with_zero_weight_loras_equals_plain(loaded, model, lora_dir):
-    from loraclr_glue import adapters, engine
+    from loraclr_glue import adapters
+
+    from lib_loraclr.clora import CloraDenoiser
+    from lib_loraclr.readers import read_lora
 
     unet = model.model.diffusion_model
-    spec = SimpleNamespace(
-        deltas=engine.read_lora(lora_dir / "catlora.safetensors"), te_weight=0.0, unet_weight=0.0
-    )
+    spec = SimpleNamespace(deltas=read_lora(lora_dir / "catlora.safetensors"), te_weight=0.0, unet_weight=0.0)
     cond = model.get_learned_conditioning(["a cat and a dog"])
     uncond = model.get_learned_conditioning([""])
-    opts = engine.clora_options(ca.CloraArgs(masks_only=True), 4)
-    fusion = adapters.ForgeFusion(
-        unet,
-        adapters.unet_router(unet, [spec, spec]),
-        engine.attention_capture(unet),
+    denoiser = CloraDenoiser(
+        inner_model=None,
+        unet=unet,
+        conds=[None] * 3,
         groups=[[[2], [2], [2]], [[5], [5], [5]]],
         mask_tokens=[[], [2], [5]],
-        branch_conds=[cond, cond],
-        options=opts,
+        options=ca.CloraArgs(masks_only=True).to_options(4),
+        router=adapters.unet_router(unet, [spec, spec]),
     )
+    fusion = adapters.ForgeUnetCall(denoiser, branch_conds=[cond, cond])
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([300.0, 300.0])
     with torch.no_grad():
@@ -555,10 +556,10 @@ def test_forge_fusion_with_zero_weight_loras_equals_plain(loaded, model, lora_di
 
 
 def test_token_positions_match_the_engine_tokenizer(model):
-    from loraclr_glue import engine
+    from lib_loraclr.clora.tokens import token_positions_from
 
     enc = model.prompt_encoder
-    pos = engine.token_positions_from(model.cond_stage_model.tokenize_line)
+    pos = token_positions_from(model.cond_stage_model.tokenize_line)
     for prompt, words in [
         ("a photo of a cat", "cat"),
         ("a sks cat and a dog, a cat", "cat"),

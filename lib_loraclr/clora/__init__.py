@@ -7,7 +7,10 @@
 - `masks`      — `concept_masks`, `fusion_weights`, `fuse`.
 - `options`    — `CloraOptions` (paper / recommended schedules).
 - `denoiser`   — `CloraDenoiser`: the CLoRA step as a k-diffusion denoiser wrapper (``predict``: per CFG half).
-- `step`       — `clora_call`: the CLoRA step inside a host's own batched model call (the WebUI adapters).
+- `step`       — `clora_call`: the CLoRA step inside a host's own batched model call (both WebUI adapters:
+                 A1111's CFG rows `CfgStep`, Forge's chunks `chunk_roles`).
+- `autograd`   — `freeze_parameters`, `InferenceWeightClones`, `inference_mode_grad`: the update's gradient
+                 pass through a host's model (A1111's trainable weights, Forge's inference tensors).
 - `builder`    — `build_clora_denoiser`: prompts + concepts + LoRAs → a ready `CloraDenoiser`.
 - `official`   — `OfficialCloraLoop`: faithful per-branch re-implementation of the official loop (benchmarks).
 """
@@ -19,8 +22,16 @@ from .errors import CaptureError, CloraError, ConceptNotFoundError, Conditioning
 from .loss import clora_loss, nt_xent
 from .masks import concept_masks, fuse, fusion_weights
 from .options import CloraOptions
-from .routing import UNET_PREFIX, RoutedLoras, te_branch_conds, te_key
-from .step import OTHER, clora_call
+from .routing import (
+    UNET_PREFIX,
+    CompositeRouter,
+    RoutedLoras,
+    has_te_parts,
+    routable_te_key,
+    te_branch_conds,
+    te_key,
+)
+from .step import OTHER, CfgStep, chunk_roles, clora_call
 from .tokens import BranchPrompts, Concept, branch_prompts
 
 __all__ = [
@@ -29,9 +40,11 @@ __all__ = [
     "AttentionCapture",
     "BranchPrompts",
     "CaptureError",
+    "CfgStep",
     "CloraDenoiser",
     "CloraError",
     "CloraOptions",
+    "CompositeRouter",
     "Concept",
     "ConceptNotFoundError",
     "ConditioningMismatchError",
@@ -39,6 +52,7 @@ __all__ = [
     "RoutingError",
     "branch_prompts",
     "build_clora_denoiser",
+    "chunk_roles",
     "clora_call",
     "clora_loss",
     "concept_masks",
@@ -46,8 +60,10 @@ __all__ = [
     "efficient_attention",
     "fuse",
     "fusion_weights",
+    "has_te_parts",
     "lowest_resolution_layers",
     "nt_xent",
+    "routable_te_key",
     "te_branch_conds",
     "te_key",
 ]

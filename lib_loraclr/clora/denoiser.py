@@ -32,12 +32,16 @@ the corrector's temporary latent — use one-evaluation samplers for the latent 
 
 Steps are counted from the σ sequence (a call with a larger σ than the last starts a new sampling run).
 Batch size > 1: every image has its own branches; token groups are shared by the batch.
-Without autograd (``torch.inference_mode``) the update is skipped (`fallback_reason` says why).
+Without autograd (``torch.inference_mode``) the update is skipped (`fallback_reason` says why), unless the
+host gives an ``update_scope`` (Forge: `lib_loraclr.clora.autograd.inference_mode_grad`): then the gradient
+pass runs inside it on clones of its inputs (and with ``grad_router``, a router built outside inference mode),
+and an error there ends the updates of the run (masks-only, `fallback_reason`) instead of the sampling.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -128,6 +132,11 @@ class CloraDenoiser:
             which claim positions for branch 0 in the layout rule.
         layout: a fixed layout instead of attention masks: ``[B or 1, K, h, w]`` 0/1 (column 0 =
             background, `lib_loraclr.clora.layout.layout_weights`), any ``h × w`` (nearest-resized).
+        update_scope: a context the latent update's gradient pass runs in, for hosts that sample under
+            ``torch.inference_mode`` (`lib_loraclr.clora.autograd.inference_mode_grad`); see the module
+            docstring. ``grad_router``: the router of that pass (default ``router``).
+
+    The UNet calls batch the CFG halves in the order ``predict`` is given them (the host's row order).
 
     Hooks (routing and capture) are installed at the start of every call and removed at its end,
     also when the call raises, so nothing stays hooked between calls.
@@ -149,6 +158,8 @@ class CloraDenoiser:
         input_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
         layout: torch.Tensor | None = None,
         background_tokens: Sequence[int] = (),
+        update_scope: Callable[[], AbstractContextManager[Any]] | None = None,
+        grad_router: RoutedLoras | None = None,
     ) -> None:
         self.inner_model = inner_model
         self.unet = unet
@@ -179,10 +190,14 @@ class CloraDenoiser:
         else:
             self.capture = None
         self.input_scale = input_scale or default_input_scale(inner_model)
+        self.update_scope = update_scope
+        self.grad_router = grad_router
+        self._router_now = router  # the router `_hooks` installed (rows are set on it per UNet call)
         self.history: list[dict[str, float]] = []
         self.step_log: dict[int, dict[str, float]] = {}
         self.last_weights: torch.Tensor | None = None
         self.fallback_reason: str | None = None
+        self._updates_failed = False  # a failed gradient pass ends the updates of this denoiser (masks-only)
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -241,61 +256,51 @@ class CloraDenoiser:
         model call returns for those rows. ``x`` is not written: an updated latent is ``x_new`` (with
         ``updated_now`` True on the call that made it); later calls at the same σ without the cond half
         (a host that calls cond and uncond separately) run at it and reuse the step's masks."""
-        halves = tuple(h for h in (COND, UNCOND) if h in halves)
+        halves = tuple(dict.fromkeys(h for h in halves if h in (COND, UNCOND)))
         if not halves:
             raise ValueError("predict needs at least one CFG half")
         step = self._advance(sigma)
         self.updated_now = False
         table = self._cond_table(x.shape[0], cond, uncond, halves)
         opts = self.options
-        if self.router is not None:
-            self.router.install()
-        if self.capture is not None:
-            self.capture.install()
-        try:
-            if COND in halves:
-                n_updates = opts.updates_at(step) if self.can_update and opts.enabled else 0
-                if n_updates and step != self._updated_step:
-                    self._updated_step = step
-                    x_new = self._update(x, sigma, table, halves, n_updates, step)
-                    if x_new is not None:
-                        x = self.x_new = x_new
-                        self.updated_now = True
-            elif self.x_new is not None and self.x_new.shape == x.shape:
-                x = self.x_new.to(device=x.device, dtype=x.dtype)
-            run_branches = range(self.n_branches) if opts.enabled else range(1)
-            blocks = [(h, k) for h in halves for k in run_branches]
-            fixed = self.masks.fixed(x.shape[0], x.device)
-            want_maps = self.capture is not None and opts.enabled and fixed is None and COND in halves
-            with torch.no_grad():
-                outs, maps = self._run(x, sigma, table, blocks, want_output=True, want_maps=want_maps)
-            assert outs is not None
-            fused: dict[int, torch.Tensor] = {}
-            per_half = {h: torch.stack([outs[(h, k)] for k in run_branches], dim=1) for h in halves}
-            weights: torch.Tensor | None = None
-            if opts.enabled and self.n_branches > 1:
-                hw = (x.shape[-2], x.shape[-1])
-                if fixed is not None:
-                    weights = fusion_weights(fixed, hw)
-                elif COND in halves:
-                    m = self._branch_maps(maps, halves)
-                    self._log_step(step, maps, halves)
-                    masks = self.masks.from_maps(m, step, map_hw(m.shape[2], x.shape[-2], x.shape[-1]))
-                    weights = fusion_weights(masks, hw)
-                elif self.last_weights is not None and self.last_weights.shape[0] == x.shape[0]:
-                    weights = self.last_weights  # the masks of this step's cond call
-            if weights is not None:
-                self.last_weights = weights
-                for h in halves:
-                    fused[h] = fuse(per_half[h], weights.to(per_half[h].device))
-            else:
-                for h in halves:
-                    fused[h] = per_half[h][:, 0]  # branch 0 only (CLoRA disabled or one branch)
-        finally:
-            if self.capture is not None:
-                self.capture.remove()
-            if self.router is not None:
-                self.router.remove()
+        if COND in halves:
+            n_updates = opts.updates_at(step) if self.can_update and opts.enabled else 0
+            if n_updates and step != self._updated_step and not self._updates_failed:
+                self._updated_step = step
+                x_new = self._update(x, sigma, table, halves, n_updates, step)
+                if x_new is not None:
+                    x = self.x_new = x_new
+                    self.updated_now = True
+        elif self.x_new is not None and self.x_new.shape == x.shape:
+            x = self.x_new.to(device=x.device, dtype=x.dtype)
+        run_branches = range(self.n_branches) if opts.enabled else range(1)
+        blocks = [(h, k) for h in halves for k in run_branches]
+        fixed = self.masks.fixed(x.shape[0], x.device)
+        want_maps = self.capture is not None and opts.enabled and fixed is None and COND in halves
+        with torch.no_grad(), self._hooks(self.router):
+            outs, maps = self._run(x, sigma, table, blocks, want_output=True, want_maps=want_maps)
+        assert outs is not None
+        fused: dict[int, torch.Tensor] = {}
+        per_half = {h: torch.stack([outs[(h, k)] for k in run_branches], dim=1) for h in halves}
+        weights: torch.Tensor | None = None
+        if opts.enabled and self.n_branches > 1:
+            hw = (x.shape[-2], x.shape[-1])
+            if fixed is not None:
+                weights = fusion_weights(fixed, hw)
+            elif COND in halves:
+                m = self._branch_maps(maps, halves)
+                self._log_step(step, maps, halves)
+                masks = self.masks.from_maps(m, step, map_hw(m.shape[2], x.shape[-2], x.shape[-1]))
+                weights = fusion_weights(masks, hw)
+            elif self.last_weights is not None and self.last_weights.shape[0] == x.shape[0]:
+                weights = self.last_weights  # the masks of this step's cond call
+        if weights is not None:
+            self.last_weights = weights
+            for h in halves:
+                fused[h] = fuse(per_half[h], weights.to(per_half[h].device))
+        else:
+            for h in halves:
+                fused[h] = per_half[h][:, 0]  # branch 0 only (CLoRA disabled or one branch)
         return fused
 
     # ------------------------------------------------------------------ masks
@@ -305,6 +310,22 @@ class CloraDenoiser:
         return self.masks.layout if self.masks.layout is not None else self.masks.frozen
 
     # ------------------------------------------------------------------ pieces
+    @contextmanager
+    def _hooks(self, router: RoutedLoras | None) -> Iterator[None]:
+        """``router`` then the capture installed (so the capture sees the LoRAs' q/k), removed after."""
+        self._router_now = router
+        try:
+            if router is not None:
+                router.install()
+            if self.capture is not None:
+                self.capture.install()
+            yield
+        finally:
+            if self.capture is not None:
+                self.capture.remove()
+            if router is not None:
+                router.remove()
+
     def _cond_table(
         self, b: int, cond: Any, uncond: Any, halves: Sequence[int]
     ) -> dict[tuple[int, int], Any]:
@@ -334,8 +355,8 @@ class CloraDenoiser:
             x_in = torch.cat([x] * n)
             sigma_in = torch.cat([sigma] * n)
             cond_in = cat_conds([table[blk] for blk in call]) if n > 1 else table[call[0]]
-            if self.router is not None:
-                self.router.set_rows([k for _, k in call for _ in range(b)])
+            if self._router_now is not None:
+                self._router_now.set_rows([k for _, k in call for _ in range(b)])
             if self.capture is not None:
                 self.capture.reset()
                 self.capture.latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
@@ -393,6 +414,35 @@ class CloraDenoiser:
     ) -> torch.Tensor | None:
         """``n_updates`` gradient steps on the latent; the new latent, or None when autograd is
         unavailable (then `fallback_reason` is set and the step runs as masks-only)."""
+        router = self.grad_router if self.grad_router is not None else self.router
+        if self.update_scope is None:
+            with self._hooks(router):
+                x_new = self._descend(x, sigma, table, halves, n_updates, step)
+        else:
+            try:
+                with self.update_scope(), self._hooks(router):
+                    table = {key: _clone_tensors(c) for key, c in table.items()}
+                    x_new = self._descend(
+                        x.detach().clone(), sigma.detach().clone(), table, halves, n_updates, step
+                    )
+            except (RuntimeError, TypeError, ValueError) as e:
+                first = str(e).splitlines()[0][:160] if str(e) else ""
+                self.fallback_reason = f"no latent gradient ({type(e).__name__}: {first})"
+                x_new = None
+        if x_new is None:
+            self._updates_failed = True
+        return x_new
+
+    def _descend(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        table: dict[tuple[int, int], Any],
+        halves: Sequence[int],
+        n_updates: int,
+        step: int,
+    ) -> torch.Tensor | None:
+        """The gradient steps ``x ← x − s/c_in²·∇ₓL`` (hooks installed by the caller)."""
         if torch.is_inference_mode_enabled():
             self.fallback_reason = "torch.inference_mode is active: CLoRA runs masks-only (no latent update)"
             return None
@@ -419,6 +469,17 @@ class CloraDenoiser:
                     self.fallback_reason = f"no gradients through this model ({e}); CLoRA runs masks-only"
                     return None
                 raise
-            self.history.append({"step": float(step), "iter": float(it), "loss": float(loss)})
+            self.history.append({"step": float(step), "iter": float(it), "loss": float(loss.detach())})
             xv = (xv - scale * grad).detach()
         return xv
+
+
+def _clone_tensors(cond: Any) -> Any:
+    """A conditioning with every tensor cloned (normal tensors inside ``update_scope``), recursively."""
+    if isinstance(cond, torch.Tensor):
+        return cond.detach().clone()
+    if isinstance(cond, dict):
+        return {k: _clone_tensors(v) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(_clone_tensors(v) for v in cond)
+    return cond

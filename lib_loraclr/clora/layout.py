@@ -164,3 +164,11 @@ def columns(n: int) -> str:
     """The ratio string of ``n`` equal columns (``"1,1"`` for two): what a user types for a row of
     subjects."""
     return ",".join(["1"] * n)
+
+
+def user_layout(spec: str, n_concepts: int, latent_hw: tuple[int, int]) -> torch.Tensor | None:
+    """The user's ratio-string layout (``"1,1"``) as ``[1, K, h, w]`` masks at the latent size, region r → the
+    r-th concept of the prompt; None for an empty string (automatic masks) or no concept."""
+    if not spec or n_concepts < 1:
+        return None
+    return layout_weights(box_masks(parse_ratio_layout(spec), latent_hw), n_concepts)

@@ -233,6 +233,20 @@ class RegionalDenoiser:
         self.x_new: torch.Tensor | None = None
         self.updated_now = False
 
+    @classmethod
+    def around(cls, fusion: CloraDenoiser, layout: torch.Tensor | None = None) -> RegionalDenoiser:
+        """The routed mode over a built `CloraDenoiser` ``fusion`` (same model call, conds and LoRAs); with no
+        ``layout``, ``fusion`` finds the layout in the first steps."""
+        return cls(
+            fusion.inner_model,
+            fusion.unet,
+            fusion.conds,
+            fusion.unconds,
+            fusion.router,
+            layout=layout,
+            estimator=None if layout is not None else fusion,
+        )
+
     @property
     def conds(self) -> list[Any]:
         return self._conds

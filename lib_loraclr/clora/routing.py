@@ -489,3 +489,40 @@ def te_branch_conds(
 def te_key(key: str) -> bool:
     """Key filter: text-encoder keys."""
     return not is_unet_key(key)
+
+
+def routable_te_key(key: str) -> bool:
+    """Key filter: text-encoder keys that can be routed per branch (not the fused OpenCLIP ``in_proj``
+    slices ``…:q`` / ``…:k`` / ``…:v``)."""
+    return te_key(key) and ":" not in key
+
+
+def has_te_parts(loras: Iterable[DeltaSet]) -> bool:
+    """Whether any of ``loras`` has a text-encoder module."""
+    return any(any(te_key(k) for k in getattr(d, "modules", {})) for d in loras)
+
+
+class CompositeRouter:
+    """Several `RoutedLoras` (e.g. SDXL's two text encoders) driven as one (``select``, install / remove)."""
+
+    def __init__(self, routers: Sequence[RoutedLoras]) -> None:
+        self.routers = list(routers)
+
+    def select(self, branch: int) -> None:
+        for r in self.routers:
+            r.select(branch)
+
+    def install(self) -> CompositeRouter:
+        for r in self.routers:
+            r.install()
+        return self
+
+    def remove(self) -> None:
+        for r in self.routers:
+            r.remove()
+
+    def __enter__(self) -> CompositeRouter:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()

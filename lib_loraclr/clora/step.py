@@ -46,7 +46,8 @@ def clora_call(
         engine: a `CloraDenoiser` or `RegionalDenoiser` (its ``inner_model`` is the host's model call).
         model: ``model(x, sigma, cond)`` — the host's call for OTHER rows.
         x, sigma, cond: the host's call (``cond`` batched like ``x``: tensor, dict or list entries).
-        rows: per row of ``x``, ``(half, image)`` with half `COND`, `UNCOND` or `OTHER`.
+        rows: per row of ``x``, ``(half, image)`` with half `COND`, `UNCOND` or `OTHER` (`CfgStep.take`,
+            `chunk_roles`). The engine's UNet calls batch the halves in the order of their rows here.
         branch_text: per branch k ≥ 1, its text conditioning at this step (``[1|B, T, D]`` or an SDXL
             dict); None keeps ``engine.conds`` as they are.
     """
@@ -58,11 +59,14 @@ def clora_call(
         if half in (COND, UNCOND):
             where.setdefault(half, {}).setdefault(image, r)
     b = max((max(m) + 1 for m in where.values()), default=0)
-    halves = [
-        h
-        for h in (COND, UNCOND)
-        if h in where and sorted(where[h]) == list(range(b)) and sum(1 for q in rows if q[0] == h) == b
-    ]
+    halves = sorted(
+        (
+            h
+            for h in (COND, UNCOND)
+            if h in where and sorted(where[h]) == list(range(b)) and sum(1 for q in rows if q[0] == h) == b
+        ),
+        key=lambda h: min(where[h].values()),  # the host's order (Forge batches the uncond chunk first)
+    )
     index = {h: [where[h][i] for i in range(b)] for h in halves}
     taken = {r for h in halves for r in index[h]}
     other = [r for r in range(n) if r not in taken]
@@ -86,4 +90,40 @@ def clora_call(
     return out
 
 
-__all__ = ["OTHER", "clora_call"]
+def chunk_roles(cond_or_uncond: Sequence[int], b: int) -> list[tuple[int, int]]:
+    """Row roles of a call made of chunks of ``b`` rows, one role per chunk (Forge's and ComfyUI's
+    ``cond_or_uncond``: 0 = cond, 1 = uncond): the first chunk of each half is that half's rows, further
+    chunks of a half (more conds, e.g. ``AND`` parts) are `OTHER` (the host's plain call)."""
+    out: list[tuple[int, int]] = []
+    seen: set[int] = set()
+    for role in map(int, cond_or_uncond):
+        half = role if role in (COND, UNCOND) and role not in seen else OTHER
+        seen.add(role)
+        out += [(half, i) for i in range(b)]
+    return out
+
+
+class CfgStep:
+    """What a host's CFG denoiser is doing in the call in progress: the sampler's ``x`` (where a latent
+    update is written), the prompt schedules' step, and the roles of the rows of the batch it builds —
+    per image one cond row per ``AND`` part (``repeats[i]`` parts for image i), then one uncond row per
+    image (A1111 1.10's ``CFGDenoiser.forward``). Its model calls consume the rows in order (`take`);
+    ``x_new`` is the latent update made during the step (written into ``x`` by the host adapter)."""
+
+    def __init__(self, x: torch.Tensor, step: int, repeats: Sequence[int]) -> None:
+        self.x = x
+        self.step = step
+        self.roles: list[tuple[int, int]] = []
+        for i, n in enumerate(repeats):
+            self.roles += [(COND, i)] + [(OTHER, i)] * (n - 1)  # CLoRA fuses each image's first AND part
+        self.roles += [(UNCOND, i) for i in range(len(repeats))]
+        self.offset = 0
+        self.x_new: torch.Tensor | None = None
+
+    def take(self, n: int) -> list[tuple[int, int]] | None:
+        """Roles of the next ``n`` rows; None when the calls do not add up to the batch."""
+        a, self.offset = self.offset, self.offset + n
+        return self.roles[a : self.offset] if self.offset <= len(self.roles) else None
+
+
+__all__ = ["OTHER", "CfgStep", "chunk_roles", "clora_call"]
