@@ -22,9 +22,10 @@ for extra in (ROOT / "tests" / "webui_stub", ROOT / "scripts"):
 
 
 def test_every_user_error_class_is_a_loraclr_error():
-    from loraclr_glue.clora_run import CloraUserError
     from loraclr_glue.lora_files import LoraNotFoundError
     from loraclr_glue.merge_job import MergeRequestError
+
+    from lib_loraclr.clora_job import CloraUserError
 
     for cls in (
         CloraError,

@@ -40,11 +40,13 @@ def _cli(out: Path, kind: str, lora_folder: Path) -> None:
 
 
 def _webui(name: str, kind: str, lora_folder: Path, ckpt_folder: Path, *, from_tab: bool) -> Path:
-    from loraclr_glue import merge_job, ui_merge
+    from loraclr_glue import merge_job
+
+    from lib_loraclr.folder_merge import request_from_table
 
     if from_tab:  # the tab's widgets → the request the REST route takes
         table = [[stem, trig, 1.0, 1.0] for stem, trig in CONCEPTS]
-        body = ui_merge.request_from_ui(table, "lsq", "recommended", 2, 3, kind.upper(), name, 8, False)
+        body = request_from_table(table, "lsq", "recommended", 2, 3, kind.upper(), name, 8, False)
     else:
         body = {
             "loras": [{"name": stem, "trigger": trig} for stem, trig in CONCEPTS],

@@ -572,7 +572,7 @@ def test_token_positions_match_the_engine_tokenizer(model):
 
 
 def test_mask_image_colours(loaded):
-    from loraclr_glue.script_logic import PALETTE, mask_image
+    from lib_loraclr.clora.masks import PALETTE, mask_image
 
     w = torch.zeros(3, 1, 2, 2)
     w[0, 0, 0, 0] = 1
@@ -654,13 +654,14 @@ def test_merge_service_errors(loaded, lora_dir, tmp_path):
 
 
 def test_merge_service_interrupt_leaves_no_file(loaded, lora_dir, tmp_path, monkeypatch):
-    from loraclr_glue import engine
     from loraclr_glue.api import ServiceError
+
+    from lib_loraclr import folder_merge
 
     ckpt = tmp_path / "base.safetensors"
     ckpt.write_bytes(b"")
     svc = make_service(lora_dir, str(ckpt))
-    monkeypatch.setattr(engine, "load_base_model", lambda path, unet_factory=None: object())
+    monkeypatch.setattr(folder_merge, "load_base_model", lambda path, unet_factory=None: object())
 
     def fake_merge(model, concepts, config, progress):
         assert [c.trigger for c in concepts] == ["sks", "ohwx"]  # from the files' metadata
@@ -669,7 +670,7 @@ def test_merge_service_interrupt_leaves_no_file(loaded, lora_dir, tmp_path, monk
         progress("solving", 2, 4)
         raise AssertionError("not reached")
 
-    monkeypatch.setattr(engine, "merge_loras", fake_merge)
+    monkeypatch.setattr(folder_merge, "merge_loras", fake_merge)
     with pytest.raises(ServiceError) as ei:
         svc.merge({"loras": ["catlora", "doglora"], "output": {"name": "merged"}}, locked=True)
     assert ei.value.status == 409 and "nothing was written" in ei.value.message
@@ -694,8 +695,9 @@ class RecordingLora(extra_networks.ExtraNetwork):
 
 
 def test_merge_service_success_writes_and_reports(loaded, model, lora_dir, tmp_path, monkeypatch):
-    from loraclr_glue import engine, ui_merge
+    from loraclr_glue import ui_merge
 
+    from lib_loraclr import folder_merge
     from lib_loraclr.merge.pipeline import MergeResult
     from lib_loraclr.readers import read_lora
 
@@ -710,7 +712,7 @@ def test_merge_service_success_writes_and_reports(loaded, model, lora_dir, tmp_p
         seen["factory"] = unet_factory
         return object()
 
-    monkeypatch.setattr(engine, "load_base_model", fake_load)
+    monkeypatch.setattr(folder_merge, "load_base_model", fake_load)
     merged = random_lora(model, attention_keys(model, te=False, other=False), seed=5)
     report = {
         "groups": {
@@ -723,7 +725,7 @@ def test_merge_service_success_writes_and_reports(loaded, model, lora_dir, tmp_p
             }
         }
     }
-    monkeypatch.setattr(engine, "merge_loras", lambda m, c, cfg, progress: MergeResult(merged, report))
+    monkeypatch.setattr(folder_merge, "merge_loras", lambda m, c, cfg, progress: MergeResult(merged, report))
     lora_net = RecordingLora()
     extra_networks.register_extra_network(lora_net)
     try:
@@ -822,14 +824,13 @@ def test_preview_prompts_and_render_arguments(loaded):
 def test_merge_result_is_strict_json(loaded, model, lora_dir, tmp_path, monkeypatch):
     """Real A1111 1.10.1: FastAPI's JSONResponse refuses NaN/inf (HTTP 500 after the file was written); the
     report's per-layer ratios can be non-finite (e.g. a concept's leak onto itself), so they become null."""
-    from loraclr_glue import engine
-
+    from lib_loraclr import folder_merge
     from lib_loraclr.merge.pipeline import MergeResult
 
     ckpt = tmp_path / "base.safetensors"
     ckpt.write_bytes(b"")
     svc = make_service(lora_dir, str(ckpt))
-    monkeypatch.setattr(engine, "load_base_model", lambda path, unet_factory=None: object())
+    monkeypatch.setattr(folder_merge, "load_base_model", lambda path, unet_factory=None: object())
     merged = random_lora(model, attention_keys(model, te=False, other=False), seed=6)
     report = {
         "groups": {
@@ -840,7 +841,7 @@ def test_merge_result_is_strict_json(loaded, model, lora_dir, tmp_path, monkeypa
         },
         "per_layer": {"k": {"fidelity": {"leak": [[float("nan"), 0.5], [0.25, float("nan")]]}}},
     }
-    monkeypatch.setattr(engine, "merge_loras", lambda m, c, cfg, progress: MergeResult(merged, report))
+    monkeypatch.setattr(folder_merge, "merge_loras", lambda m, c, cfg, progress: MergeResult(merged, report))
     res = svc.merge({"loras": ["catlora", "doglora"], "output": {"name": "strict_json"}}, locked=False)
     text = json.dumps(res, allow_nan=False)  # raises on NaN / inf
     assert json.loads(text)["report"]["per_layer"]["k"]["fidelity"]["leak"] == [[None, 0.5], [0.25, None]]

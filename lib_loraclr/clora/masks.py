@@ -10,7 +10,7 @@ overlaps averaged, so the weights of the branches sum to 1 at every latent pixel
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -222,3 +222,27 @@ class MaskEstimator:
         if o.layout_until and step + 1 >= o.layout_until:
             self.frozen = masks
         return masks
+
+
+PALETTE = [
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+]
+
+
+def mask_image(weights: torch.Tensor, scale: int = 8) -> Any:
+    """``[K, 1, H, W]`` fusion weights → a PIL RGB image (branch 0 black, concept k the k-th `PALETTE` colour,
+    mixed by the weights), each cell ``scale`` × ``scale`` pixels: the WebUI's mask preview."""
+    import numpy as np
+    from PIL import Image
+
+    w = weights.detach().float().cpu().numpy()[:, 0]  # [K, H, W]
+    colors = np.array([PALETTE[k % len(PALETTE)] for k in range(w.shape[0])], dtype=np.float32)  # [K, 3]
+    rgb = np.einsum("khw,kc->hwc", w, colors).clip(0, 255).astype(np.uint8)
+    img = Image.fromarray(rgb, "RGB")
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)

@@ -13,12 +13,15 @@ begun and ended (so ``/sdapi/v1/progress`` and Interrupt work); Forge on its mai
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import engine, merge_job
+from lib_loraclr.folder_merge import error_status, release_memory
+from lib_loraclr.inspect import inspect_file
+from lib_loraclr.lora_folder import inspect_names, lora_listing
+
+from . import merge_job
 from .lora_files import LoraNotFoundError, find_lora, list_loras, lora_dir
 
 
@@ -176,7 +179,7 @@ class MergeService:
         try:
             result = self.locked(work) if locked else self.run_heavy(work)
         except Exception as e:
-            status = merge_job.error_status(e)
+            status = error_status(e)
             if status >= 500:  # not the user's fault: keep the traceback for the bug report
                 import traceback
 
@@ -211,39 +214,22 @@ class MergeService:
                 print(f"[sd-webui-loraclr] could not refresh the LoRA list: {e}")
 
     def inspect(self, body: Any) -> dict[str, Any]:
-        if not isinstance(body, dict):
-            raise ServiceError(400, "the inspect request must be a JSON object {name} or {names}")
-        names = body.get("names") if "names" in body else [body.get("name")]
-        unknown = set(body) - {"name", "names"}
-        if unknown:
-            raise ServiceError(400, f"unknown key {min(unknown)!r}; known: name, names")
-        if (
-            not isinstance(names, list)
-            or not names
-            or not all(isinstance(n, str) and n.strip() for n in names)
-        ):
-            raise ServiceError(400, "give a LoRA name (name) or a list of names (names)")
+        try:
+            names = inspect_names(body)
+        except ValueError as e:
+            raise ServiceError(400, str(e)) from None
         out = []
         for n in names:
             try:
-                path = find_lora(n, self.lora_folder())
-                out.append({"name": n, **engine.inspect_lora(path)})
+                out.append({"name": n, **inspect_file(find_lora(n, self.lora_folder()))})
             except LoraNotFoundError as e:
                 raise ServiceError(404, str(e), type(e).__name__) from None
-            except engine.EngineUnavailable as e:
-                raise ServiceError(503, str(e)) from None
             except Exception as e:
                 raise ServiceError(400, f"{n}: {e}", type(e).__name__) from None
         return {"loras": out}
 
     def loras(self, search: str = "") -> dict[str, Any]:
-        found = list_loras(self.lora_folder(), search)
-        return {
-            "loras": [
-                {"name": k, "file": os.fspath(v), "trigger_words": engine.trigger_words(v)}
-                for k, v in found.items()
-            ]
-        }
+        return {"loras": lora_listing(list_loras(self.lora_folder(), search))}
 
 
 def forge_main_thread() -> Any:
@@ -258,23 +244,6 @@ def forge_main_thread() -> Any:
     except ImportError:
         return None
     return main_thread if callable(getattr(main_thread, "run_and_wait_result", None)) else None
-
-
-def release_memory() -> None:
-    """Give the merge's memory back to the system: a merge rebuilds the base model from its file next to the
-    WebUI's own model (several GB on SD1.5), and glibc keeps freed arenas mapped, so without this the WebUI's
-    resident size stays at its peak and a second merge was OOM-killed on a 24 GB machine (A1111 1.10.1, CPU)."""
-    import gc
-
-    gc.collect()
-    try:
-        import ctypes
-        import sys
-
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def register_routes(app: Any, service: MergeService) -> None:

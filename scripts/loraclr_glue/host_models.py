@@ -9,7 +9,7 @@ that UNet is ldm's ``UNetModel``, which A1111 ships and Forge does not. Forge's 
 its layers are ordinary torch modules (the merge's hooks see ``nn.Linear``/``nn.Conv2d``).
 
 The choice is by capability: ldm importable → None (load_base's default); else Forge's class importable →
-`forge_unet_factory`; else None (load_base then fails with a clear message, see `engine.load_base_model`).
+`forge_unet_factory`; else None (load_base then fails with a clear message, see `lib_loraclr.folder_merge.load_base_model`).
 """
 
 from __future__ import annotations

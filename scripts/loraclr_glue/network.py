@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lib_loraclr.clora_job import LOG_PREFIX
+
 from . import clora_run
 
 NETWORK_NAME = "clora"
@@ -43,7 +45,7 @@ def make_network(extra_networks: Any) -> Any:
                 # tags without a prepared run: the script was skipped or failed earlier (its message is
                 # already in the console and the infotext); the tags stay without effect.
                 names = ", ".join(tag_names(params_list))
-                print(f"{clora_run.LOG_PREFIX} <clora:…> tags for {names} are ignored: CLoRA is not running")
+                print(f"{LOG_PREFIX} <clora:…> tags for {names} are ignored: CLoRA is not running")
 
         def deactivate(self, p: Any) -> None:
             self.last_params = []

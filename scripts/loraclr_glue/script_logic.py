@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from lib_loraclr import clora_args as ca
+from lib_loraclr.clora.masks import mask_image
+from lib_loraclr.clora_job import LOG_PREFIX, is_user_error, user_message
 
 from . import clora_run, host
 from .adapters import pick_adapter
@@ -37,9 +39,9 @@ def batch_prompt(p: Any) -> str:
 
 
 def fail(p: Any, e: BaseException, what: str = "CLoRA is off for this image") -> str:
-    msg = clora_run.user_message(e)
-    print(f"{clora_run.LOG_PREFIX} {what}:\n{msg}")
-    if not clora_run.is_user_error(e):  # a bug: the stack goes to the console for the report
+    msg = user_message(e)
+    print(f"{LOG_PREFIX} {what}:\n{msg}")
+    if not is_user_error(e):  # a bug: the stack goes to the console for the report
         traceback.print_exception(type(e), e, e.__traceback__)
     params = getattr(p, "extra_generation_params", None)
     if isinstance(params, dict):
@@ -74,13 +76,13 @@ class CloraScriptLogic:
             return None
         why = host.unsupported_model(getattr(p, "sd_model", None))
         if why is not None:  # inert: nothing hooked, the host's own LoRA loading untouched
-            print(f"{clora_run.LOG_PREFIX} {why}")
+            print(f"{LOG_PREFIX} {why}")
             params = getattr(p, "extra_generation_params", None)
             if isinstance(params, dict):
                 params[ca.INFOTEXT_NOTICE_KEY] = why
             return None
         if getattr(p, "_ad_inner", False):
-            print(f"{clora_run.LOG_PREFIX} ADetailer inpaint pass: CLoRA is not applied to face/region crops")
+            print(f"{LOG_PREFIX} ADetailer inpaint pass: CLoRA is not applied to face/region crops")
             return None
         run = clora_run.CloraRun(args=args, lora_folder=lora_dir(self.shared))
         run.infotext = p.extra_generation_params
@@ -176,26 +178,3 @@ class CloraScriptLogic:
 
     def unload(self) -> None:
         clora_run.remove_all()
-
-
-PALETTE = [
-    (0, 0, 0),
-    (230, 25, 75),
-    (60, 180, 75),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-]
-
-
-def mask_image(weights: Any, scale: int = 8) -> Any:
-    """``[K, 1, H, W]`` fusion weights → an RGB image (branch 0 black, concept k a colour), ×``scale``."""
-    import numpy as np
-    from PIL import Image
-
-    w = weights.detach().float().cpu().numpy()[:, 0]  # [K, H, W]
-    colors = np.array([PALETTE[k % len(PALETTE)] for k in range(w.shape[0])], dtype=np.float32)  # [K, 3]
-    rgb = np.einsum("khw,kc->hwc", w, colors).clip(0, 255).astype(np.uint8)
-    img = Image.fromarray(rgb, "RGB")
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from . import engine, merge_job, preview
+from lib_loraclr.folder_merge import request_from_table, result_message
+from lib_loraclr.merge.job import DEFAULT_RANK, file_trigger_words
+from lib_loraclr.merge.request import PRESETS
+from lib_loraclr.merge.solvers import METHODS
+
+from . import preview
 from .api import MergeService, ServiceError
 from .lora_files import list_loras
 from .ui_clora import table_height
@@ -35,7 +39,7 @@ def table_for(
     service: MergeService, selected: Sequence[str], current: Sequence[Sequence[Any]] | None
 ) -> list[list[Any]]:
     """Rows for the selected LoRAs: user edits kept for rows already there, new rows prefilled with the
-    file's trigger words (`engine.trigger_words`)."""
+    file's trigger words (`file_trigger_words`)."""
     keep = {str(r[0]): list(r) for r in (current or []) if r and str(r[0]).strip()}
     folder = list_loras(service.lora_folder())
     rows = []
@@ -44,42 +48,9 @@ def table_for(
             rows.append(keep[name])
             continue
         path = folder.get(name)
-        words = engine.trigger_words(path)[:3] if path is not None else []
+        words = file_trigger_words(path)[:3] if path is not None else []
         rows.append([name, ", ".join(words), 1.0, 1.0])
     return rows or [["", "", 1.0, 1.0]]
-
-
-def request_from_ui(
-    table: Sequence[Sequence[Any]],
-    method: str,
-    preset: str,
-    sample_steps: float,
-    seed: float,
-    kind: str,
-    name: str,
-    rank: float,
-    overwrite: bool,
-) -> dict[str, Any]:
-    """The tab's values → the same JSON request the REST route takes."""
-    loras = []
-    for row in table or []:
-        if not row or not str(row[0] or "").strip():
-            continue
-        loras.append(
-            {
-                "name": str(row[0]).strip(),
-                "trigger": str(row[1] or "").strip(),
-                "te_weight": row[2] if row[2] not in (None, "") else 1.0,
-                "unet_weight": row[3] if row[3] not in (None, "") else 1.0,
-            }
-        )
-    return {
-        "loras": loras,
-        "method": method,
-        "preset": preset,
-        "output": {"kind": kind.lower(), "name": name, "rank": int(rank), "overwrite": bool(overwrite)},
-        "advanced": {"sample_steps": int(sample_steps), "seed": int(seed)},
-    }
 
 
 def status_html(text: str, error: bool = False) -> str:
@@ -104,21 +75,13 @@ def merge_click(
     preview_steps: float = preview.DEFAULT_STEPS,
 ) -> list[Any]:
     """Handler body (inside ``wrap_gradio_gpu_call``): ``[report rows, ready prompt, preview images, status html]``."""
-    body = request_from_ui(table, method, preset, sample_steps, seed, kind, name, rank, overwrite)
+    body = request_from_table(table, method, preset, sample_steps, seed, kind, name, rank, overwrite)
     try:
         result = service.merge(body, locked=False)
     except ServiceError as e:
         return [[], "", [], status_html(e.message, error=True)]
     rows = [[r[0], r[1], r[2], r[3], r[4]] for r in result["report_rows"]]
-    msg = f"Saved {result['file']} in {result['seconds']:.1f} s."
-    rep = result["report"]
-    if rep.get("svd_error") is not None:
-        msg += f" LoRA rank ≤ {int(rank)}: SVD truncation error {rep['svd_error']:.4f}."
-    side = rep.get("sidecar") or {}
-    if side.get("file") and not side.get("written"):
-        msg += f" Kept your existing {Path(side['file']).name} (its activation text was not changed)."
-    if rep.get("loader_gaps"):
-        msg += "\n" + "\n".join(f"Note: {line}" for line in engine.loader_gap_lines(rep["loader_gaps"]))
+    msg = result_message(result, int(rank))
     images: list[Any] = []
     if show_preview and result["kind"] == "lora":
         settings = preview.PreviewSettings(size=int(preview_size), steps=int(preview_steps), seed=int(seed))
@@ -177,13 +140,13 @@ def build(service: MergeService | None = None) -> list[tuple[Any, str, str]]:
         )
         with FormRow():
             method = gr.Radio(
-                list(merge_job.METHODS),
+                list(METHODS),
                 value="loraclr",
                 label="Method (loraclr recommended)",
                 elem_id="loraclr_merge_method",
             )
             preset = gr.Radio(
-                list(merge_job.PRESETS),
+                list(PRESETS),
                 value="recommended",
                 label="LoRACLR preset",
                 elem_id="loraclr_merge_preset",
@@ -199,7 +162,7 @@ def build(service: MergeService | None = None) -> list[tuple[Any, str, str]]:
             )
             out_name = gr.Textbox(label="Output name", placeholder="my_merge", elem_id="loraclr_merge_name")
             rank = gr.Slider(
-                4, 256, value=merge_job.DEFAULT_RANK, step=4, label="LoRA rank", elem_id="loraclr_merge_rank"
+                4, 256, value=DEFAULT_RANK, step=4, label="LoRA rank", elem_id="loraclr_merge_rank"
             )
             overwrite = gr.Checkbox(False, label="Overwrite", elem_id="loraclr_merge_overwrite")
         with FormRow():
