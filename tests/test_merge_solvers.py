@@ -381,3 +381,35 @@ def test_merge_layer_dispatch_and_errors():
         FeatureStats(2).add(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(ValueError):
         LoraclrParams(negatives="bogus").validate()
+
+
+def test_few_rows_are_solved_in_their_row_space_with_the_same_optimum(monkeypatch) -> None:
+    """Few raw rows (R ≪ d_in): L-BFGS runs on ``Δ = B Qᵀ`` (Q spans the rows) and reaches the optimum of the
+    full problem: same loss, the same distances, Δ inside the rows' span."""
+    import lib_loraclr.merge.loraclr as L
+    from lib_loraclr.merge.stats import ConceptStats
+
+    g = torch.Generator().manual_seed(5)
+    d_out, d_in = 48, 128
+    w0 = torch.randn(d_out, d_in, generator=g) / d_in**0.5
+    base = torch.randn(6, d_in, generator=g)
+    stats = []
+    for i in range(4):
+        x = torch.cat([base, torch.randn(2, d_in, generator=g)])  # shared rows (BOS, "photo of a"): conflicts
+        delta = (
+            None
+            if i == 3
+            else 0.5 * torch.randn(d_out, 4, generator=g) @ torch.randn(4, d_in, generator=g) / d_in
+        )
+        stats.append(ConceptStats.from_rows(x, delta, name=str(i)))
+    params = L.LoraclrParams.recommended()
+    assert L._in_row_space(w0, stats, params) is not None
+    fast, info_fast = L.solve_loraclr(w0, stats, params)
+    monkeypatch.setattr(L, "_in_row_space", lambda *a: None)
+    full, info_full = L.solve_loraclr(w0, stats, params)
+    assert info_full.iterations > 0  # a hinge was active: a real L-BFGS run on both sides
+    assert abs(info_fast.final_loss - info_full.final_loss) <= 1e-5 * abs(info_full.final_loss)
+    x = torch.cat([cs.features.rows() for cs in stats]).double()
+    proj = x.T @ torch.linalg.pinv(x.T)  # projector on the rows' span
+    assert float((fast.double() - fast.double() @ proj).norm()) < 1e-4 * float(fast.norm())
+    assert float((fast - full).norm()) < 2e-2 * float(full.norm())

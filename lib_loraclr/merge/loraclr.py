@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -29,7 +29,7 @@ from lib_loraclr.merge.closed_form import (
     _own_rows,
     _row_path,
 )
-from lib_loraclr.merge.stats import ConceptStats, as_2d_weight
+from lib_loraclr.merge.stats import ConceptStats, FeatureStats, as_2d_weight
 
 _SLACK = 0.3  # pairs whose negative distance is below margin + _SLACK at the start are optimised actively
 
@@ -729,6 +729,12 @@ def solve_loraclr(
     (L-BFGS) while some hinge is active. Default: ``recommended()``.
     """
     params = params or LoraclrParams.recommended()
+    reduced = _in_row_space(W0, stats, params)
+    if reduced is not None:
+        w0_r, stats_r, params_r, q = reduced
+        delta_r, info = solve_loraclr(w0_r, stats_r, params_r)
+        info.preset = params.preset
+        return (delta_r.double() @ q.T).float(), info
     t0 = time.perf_counter()
     obj = _Objective(W0, stats, params)
     info = SolveInfo(preset=params.preset)
@@ -775,6 +781,48 @@ def solve_loraclr(
     if skip:
         info.note = "no hinge active at the warm start: closed-form solution returned"
     return best, info
+
+
+def _in_row_space(
+    W0: torch.Tensor, stats: Sequence[ConceptStats], params: LoraclrParams
+) -> tuple[torch.Tensor, list[ConceptStats], LoraclrParams, torch.Tensor] | None:
+    """The same L-BFGS problem in the coordinates of the inputs' row space, when there are few raw rows.
+
+    Every term of the objective sees Δ only through ``X Δᵀ`` (all concepts' rows X ``[R, d_in]``) and ``‖Δ‖``,
+    and the warm start (least squares) lies in X's row space, so with an orthonormal basis ``Q [d_in, r]`` of
+    that space (r ≤ R) the minimiser is ``Δ = B Qᵀ`` with ``B [d_out, r]`` the minimiser of the same objective
+    on the rows ``X Q``, the targets ``ΔW_i Q`` and ``W0 Q`` (ridge rescaled so that λ is unchanged). L-BFGS
+    then works on ``d_out × r`` instead of ``d_out × d_in`` numbers: a text-encoder layer of SD1.5 with a few
+    prompts per concept has ``R ≈ 60`` rows for ``d_in = 768 / 3072``. Returns ``(W0 Q, stats, params, Q)``,
+    or None where it does not apply (Gram statistics, ``2R > d_in``, AdamW: not invariant to the change of
+    coordinates).
+    """
+    if params.optimizer != "lbfgs" or not stats or not all(cs.features.is_raw for cs in stats):
+        return None
+    d_in = int(W0.shape[-1])
+    rows = [cs.features.rows() for cs in stats]
+    n_rows = sum(0 if r is None else int(r.shape[0]) for r in rows)
+    if n_rows == 0 or 2 * n_rows > d_in:
+        return None
+    x = torch.cat([r for r in rows if r is not None]).double()
+    e, u = torch.linalg.eigh(x @ x.T)
+    keep = e > 1e-12 * float(e[-1].clamp_min(1e-300))
+    q = (x.T @ u[:, keep]) / e[keep].sqrt()  # [d_in, r], orthonormal columns spanning X's rows
+    r = int(q.shape[1])
+    out = []
+    for cs, rw in zip(stats, rows):
+        fs = FeatureStats(r, cs.features.sketch_rows, cs.features.seed)
+        if rw is not None and rw.shape[0]:
+            fs.add((rw.double() @ q).float())
+        if cs.up is not None and cs.down is not None:
+            delta: Any = (cs.up, (cs.down.double() @ q).float())
+        elif cs.delta is not None:
+            delta = (cs.delta.double() @ q).float()
+        else:
+            delta = None
+        out.append(ConceptStats(fs, delta, weight=cs.weight, name=cs.name))
+    w0 = as_2d_weight(W0, "base weight").double()
+    return (w0 @ q).float(), out, replace(params, ridge=params.ridge * r / d_in), q
 
 
 def _candidates(dist: torch.Tensor, valid: Sequence[tuple[int, int]], limit: float, per_concept: int = 2):
