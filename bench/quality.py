@@ -568,6 +568,13 @@ register_method(
     lambda: CloraMethod("recommended", "routed_layout", mode="routed", layout=True, region_prompts=True),
 )
 register_method("loraclr_layout", lambda: MergedLayoutMethod("loraclr", "recommended", "loraclr_layout"))
+# the same with the output-level refinement on (MergeConfig.distill_steps; off by default on CPU)
+register_method(
+    "loraclr_distill_layout",
+    lambda: MergedLayoutMethod(
+        "loraclr", "recommended", "loraclr_distill_layout", overrides={"distill_steps": DISTILL_STEPS}
+    ),
+)
 register_method("clora_paper", lambda: CloraMethod("paper", capture_layers=["lowest"]))
 # the recommended schedule with the masks of round 2: paper rule on the lowest-resolution layers
 register_method(

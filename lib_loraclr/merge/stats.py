@@ -369,8 +369,6 @@ class PairedStats:
         self.cross = torch.zeros(d_in, d_in, dtype=torch.float64)
         self.drift_sq = 0.0
         self.teacher_sq = 0.0
-        # the teacher's raw rows while the student's are raw too (few rows: cheaper effective_delta)
-        self._teacher_raw: list[torch.Tensor] | None = []
 
     @property
     def d_in(self) -> int:
@@ -389,11 +387,6 @@ class PairedStats:
         xs = student.detach().reshape(-1, self.d_in).float().cpu()
         xt = teacher.detach().reshape(-1, self.d_in).float().cpu()
         self.features.add(xs)
-        if self._teacher_raw is not None:
-            if self.features.is_raw:
-                self._teacher_raw.append(xt.clone())
-            else:
-                self._teacher_raw = None
         self.cross += (xs.T @ xt).double()
         self.drift_sq += float((xs - xt).pow(2).sum(dtype=torch.float64))
         self.teacher_sq += float(xt.pow(2).sum(dtype=torch.float64))
@@ -419,18 +412,6 @@ class PairedStats:
         w0d = as_2d_weight(w0, "base weight").double()
         dd = None if delta is None else as_2d_weight(delta, "delta").double()
         wt = w0d if dd is None else w0d + dd
-        xs = self.features.rows()
-        if xs is not None and self._teacher_raw and ridge > 0 and xs.shape[0] < xs.shape[1]:
-            # few rows: the same correction through the n×n kernel (push-through identity),
-            # (Xᵀ−X̃ᵀ)X̃(X̃ᵀX̃ + λI)^-1 = (Xᵀ−X̃ᵀ)(X̃X̃ᵀ + λI)^-1 X̃: O(d_out·n·d_in) instead of O(d_out·d_in²)
-            xs = xs.double()
-            xt = torch.cat(self._teacher_raw).double()
-            tr = float(xs.pow(2).sum())
-            if tr > 0:
-                lam = ridge * tr / xs.shape[1]
-                k = xs @ xs.T + lam * torch.eye(xs.shape[0], dtype=xs.dtype)
-                corr = (wt @ (xt - xs).T) @ torch.linalg.solve(k, xs)
-                return (corr if dd is None else dd + corr).float()
         g = self.features.gram()
         d = g.shape[0]
         tr = float(g.diagonal().sum())
