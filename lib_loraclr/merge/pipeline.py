@@ -672,18 +672,31 @@ def _plan_passes(fe: _Features, runs: int, config: MergeConfig) -> list[list[str
 def _sample(model: nn.Module, prompt: str, config: MergeConfig) -> None:
     """Seeded sampling runs without CFG (the official feature run; ``config.sample_images`` images, seeds
     ``seed …``); hooks collect the features."""
+    shape = config.shape_for(prompt) if config.shape_for is not None else config.shape
+    feature_run(model, [prompt] * config.sample_images, config, shape)
+
+
+def feature_run(
+    model: nn.Module,
+    prompts: Sequence[str],
+    config: MergeConfig,
+    shape: tuple[int, int, int] | None,
+    denoiser: Callable[..., torch.Tensor] | None = None,
+) -> None:
+    """One seeded feature run of ``prompts`` (one image each) on a ``shape`` latent, no CFG, with
+    ``config``'s steps, sampler and seed; ``denoiser`` replaces the CFG denoiser (``models.sampling.sample``)."""
     from lib_loraclr.models.sampling import sample
 
-    shape = config.shape_for(prompt) if config.shape_for is not None else config.shape
     sample(
         model,
-        [prompt] * config.sample_images,
+        list(prompts),
         negative="",
         steps=config.sample_steps,
         cfg_scale=1.0,
         sampler=config.sampler,
         seed=config.seed,
         shape=shape,
+        denoiser=denoiser,
     )
 
 

@@ -36,6 +36,7 @@ from lib_loraclr.merge.pipeline import (
     _kv_positions,
     _rowable,
     _te_select,
+    feature_run,
     input_group,
 )
 from lib_loraclr.merge.stats import PairedStats
@@ -230,7 +231,7 @@ def _record_trajectory(
 ) -> _Trajectory:
     """Sample ``prompts`` with the teacher (no CFG, ``config.sample_images`` seeded images per prompt,
     batched by canvas) and record every call (``_Trajectory``)."""
-    from lib_loraclr.models.sampling import sample, wrap_model
+    from lib_loraclr.models.sampling import wrap_model
 
     by_shape: dict[Any, list[str]] = {}
     for p in prompts:
@@ -257,17 +258,7 @@ def _record_trajectory(
                 calls.append((x.clone(), sigma.clone(), runs))
                 return out
 
-            sample(
-                model,
-                ps,
-                negative="",
-                steps=config.sample_steps,
-                cfg_scale=1.0,
-                sampler=config.sampler,
-                seed=config.seed,
-                shape=shape,
-                denoiser=den,
-            )
+            feature_run(model, ps, config, shape, denoiser=den)
             traj.batches.append((t_cond, s_cond, calls))
     finally:
         swap.restore()
