@@ -16,8 +16,10 @@ from modules import script_callbacks, scripts
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 try:
-    from loraclr_glue import api, api_guard, clora_run, network, script_logic, ui_clora, ui_merge
+    from loraclr_glue import api, clora_run, network, script_logic, ui_clora, ui_merge
     from loraclr_glue.host import script_has_hook
+
+    from lib_loraclr import api_guard  # importable wherever the glue is (the glue imports lib_loraclr)
 finally:
     if sys.path and sys.path[0] == _HERE:
         sys.path.pop(0)

@@ -1,19 +1,13 @@
-"""The API door for txt2img / img2img (`scripts/loraclr_glue/api_guard.py`): bad CLoRA input → HTTP 422
+"""The API door for txt2img / img2img (`lib_loraclr/api_guard.py`): bad CLoRA input → HTTP 422
 before the request reaches the WebUI; every other request reaches it with its body unchanged."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT / "scripts") not in sys.path:
-    sys.path.insert(0, str(ROOT / "scripts"))
-
-from loraclr_glue import api_guard  # noqa: E402
+from lib_loraclr import api_guard
 
 
 def _run(guard, path: str, body: bytes, chunks: int = 1, method: str = "POST"):

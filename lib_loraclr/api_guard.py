@@ -3,8 +3,8 @@
 The WebUI runs a script's hooks inside its own ``try``/``except`` (an error there is logged and the image is
 made anyway), so a script cannot refuse an API request. This ASGI middleware reads the request body first:
 when the body uses CLoRA (``alwayson_scripts`` → ``CLoRA`` or ``<clora:…>`` tags in the prompt), it runs
-the same checks the script runs (`clora_run.check_request`: the arguments dict, the prompt syntax, the LoRA
-files and their trigger words) and answers ``422 {"error": <class>, "detail": <message>}`` before any work
+the same checks the script runs (`lib_loraclr.clora_job.check_request`: the arguments dict, the prompt
+syntax, the LoRA files and their trigger words) and answers ``422 {"error": <class>, "detail": <message>}`` before any work
 is queued; otherwise the body is handed on unchanged. The UI path keeps the script's behaviour (CLoRA off for
 that image, the message in the infotext and the console).
 """
