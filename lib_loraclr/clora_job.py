@@ -1,21 +1,24 @@
-"""One generation's CLoRA job before any model is touched: prompt bindings → LoRA files → engine-ready
-concepts, the user-facing error texts, and the door check of an API request (the same checks).
+"""One generation's CLoRA job: prompt bindings → LoRA files → engine-ready concepts → a host adapter,
+the user-facing error texts, the door check of an API request (the same checks), and the registry of the
+jobs in progress (one per processing object).
 
-The WebUI glue (`scripts/loraclr_glue/clora_run.py`) extends `CloraJob` with the host adapter's install and
-removal; here nothing reads a host object.
+Nothing here reads a host object: an `Adapter` (``scripts/loraclr_glue/adapters.py``) installs the engine
+on the host and removes it; the WebUI glue (``clora_run.py``) adds the WebUI's LoRA lookup.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import clora_args as ca
 from .errors import LoraclrError
 from .lora_folder import LoraNotFoundError, find_lora, read_lora_cached
-from .prompt_syntax import ParsedPrompt
+from .prompt_syntax import RE_AND, ParsedPrompt
 
 LOG_PREFIX = "[sd-webui-loraclr]"
 
@@ -51,6 +54,17 @@ class ConceptSpec:
     trigger: str
 
 
+class Adapter(Protocol):
+    """Where a host runs the CLoRA engine: ``install`` builds it on the processing object ``p`` for the
+    batch's base prompt and bound concepts and returns it; ``remove`` undoes everything ``install`` did."""
+
+    def install(
+        self, p: Any, run: Any, base: str, specs: Sequence[ConceptSpec], *, masks_only: bool
+    ) -> Any: ...
+
+    def remove(self, p: Any) -> None: ...
+
+
 @dataclass
 class CloraJob:
     """The CLoRA part of one generation: the arguments, the parsed prompts, the bound LoRAs, the notices."""
@@ -62,6 +76,9 @@ class CloraJob:
     network_params: list[Any] = field(default_factory=list)
     infotext: dict[str, Any] | None = None  # the generation's infotext dict, where notices go
     mask_images: list[Any] = field(default_factory=list)  # mask previews for the result gallery
+    adapter: Adapter | None = None  # installed on ``installed_on`` (a processing object)
+    installed_on: Any = None
+    denoiser: Any = None  # what the adapter installed (a `CloraDenoiser` or `RegionalDenoiser`)
 
     def find_lora(self, name: str) -> Path:
         """The file of the LoRA called ``name`` (a host adds its own registry)."""
@@ -131,6 +148,82 @@ class CloraJob:
         """The ``clora`` extra network's params for the current batch (tags of its first prompt)."""
         self.network_params = list(params_list)
 
+    # ------------------------------------------------------------------ the host adapter
+    def install(self, adapter: Adapter, p: Any, prompt: str, *, masks_only: bool = False) -> None:
+        """Build this batch's branches for ``prompt`` (original, tag-carrying) and install ``adapter`` on ``p``
+        (a previous install is removed first); nothing is installed for a prompt without bound concepts."""
+        self.remove()
+        parsed, specs = self.concepts_for(prompt)
+        if not specs:
+            return
+        base = RE_AND.split(parsed.prompt)[0].strip() if RE_AND.search(parsed.prompt) else parsed.prompt
+        if base != parsed.prompt:
+            self.notice("CLoRA uses the first AND part of the prompt for its branches")
+        self.adapter, self.installed_on = adapter, p
+        try:
+            self.denoiser = adapter.install(p, self, base, specs, masks_only=masks_only)
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        adapter, p = self.adapter, self.installed_on
+        self.adapter = self.installed_on = None
+        if adapter is not None:
+            adapter.remove(p)
+
+    @property
+    def installed(self) -> bool:
+        return self.adapter is not None
+
+
+class JobRegistry:
+    """The CLoRA jobs in progress, one per processing object (held weakly where it can be), thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active: dict[int, tuple[weakref.ReferenceType[Any] | None, CloraJob]] = {}
+
+    def register(self, p: Any, job: CloraJob) -> None:
+        try:
+            ref: weakref.ReferenceType[Any] | None = weakref.ref(p)
+        except TypeError:
+            ref = None
+        with self._lock:
+            self._active[id(p)] = (ref, job)
+
+    def get(self, p: Any) -> Any:
+        with self._lock:
+            entry = self._active.get(id(p))
+        if entry is None or (entry[0] is not None and entry[0]() is not p):
+            return None
+        return entry[1]
+
+    def finish(self, p: Any) -> Any:
+        """Remove the job of ``p`` (its adapter included) and forget it; returns it (None if none)."""
+        with self._lock:
+            entry = self._active.pop(id(p), None)
+        if entry is None:
+            return None
+        entry[1].remove()
+        return entry[1]
+
+    def remove_all(self) -> int:
+        """Remove every job's adapter (errors, script unload). Returns how many jobs there were."""
+        with self._lock:
+            entries = list(self._active.values())
+            self._active.clear()
+        for _ref, job in entries:
+            try:
+                job.remove()
+            except Exception as e:  # keep removing the others
+                print(f"{LOG_PREFIX} could not remove CLoRA hooks: {e}")
+        return len(entries)
+
+    def active_count(self) -> int:
+        with self._lock:
+            return len(self._active)
+
 
 def check_request(
     body: Mapping[str, Any], lora_folder: Path | None, job: type[CloraJob] = CloraJob
@@ -155,4 +248,13 @@ def check_request(
     return None
 
 
-__all__ = ["CloraJob", "CloraUserError", "ConceptSpec", "check_request", "is_user_error", "user_message"]
+__all__ = [
+    "Adapter",
+    "CloraJob",
+    "CloraUserError",
+    "ConceptSpec",
+    "JobRegistry",
+    "check_request",
+    "is_user_error",
+    "user_message",
+]

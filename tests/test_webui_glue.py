@@ -525,9 +525,9 @@ def test_forge_adapter_installs_a_function_wrapper_and_removes_it(loaded, model,
 
 
 def test_forge_fusion_with_zero_weight_loras_equals_plain(loaded, model, lora_dir):
-    from loraclr_glue import adapters
-
     from lib_loraclr.clora import CloraDenoiser
+    from lib_loraclr.clora.host_calls import ForgeUnetCall
+    from lib_loraclr.clora.routing import unet_router
     from lib_loraclr.readers import read_lora
 
     unet = model.model.diffusion_model
@@ -541,9 +541,9 @@ def test_forge_fusion_with_zero_weight_loras_equals_plain(loaded, model, lora_di
         groups=[[[2], [2], [2]], [[5], [5], [5]]],
         mask_tokens=[[], [2], [5]],
         options=ca.CloraArgs(masks_only=True).to_options(4),
-        router=adapters.unet_router(unet, [spec, spec]),
+        router=unet_router(unet, [spec, spec]),
     )
-    fusion = adapters.ForgeUnetCall(denoiser, branch_conds=[cond, cond])
+    fusion = ForgeUnetCall(denoiser, branch_conds=[cond, cond])
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([300.0, 300.0])
     with torch.no_grad():

@@ -502,6 +502,28 @@ def has_te_parts(loras: Iterable[DeltaSet]) -> bool:
     return any(any(te_key(k) for k in getattr(d, "modules", {})) for d in loras)
 
 
+def concept_branches(specs: Sequence[Any], weight: str) -> list[list[tuple[Any, float]]]:
+    """Branch LoRA lists of bound concepts: branch 0 without LoRA, branch k = concept k's LoRA at its
+    ``weight`` attribute (``specs[k-1].deltas``, ``.unet_weight`` / ``.te_weight``)."""
+    return [[]] + [[(s.deltas, float(getattr(s, weight)))] for s in specs]
+
+
+def unet_router(unet: nn.Module, specs: Sequence[Any]) -> RoutedLoras:
+    """Per-branch UNet LoRA hooks of bound concepts (`concept_branches`), keys below `UNET_PREFIX`."""
+    return RoutedLoras(
+        unet, concept_branches(specs, "unet_weight"), prefix=UNET_PREFIX, key_filter=is_unet_key
+    )
+
+
+def te_router(roots: Sequence[tuple[nn.Module, str]], specs: Sequence[Any]) -> CompositeRouter | None:
+    """Per-branch text-encoder LoRA hooks of bound concepts on each ``(module, canonical prefix)`` text
+    encoder; None when no LoRA has a routable text-encoder module there."""
+    branches = concept_branches(specs, "te_weight")
+    routers = [RoutedLoras(m, branches, prefix=prefix, key_filter=routable_te_key) for m, prefix in roots]
+    routers = [r for r in routers if r.n_modules]
+    return CompositeRouter(routers) if routers else None
+
+
 class CompositeRouter:
     """Several `RoutedLoras` (e.g. SDXL's two text encoders) driven as one (``select``, install / remove)."""
 
