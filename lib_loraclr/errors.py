@@ -61,6 +61,17 @@ class ValueRangeError(LoraclrError, ValueError):
     """A number is outside its sane range: a LoRA's rank, alpha or weights, a merge or CLoRA weight, an option."""
 
 
+class ServiceError(Exception):
+    """An HTTP error of a WebUI route: ``status``, the user-facing ``message`` and the error class name
+    ``kind`` (not a `LoraclrError`: it is the answer to a request, made from one)."""
+
+    def __init__(self, status: int, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
 def short_list(items: Sequence[str], limit: int = 8) -> str:
     """``"a, b, c (and 12 more)"`` for error messages."""
     items = list(items)

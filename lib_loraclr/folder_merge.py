@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import validate
-from .errors import LoraclrError
+from .errors import LoraclrError, ServiceError
 from .lora_folder import LoraNotFoundError, read_lora_cached
 from .merge.job import JobConcept, MergeInterrupted, MergeJob, run_job
 from .merge.pipeline import merge_loras
@@ -143,6 +143,36 @@ def error_status(e: BaseException) -> int:
     if isinstance(e, LoraclrError):  # the user can fix it; anything else is a bug: 500 + traceback
         return 400
     return 500
+
+
+def service_error(e: BaseException) -> ServiceError:
+    """The HTTP error of a failed merge (`error_status`); for a 5xx (not the user's fault) the traceback
+    goes to the console for the bug report."""
+    status = error_status(e)
+    if status >= 500:
+        import traceback
+
+        print(
+            f"[sd-webui-loraclr] merge failed:\n{''.join(traceback.format_exception(type(e), e, e.__traceback__))}"
+        )
+    return ServiceError(status, str(e), type(e).__name__)
+
+
+def table_rows(
+    selected: Sequence[str], current: Sequence[Sequence[Any]] | None, folder: Mapping[str, Path]
+) -> list[list[Any]]:
+    """The merge tab's table ``[name, trigger words, TE weight, UNet weight]`` for the ``selected`` LoRAs of
+    ``folder`` (`lora_folder.list_loras`): rows already in ``current`` keep the user's edits, new rows get
+    the file's first three trigger words; one blank row when nothing is selected."""
+    from .merge.job import file_trigger_words
+
+    keep = {str(r[0]): list(r) for r in (current or []) if r and str(r[0]).strip()}
+    rows = []
+    for name in selected or []:
+        path = folder.get(name)
+        words = file_trigger_words(path)[:3] if name not in keep and path is not None else []
+        rows.append(keep.get(name) or [name, ", ".join(words), 1.0, 1.0])
+    return rows or [["", "", 1.0, 1.0]]
 
 
 def request_from_table(

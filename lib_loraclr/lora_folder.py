@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .deltas import DeltaSet
-from .errors import LoraclrError
+from .errors import LoraclrError, ServiceError
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".pth")
 
@@ -99,6 +99,27 @@ def inspect_names(body: Any) -> list[str]:
     return names
 
 
+def inspect_request(body: Any, find: Callable[[str], Path]) -> dict[str, Any]:
+    """``POST /loraclr/v1/inspect``: ``{"loras": [{name, …summary}]}`` for the names in ``body``
+    (`inspect_names`), each found by ``find``; `ServiceError` 400 for a bad request or file, 404 for an
+    unknown name."""
+    from .inspect import inspect_file
+
+    try:
+        names = inspect_names(body)
+    except ValueError as e:
+        raise ServiceError(400, str(e)) from None
+    out = []
+    for n in names:
+        try:
+            out.append({"name": n, **inspect_file(find(n))})
+        except LoraNotFoundError as e:
+            raise ServiceError(404, str(e), type(e).__name__) from None
+        except Exception as e:
+            raise ServiceError(400, f"{n}: {e}", type(e).__name__) from None
+    return {"loras": out}
+
+
 def lora_listing(found: Mapping[str, Path]) -> list[dict[str, Any]]:
     """``[{name, file, trigger_words}]`` of LoRA files (`list_loras`), the trigger words from each file."""
     from .merge.job import file_trigger_words
@@ -113,6 +134,7 @@ __all__ = [
     "LoraNotFoundError",
     "find_lora",
     "inspect_names",
+    "inspect_request",
     "list_loras",
     "lora_listing",
     "read_lora_cached",

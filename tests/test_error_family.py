@@ -23,9 +23,9 @@ for extra in (ROOT / "tests" / "webui_stub", ROOT / "scripts"):
 
 def test_every_user_error_class_is_a_loraclr_error():
     from loraclr_glue.lora_files import LoraNotFoundError
-    from loraclr_glue.merge_job import MergeRequestError
 
     from lib_loraclr.clora_job import CloraUserError
+    from lib_loraclr.merge.request import MergeRequestError
 
     for cls in (
         CloraError,
@@ -49,13 +49,13 @@ def test_every_user_error_class_is_a_loraclr_error():
     ],
 )
 def test_merge_service_status_and_traceback(monkeypatch, tmp_path, capsys, error, status):
-    from loraclr_glue import merge_job
+    from loraclr_glue import api
     from loraclr_glue.api import MergeService, ServiceError
 
     def run_merge(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(merge_job, "run_merge", run_merge)
+    monkeypatch.setattr(api, "run_merge", run_merge)
     ckpt = tmp_path / "base.safetensors"
     ckpt.write_bytes(b"")
     sh = SimpleNamespace(

@@ -19,6 +19,7 @@ from lib_loraclr.models.sd import (
     UNetConfig,
     _build_ldm_unet,
     build_tiny_sd1,
+    integrated_unet_kwargs,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +83,7 @@ def test_factory_builds_the_unet_and_weights_come_from_the_file(plain_ckpt) -> N
 def test_forge_arguments_for_sd15_sizes() -> None:
     shapes = {k: tuple(v.shape) for k, v in full_sd15_tree().state_dict().items()}
     cfg = UNetConfig(**sd1_config_from_shapes(shapes)["unet"])
-    kw = host_models.sd1_unet_kwargs(cfg)
+    kw = integrated_unet_kwargs(cfg)
     # Forge (huggingface_guess) describes SD1.5 exactly so: attention in levels 0–2, none in level 3
     assert kw["transformer_depth"] == [1, 1, 1, 1, 1, 1, 0, 0]
     assert kw["transformer_depth_output"] == [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]

@@ -12,11 +12,13 @@ import torch
 from lib_loraclr import folder_merge
 from lib_loraclr.clora.masks import PALETTE, mask_image
 from lib_loraclr.clora_args import CloraArgs
-from lib_loraclr.clora_job import CloraJob, CloraUserError, check_request, user_message
+from lib_loraclr.clora_job import CloraJob, CloraUserError, JobRegistry, check_request, user_message
+from lib_loraclr.errors import ServiceError
 from lib_loraclr.lora_folder import (
     LoraNotFoundError,
     find_lora,
     inspect_names,
+    inspect_request,
     list_loras,
     lora_listing,
     read_lora_cached,
@@ -149,3 +151,97 @@ def test_mask_image_colours():
     img = mask_image(w, scale=2)
     assert img.size == (4, 4) and img.getpixel((0, 0)) == PALETTE[0]
     assert img.getpixel((2, 0)) == PALETTE[1] and img.getpixel((0, 2)) == PALETTE[2]
+
+
+def test_merge_tab_table_keeps_edits_and_prefills_trigger_words(tmp_path):
+    a = _lora(tmp_path / "cat.safetensors", "sks")
+    b = _lora(tmp_path / "dog.safetensors")
+    folder = {"cat": a, "dog": b}
+    rows = folder_merge.table_rows(["cat", "dog"], None, folder)
+    assert rows == [["cat", "sks", 1.0, 1.0], ["dog", "", 1.0, 1.0]]
+    edited = [["cat", "my words", 0.5, 0.8], ["dog", "", 1.0, 1.0]]
+    assert folder_merge.table_rows(["dog", "cat"], edited, folder) == [edited[1], edited[0]]
+    assert folder_merge.table_rows(["ghost"], None, folder) == [["ghost", "", 1.0, 1.0]]
+    assert folder_merge.table_rows([], edited, folder) == [["", "", 1.0, 1.0]]
+
+
+def test_inspect_request_statuses(tmp_path):
+    _lora(tmp_path / "cat.safetensors", "sks")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+
+    def find(name: str) -> Path:
+        return find_lora(name, tmp_path)
+
+    out = inspect_request({"names": ["cat"]}, find)["loras"]
+    assert out[0]["name"] == "cat" and out[0]["arch"] == "sd1"
+    for body, status, text in (
+        ({"nam": "x"}, 400, "unknown key"),
+        ({"name": "ghost"}, 404, "not found"),
+        ({"name": "broken"}, 400, "broken: "),
+    ):
+        with pytest.raises(ServiceError) as ei:
+            inspect_request(body, find)
+        assert ei.value.status == status and text in ei.value.message
+
+
+def test_merge_errors_become_http_statuses(capsys):
+    assert folder_merge.service_error(MergeRequestError("give two LoRAs")).status == 400
+    assert folder_merge.service_error(MergeInterrupted("stopped")).status == 409
+    try:
+        raise KeyError("diffusion_model.x")
+    except KeyError as e:
+        err = folder_merge.service_error(e)
+    assert (err.status, err.kind) == (500, "KeyError")
+    assert "Traceback" in capsys.readouterr().out  # a bug keeps its traceback for the report
+
+
+class _Adapter:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple] = []
+        self.fail = fail
+
+    def install(self, p, run, base, specs, *, masks_only):
+        self.calls.append(("install", p, base, [s.name for s in specs], masks_only))
+        if self.fail:
+            raise RuntimeError("host changed")
+        return "engine"
+
+    def remove(self, p):
+        self.calls.append(("remove", p))
+
+
+def test_clora_job_installs_and_removes_its_adapter(tmp_path):
+    _lora(tmp_path / "cat.safetensors", "sks")
+    prompt = "a cat<clora:cat> and a dog AND a tree"
+    job = CloraJob(args=CloraArgs(), lora_folder=tmp_path, infotext={})
+    job.prepare([prompt, "a dog"])
+    first, second = _Adapter(), _Adapter()
+    job.install(first, "p", prompt, masks_only=True)
+    assert job.installed and job.denoiser == "engine" and job.installed_on == "p"
+    assert first.calls == [("install", "p", "a cat and a dog", ["cat"], True)]  # first AND part only
+    assert "first AND part" in job.infotext["CLoRA notice"]
+    job.install(second, "p", prompt)  # a second install removes the first
+    assert first.calls[-1] == ("remove", "p") and second.calls[0][0] == "install"
+    job.install(second, "p", "a dog")  # nothing bound: nothing installed
+    assert not job.installed and second.calls[-1] == ("remove", "p")
+    failing = _Adapter(fail=True)
+    with pytest.raises(RuntimeError):
+        job.install(failing, "p", prompt)
+    assert not job.installed and failing.calls[-1] == ("remove", "p")  # a failed install is undone
+
+
+def test_job_registry_is_per_processing_object(tmp_path):
+    class P:  # a processing object (weak-referenceable)
+        pass
+
+    reg = JobRegistry()
+    p, q = P(), P()
+    a, b = CloraJob(args=CloraArgs()), CloraJob(args=CloraArgs())
+    adapter = _Adapter()
+    a.adapter, a.installed_on = adapter, p
+    reg.register(p, a)
+    reg.register(q, b)
+    assert reg.get(p) is a and reg.get(q) is b and reg.get(P()) is None and reg.active_count() == 2
+    assert reg.finish(p) is a and adapter.calls == [("remove", p)] and reg.get(p) is None
+    assert reg.finish(p) is None
+    assert reg.remove_all() == 1 and reg.active_count() == 0

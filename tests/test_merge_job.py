@@ -40,9 +40,10 @@ def _cli(out: Path, kind: str, lora_folder: Path) -> None:
 
 
 def _webui(name: str, kind: str, lora_folder: Path, ckpt_folder: Path, *, from_tab: bool) -> Path:
-    from loraclr_glue import merge_job
+    from loraclr_glue.lora_files import run_merge
 
     from lib_loraclr.folder_merge import request_from_table
+    from lib_loraclr.merge.request import validate_request
 
     if from_tab:  # the tab's widgets → the request the REST route takes
         table = [[stem, trig, 1.0, 1.0] for stem, trig in CONCEPTS]
@@ -54,8 +55,8 @@ def _webui(name: str, kind: str, lora_folder: Path, ckpt_folder: Path, *, from_t
             "output": {"kind": kind, "name": name, "rank": 8},
             "advanced": {"seed": 3, "sample_steps": 2},
         }
-    out = merge_job.run_merge(
-        merge_job.validate_request(body),
+    out = run_merge(
+        validate_request(body),
         lora_folder=lora_folder,
         checkpoint_folder=ckpt_folder,
         base_checkpoint=ASSETS / "base.safetensors",

@@ -349,7 +349,9 @@ def test_webui_merge_job_writes_the_sidecar_and_keeps_a_users(tmp_path: Path) ->
     scripts_dir = str(ROOT / "scripts")
     if scripts_dir not in sys.path:
         sys.path.insert(0, scripts_dir)
-    from loraclr_glue import merge_job
+    from loraclr_glue.lora_files import run_merge
+
+    from lib_loraclr.merge.request import validate_request
 
     folder = tmp_path / "Lora"
     folder.mkdir()
@@ -361,8 +363,8 @@ def test_webui_merge_job_writes_the_sidecar_and_keeps_a_users(tmp_path: Path) ->
         "method": "linear",
         "output": {"name": "pair", "rank": 32},
     }
-    out = merge_job.run_merge(
-        merge_job.validate_request(body),
+    out = run_merge(
+        validate_request(body),
         lora_folder=folder,
         checkpoint_folder=None,
         base_checkpoint=ASSETS / "base.safetensors",
@@ -375,8 +377,8 @@ def test_webui_merge_job_writes_the_sidecar_and_keeps_a_users(tmp_path: Path) ->
     assert {m.rank for m in read_lora(folder / "pair.safetensors")} <= {15, 16}  # rank 32 asked: a cap
     assert out["report"]["svd_tolerance"] == 3e-4 and out["report"]["loader_gaps"] == {}
     body["output"] = {"name": "pair2", "rank": 32}
-    out = merge_job.run_merge(
-        merge_job.validate_request(body),
+    out = run_merge(
+        validate_request(body),
         lora_folder=folder,
         checkpoint_folder=None,
         base_checkpoint=ASSETS / "base.safetensors",

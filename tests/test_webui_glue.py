@@ -25,6 +25,7 @@ from modules import extra_networks, processing, script_callbacks, scripts, share
 
 from lib_loraclr import clora_args as ca
 from lib_loraclr.clora import count_hooks
+from lib_loraclr.clora_controls import default_state
 from lib_loraclr.models.sd import build_tiny_sd1
 from lib_loraclr.writers import write_kohya_lora
 
@@ -161,7 +162,7 @@ def test_ui_components_when_gradio_is_available(loaded):
 
     with gr.Blocks():
         comps = loaded.script.ui(False)
-    assert len(comps) == 2 and comps[1].value == loaded.module.ui_clora.default_state()
+    assert len(comps) == 2 and comps[1].value == default_state()
     assert loaded.script.infotext_fields and loaded.script.paste_field_names == [
         ca.INFOTEXT_KEY,
         ca.INFOTEXT_TABLE_KEY,
@@ -605,16 +606,18 @@ def test_mask_image_colours(loaded):
     ],
 )
 def test_merge_request_validation(loaded, body, message):
-    from loraclr_glue import merge_job
 
-    with pytest.raises(merge_job.MergeRequestError, match=message):
-        merge_job.validate_request(body)
+    from lib_loraclr.merge.request import MergeRequestError, validate_request
+
+    with pytest.raises(MergeRequestError, match=message):
+        validate_request(body)
 
 
 def test_merge_request_defaults(loaded):
-    from loraclr_glue import merge_job
 
-    r = merge_job.validate_request({"output": {"name": "m"}, "loras": ["a", {"name": "b", "trigger": "sks"}]})
+    from lib_loraclr.merge.request import validate_request
+
+    r = validate_request({"output": {"name": "m"}, "loras": ["a", {"name": "b", "trigger": "sks"}]})
     assert (r.method, r.preset, r.kind, r.rank, r.overwrite) == ("loraclr", "recommended", "lora", 32, False)
     assert r.loras[1].trigger == "sks" and r.loras[0].te_weight == 1.0
 

@@ -130,6 +130,34 @@ def _build_ldm_unet(cfg: UNetConfig) -> nn.Module:
     )
 
 
+def integrated_unet_kwargs(cfg: UNetConfig) -> dict[str, Any]:
+    """Arguments of Forge's ``backend.nn.unet.IntegratedUNet2DConditionModel`` (same module names and call
+    as ldm's ``UNetModel``) for the SD1-layout UNet ``cfg`` describes (sizes read from a checkpoint's shapes).
+
+    Forge describes attention per res block (``transformer_depth``: one entry per input res block,
+    ``transformer_depth_output``: one per output block, popped from the end) instead of ldm's
+    ``attention_resolutions`` (level ``i`` has attention when ``2**i`` is listed)."""
+    levels = len(cfg.channel_mult)
+    depth = [cfg.transformer_depth if 2**i in cfg.attention_resolutions else 0 for i in range(levels)]
+    return {
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "model_channels": cfg.model_channels,
+        "num_res_blocks": [cfg.num_res_blocks] * levels,
+        "channel_mult": list(cfg.channel_mult),
+        "num_heads": cfg.num_heads,
+        "num_head_channels": cfg.num_head_channels,
+        "use_spatial_transformer": True,
+        "context_dim": cfg.context_dim,
+        "use_linear_in_transformer": cfg.use_linear_in_transformer,
+        "transformer_depth": [d for d in depth for _ in range(cfg.num_res_blocks)],
+        "transformer_depth_middle": cfg.transformer_depth,
+        "transformer_depth_output": [d for d in depth for _ in range(cfg.num_res_blocks + 1)],
+        "adm_in_channels": None,
+        "use_checkpoint": False,
+    }
+
+
 def default_latent_size(cfg: UNetConfig) -> int:
     """Smallest latent side ≥ 8 whose deepest UNet level is at least 2×2.
 

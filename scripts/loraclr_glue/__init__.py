@@ -5,12 +5,13 @@ directly in ``scripts/`` (sub-folders are skipped), and ``loraclr_script.py`` im
 putting ``scripts/`` on ``sys.path`` for the duration of the import.
 
 - `host`        — capability detection (A1111 or Forge), never by version strings.
-- `lora_files`  — LoRA lookup by name (the built-in Lora's registry, else `lib_loraclr.lora_folder`).
-- `clora_run`   — one CLoRA run: prompt bindings → branches → a host adapter; hook bookkeeping.
-- `adapters`    — `A1111Adapter` (model call wrapper), `ForgeAdapter` (UNet function wrapper), both over
-  `lib_loraclr.clora.clora_call`.
+- `lora_files`  — LoRA lookup by name (the built-in Lora's registry, else `lib_loraclr.lora_folder`) and
+  the merge with it.
+- `clora_run`   — the CLoRA runs in progress (`lib_loraclr.clora_job` with the WebUI's LoRA lookup).
+- `script_logic` — what the CLoRA script does in each WebUI hook.
+- `adapters`    — `A1111Adapter`, `ForgeAdapter`: install `lib_loraclr.clora.host_calls` on each host.
+- `host`, `host_models` — capability detection; the merge's UNet from Forge's own classes.
 - `network`     — the ``clora`` extra network (our tags never reach the built-in Lora).
-- `merge_job`   — `lib_loraclr.folder_merge.run_merge` with the WebUI's LoRA lookup (tab and REST route).
-- `api`         — ``/loraclr/v1/merge`` and ``/loraclr/v1/inspect``.
+- `api`, `preview` — ``/loraclr/v1/*`` routes and the merge service; the merge preview by txt2img.
 - `ui_clora`, `ui_merge` — gradio UIs (gradio imported lazily, inside the functions).
 """

@@ -2,7 +2,7 @@
 
 Routes (registered in ``on_app_started``; JSON in, JSON out; with the WebUI's ``--api`` or ``--nowebui``):
 
-- ``POST /loraclr/v1/merge``   — body: see `merge_job`; 200 ``{file, kind, prompt, report, report_rows}``;
+- ``POST /loraclr/v1/merge``   — body: see `lib_loraclr.merge.request`; 200 ``{file, kind, prompt, report, report_rows}``;
   400 bad request, 409 interrupted, 503 engine missing in this build;
 - ``POST /loraclr/v1/inspect`` — body ``{"name": "mycat"}`` or ``{"names": [...]}``; 200 ``{"loras": [summary…]}``;
 - ``GET  /loraclr/v1/loras?search=`` — ``{"loras": [{name, file, trigger_words}]}``.
@@ -17,22 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lib_loraclr.folder_merge import error_status, release_memory
-from lib_loraclr.inspect import inspect_file
-from lib_loraclr.lora_folder import inspect_names, lora_listing
+from lib_loraclr.errors import ServiceError
+from lib_loraclr.folder_merge import release_memory, service_error
+from lib_loraclr.lora_folder import inspect_request, lora_listing
+from lib_loraclr.merge.request import MergeRequestError, validate_request
 
-from . import merge_job
-from .lora_files import LoraNotFoundError, find_lora, list_loras, lora_dir
+from .lora_files import find_lora, list_loras, lora_dir, run_merge
 
-
-class ServiceError(Exception):
-    """An HTTP error of a route: ``status``, the user-facing ``message`` and the error class name ``kind``."""
-
-    def __init__(self, status: int, message: str, kind: str = "") -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
+__all__ = ["MergeService", "ServiceError", "register_routes"]
 
 
 class MergeService:
@@ -158,15 +150,15 @@ class MergeService:
     # ------------------------------------------------------------------ operations
     def merge(self, body: Any, *, locked: bool = True) -> dict[str, Any]:
         try:
-            req = merge_job.validate_request(body)
-        except merge_job.MergeRequestError as e:
+            req = validate_request(body)
+        except MergeRequestError as e:
             raise ServiceError(400, str(e), type(e).__name__) from None
 
         def work() -> dict[str, Any]:
             import torch
 
             with torch.inference_mode(False), torch.enable_grad():
-                return merge_job.run_merge(
+                return run_merge(
                     req,
                     lora_folder=self.lora_folder(),
                     checkpoint_folder=self.checkpoint_folder(),
@@ -179,12 +171,7 @@ class MergeService:
         try:
             result = self.locked(work) if locked else self.run_heavy(work)
         except Exception as e:
-            status = error_status(e)
-            if status >= 500:  # not the user's fault: keep the traceback for the bug report
-                import traceback
-
-                print(f"[sd-webui-loraclr] merge failed:\n{traceback.format_exc()}")
-            raise ServiceError(status, str(e), type(e).__name__) from None
+            raise service_error(e) from None
         finally:
             release_memory()
         self.refresh_loras()
@@ -214,19 +201,7 @@ class MergeService:
                 print(f"[sd-webui-loraclr] could not refresh the LoRA list: {e}")
 
     def inspect(self, body: Any) -> dict[str, Any]:
-        try:
-            names = inspect_names(body)
-        except ValueError as e:
-            raise ServiceError(400, str(e)) from None
-        out = []
-        for n in names:
-            try:
-                out.append({"name": n, **inspect_file(find_lora(n, self.lora_folder()))})
-            except LoraNotFoundError as e:
-                raise ServiceError(404, str(e), type(e).__name__) from None
-            except Exception as e:
-                raise ServiceError(400, f"{n}: {e}", type(e).__name__) from None
-        return {"loras": out}
+        return inspect_request(body, lambda name: find_lora(name, self.lora_folder()))
 
     def loras(self, search: str = "") -> dict[str, Any]:
         return {"loras": lora_listing(list_loras(self.lora_folder(), search))}

@@ -20,33 +20,7 @@ from typing import Any
 
 from torch import nn
 
-
-def sd1_unet_kwargs(cfg: Any) -> dict[str, Any]:
-    """``IntegratedUNet2DConditionModel`` arguments for an SD1-layout UNet described by ``cfg``
-    (`lib_loraclr.models.sd.UNetConfig`: sizes read from the checkpoint's shapes).
-
-    Forge describes attention per res block (``transformer_depth``: one entry per input res block,
-    ``transformer_depth_output``: one per output block, popped from the end) instead of ldm's
-    ``attention_resolutions`` (level ``i`` has attention when ``2**i`` is listed)."""
-    levels = len(cfg.channel_mult)
-    depth = [cfg.transformer_depth if 2**i in cfg.attention_resolutions else 0 for i in range(levels)]
-    return {
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
-        "model_channels": cfg.model_channels,
-        "num_res_blocks": [cfg.num_res_blocks] * levels,
-        "channel_mult": list(cfg.channel_mult),
-        "num_heads": cfg.num_heads,
-        "num_head_channels": cfg.num_head_channels,
-        "use_spatial_transformer": True,
-        "context_dim": cfg.context_dim,
-        "use_linear_in_transformer": cfg.use_linear_in_transformer,
-        "transformer_depth": [d for d in depth for _ in range(cfg.num_res_blocks)],
-        "transformer_depth_middle": cfg.transformer_depth,
-        "transformer_depth_output": [d for d in depth for _ in range(cfg.num_res_blocks + 1)],
-        "adm_in_channels": None,
-        "use_checkpoint": False,
-    }
+from lib_loraclr.models.sd import integrated_unet_kwargs
 
 
 def forge_unet_class() -> type[nn.Module] | None:
@@ -67,7 +41,7 @@ def forge_unet_factory(unet_class: type[nn.Module] | None = None) -> Callable[[A
         return None
 
     def factory(cfg: Any) -> nn.Module:
-        return cls(**sd1_unet_kwargs(cfg))
+        return cls(**integrated_unet_kwargs(cfg))
 
     factory.unet_class = cls  # type: ignore[attr-defined]  (for messages and tests)
     return factory

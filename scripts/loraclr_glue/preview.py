@@ -1,42 +1,15 @@
-"""The merge tab's preview: a few images of the merged LoRA made with the WebUI's own txt2img.
-
-One image per concept (``<lora:NAME:1> photo of TRIGGER``) and one with every concept in the same
-prompt, generated in one ``modules.processing.StableDiffusionProcessingTxt2Img`` job (``n_iter`` = one
-image per prompt, same seed for all) through ``processing.process_images``, as the WebUI's txt2img tab
-does (A1111 1.8–1.10 and Forge share this API; Forge loads its model inside ``process_images``). Nothing
-is saved to the outputs folder; the built-in Lora loads the new file by name like any other LoRA.
-"""
+"""The merge tab's preview (`lib_loraclr.merge.preview`), made by the WebUI's own txt2img: one
+``StableDiffusionProcessingTxt2Img`` job (``n_iter`` = one image per prompt, the same seed for all) through
+``processing.process_images`` (A1111 1.8–1.10 and Forge alike); nothing is saved to the outputs folder."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-DEFAULT_SIZE = 256
-DEFAULT_STEPS = 12
-SAMPLER = "Euler"  # present in every supported host; deterministic (no ancestral noise)
+from lib_loraclr.merge.preview import DEFAULT_SIZE, DEFAULT_STEPS, SAMPLER, PreviewSettings, preview_prompts
 
-
-@dataclass(frozen=True)
-class PreviewSettings:
-    enabled: bool = True
-    size: int = DEFAULT_SIZE  # width = height, pixels (multiple of 64)
-    steps: int = DEFAULT_STEPS
-    seed: int = 0
-    cfg_scale: float = 7.0
-
-
-def preview_prompts(
-    lora_name: str, triggers: Sequence[tuple[str, str]], weight: float = 1.0
-) -> list[tuple[str, str]]:
-    """``[(caption, prompt)]``: one per concept (``triggers`` = ``[(concept name, trigger words)]``) and, for
-    two or more concepts, one with all of them (caption ``"all concepts"``)."""
-    tag = f"<lora:{lora_name}:{weight:g}>"
-    out = [(name, f"{tag} photo of {trigger}") for name, trigger in triggers]
-    if len(triggers) > 1:
-        out.append(("all concepts", f"{tag} photo of " + " and ".join(t for _, t in triggers)))
-    return out
+__all__ = ["DEFAULT_SIZE", "DEFAULT_STEPS", "PreviewSettings", "preview_prompts", "render"]
 
 
 def render(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from lib_loraclr import clora_args as ca
+from lib_loraclr.clora_controls import UI_DEFAULTS, default_state, paste_value, update_state
 
 HELP = """
 <div class="loraclr-help">
@@ -25,71 +26,6 @@ For SD1.x, SD2.x and SDXL-family checkpoints (Pony, Illustrious…); with Flux, 
 models CLoRA stays off and says so in the image's infotext.
 </div>
 """
-
-#: option key → (default UI value, UI value → dict value)
-UI_DEFAULTS: dict[str, Any] = {
-    "mode": ca.DEFAULTS.mode,
-    "layout": ca.DEFAULTS.layout,
-    "mask_rule": ca.DEFAULTS.mask_rule,
-    "latent_update": ca.DEFAULTS.latent_update,
-    "update_steps": 0,  # 0 = recommended (None in the arguments)
-    "mask_threshold": ca.DEFAULTS.mask_threshold,
-    "masks_only": False,
-    "show_masks": False,
-    "mask_preview": True,  # the gallery shows the masks unless the user turns it off
-    "step_size": 0,  # 0 = engine default
-    "refinement_steps": "0",
-    "refinement_iters": ca.DEFAULTS.refinement_iters,
-    "loras": [["", 1.0, "", ""]],
-}
-
-
-def ui_to_arg(key: str, value: Any) -> Any:
-    """A control's value → the argument dict's value (0 means "recommended/default" for two sliders)."""
-    if key in ("update_steps", "step_size") and (value in (None, "") or float(value) == 0):
-        return None
-    return value
-
-
-def arg_to_ui(key: str, value: Any) -> Any:
-    """The inverse of `ui_to_arg` (for pasting an infotext into the controls)."""
-    if key in ("update_steps", "step_size") and value is None:
-        return 0
-    if key == "refinement_steps":
-        return ", ".join(str(s) for s in value)
-    if key == "loras":
-        rows = [[r.lora, r.weight, r.words, r.trigger] for r in value]
-        return rows or UI_DEFAULTS["loras"]
-    return value
-
-
-def default_state() -> dict[str, Any]:
-    return {k: ui_to_arg(k, v) for k, v in UI_DEFAULTS.items()}
-
-
-def update_state(state: dict[str, Any] | None, key: str, value: Any) -> dict[str, Any]:
-    """New state dict with ``key`` set from a control's value (used by every control's change event)."""
-    new = dict(state or default_state())
-    new[key] = ui_to_arg(key, value)
-    return new
-
-
-def paste_value(key: str) -> Any:
-    """``infotext_fields`` callable: the control value for ``key`` from parsed infotext (None = unchanged)."""
-
-    def get(params: dict[str, Any]) -> Any:
-        try:
-            args = ca.from_infotext(params)
-        except ca.CloraArgsError as e:
-            print(f"[sd-webui-loraclr] CLoRA infotext not restored: {e}")
-            return None
-        if key == "enabled":
-            return bool(args is not None and args.enabled)
-        if args is None:
-            return None
-        return arg_to_ui(key, getattr(args, key))
-
-    return get
 
 
 def table_height(dataframe_cls: Any, pixels: int) -> dict[str, Any]:

@@ -17,8 +17,8 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
-from lib_loraclr.folder_merge import request_from_table, result_message
-from lib_loraclr.merge.job import DEFAULT_RANK, file_trigger_words
+from lib_loraclr.folder_merge import request_from_table, result_message, table_rows
+from lib_loraclr.merge.job import DEFAULT_RANK
 from lib_loraclr.merge.request import PRESETS
 from lib_loraclr.merge.solvers import METHODS
 
@@ -38,19 +38,7 @@ def lora_choices(service: MergeService, search: str = "") -> list[str]:
 def table_for(
     service: MergeService, selected: Sequence[str], current: Sequence[Sequence[Any]] | None
 ) -> list[list[Any]]:
-    """Rows for the selected LoRAs: user edits kept for rows already there, new rows prefilled with the
-    file's trigger words (`file_trigger_words`)."""
-    keep = {str(r[0]): list(r) for r in (current or []) if r and str(r[0]).strip()}
-    folder = list_loras(service.lora_folder())
-    rows = []
-    for name in selected or []:
-        if name in keep:
-            rows.append(keep[name])
-            continue
-        path = folder.get(name)
-        words = file_trigger_words(path)[:3] if path is not None else []
-        rows.append([name, ", ".join(words), 1.0, 1.0])
-    return rows or [["", "", 1.0, 1.0]]
+    return table_rows(selected, current, list_loras(service.lora_folder()))
 
 
 def status_html(text: str, error: bool = False) -> str:
