@@ -12,6 +12,8 @@
 - `autograd`   — `freeze_parameters`, `InferenceWeightClones`, `inference_mode_grad`: the update's gradient
                  pass through a host's model (A1111's trainable weights, Forge's inference tensors).
 - `builder`    — `build_clora_denoiser`: prompts + concepts + LoRAs → a ready `CloraDenoiser`.
+- `host_calls` — `CfgModelCall` (A1111), `ForgeUnetCall` (Forge), `concept_denoiser`: the step in each
+                 WebUI's own call protocol; the glue only installs them on the host's objects.
 - `official`   — `OfficialCloraLoop`: faithful per-branch re-implementation of the official loop (benchmarks).
 """
 

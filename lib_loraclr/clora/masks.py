@@ -10,6 +10,7 @@ overlaps averaged, so the weights of the branches sum to 1 at every latent pixel
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -246,3 +247,18 @@ def mask_image(weights: torch.Tensor, scale: int = 8) -> Any:
     rgb = np.einsum("khw,kc->hwc", w, colors).clip(0, 255).astype(np.uint8)
     img = Image.fromarray(rgb, "RGB")
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def save_mask_images(
+    weights: torch.Tensor, folder: Path, seeds: Sequence[int], iteration: int = 0
+) -> list[Path]:
+    """Write each image's fusion weights (``[B, K, 1, H, W]``) as ``clora-mask-{seed}-{iteration}-{i}.png``
+    in ``folder`` (created; ``seeds[i]``, else ``i``) and return the files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(weights.shape[0]):
+        seed = seeds[i] if i < len(seeds) else i
+        path = folder / f"clora-mask-{seed}-{iteration}-{i}.png"
+        mask_image(weights[i]).save(path)
+        written.append(path)
+    return written

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_loraclr import clora_args as ca
-from lib_loraclr.clora.masks import mask_image
+from lib_loraclr.clora.masks import mask_image, save_mask_images
 from lib_loraclr.clora_job import LOG_PREFIX, is_user_error, user_message
 
 from . import clora_run, host
@@ -135,31 +135,19 @@ class CloraScriptLogic:
         """Keep this batch's mask previews (``mask_preview``) and save the masks beside the images
         (``show_masks``); returns the written files."""
         run = clora_run.get(p)
-        if run is None or not (run.args.show_masks or run.args.mask_preview) or run.denoiser is None:
+        weights = getattr(run.denoiser, "last_weights", None) if run is not None else None
+        if run is None or weights is None:
             return []
-        weights = getattr(run.denoiser, "last_weights", None)
-        if weights is None:
-            return []
-        if run.args.mask_preview:
-            try:
-                run.mask_images.extend(mask_image(weights[i]) for i in range(weights.shape[0]))
-            except Exception as e:
-                fail(p, e, "could not draw the CLoRA masks")
-        if not run.args.show_masks:
-            return []
-        folder = Path(getattr(p, "outpath_samples", None) or ".")
-        seeds = list(getattr(p, "seeds", None) or [])
-        written = []
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(weights.shape[0]):
-                seed = seeds[i] if i < len(seeds) else i
-                path = folder / f"clora-mask-{seed}-{getattr(p, 'iteration', 0)}-{i}.png"
-                mask_image(weights[i]).save(path)
-                written.append(path)
+            if run.args.mask_preview:
+                run.mask_images.extend(mask_image(weights[i]) for i in range(weights.shape[0]))
+            if run.args.show_masks:
+                folder = Path(getattr(p, "outpath_samples", None) or ".")
+                seeds = list(getattr(p, "seeds", None) or [])
+                return save_mask_images(weights, folder, seeds, int(getattr(p, "iteration", 0) or 0))
         except Exception as e:
-            fail(p, e, "could not save the CLoRA masks")
-        return written
+            fail(p, e, "could not draw or save the CLoRA masks")
+        return []
 
     def postprocess(self, p: Any, processed: Any = None) -> None:
         """End the run; with ``mask_preview`` the masks join the result images (gallery and API), each

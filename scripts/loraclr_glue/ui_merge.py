@@ -27,6 +27,7 @@ from .api import MergeService, ServiceError
 from .lora_files import list_loras
 from .ui_clora import table_height
 
+ID = "loraclr_merge"
 TABLE_HEADERS = ["LoRA", "trigger words", "TE weight", "UNet weight"]
 REPORT_HEADERS = ["concept", "layers", "fidelity error", "interference", "base change"]
 
@@ -105,15 +106,15 @@ def build(service: MergeService | None = None) -> list[tuple[Any, str, str]]:
             "on the loaded checkpoint.</p>"
         )
         with FormRow():
-            search = gr.Textbox(label="Search LoRAs", elem_id="loraclr_merge_search", scale=1)
+            search = gr.Textbox(label="Search LoRAs", elem_id=f"{ID}_search", scale=1)
             picker = gr.Dropdown(
                 choices=lora_choices(service),
                 multiselect=True,
                 label="LoRAs to merge",
-                elem_id="loraclr_merge_loras",
+                elem_id=f"{ID}_loras",
                 scale=3,
             )
-            refresh = ToolButton(value="\U0001f504", elem_id="loraclr_merge_refresh")
+            refresh = ToolButton(value="\U0001f504", elem_id=f"{ID}_refresh")
         table = gr.Dataframe(
             value=[["", "", 1.0, 1.0]],
             headers=TABLE_HEADERS,
@@ -123,86 +124,64 @@ def build(service: MergeService | None = None) -> list[tuple[Any, str, str]]:
             type="array",
             interactive=True,
             label="Trigger words and weights",
-            elem_id="loraclr_merge_table",
+            elem_id=f"{ID}_table",
             **table_height(gr.Dataframe, 260),
         )
         with FormRow():
             method = gr.Radio(
-                list(METHODS),
-                value="loraclr",
-                label="Method (loraclr recommended)",
-                elem_id="loraclr_merge_method",
+                list(METHODS), value="loraclr", label="Method (loraclr recommended)", elem_id=f"{ID}_method"
             )
             preset = gr.Radio(
-                list(PRESETS),
-                value="recommended",
-                label="LoRACLR preset",
-                elem_id="loraclr_merge_preset",
+                list(PRESETS), value="recommended", label="LoRACLR preset", elem_id=f"{ID}_preset"
             )
-        with gr.Accordion("Advanced", open=False, elem_id="loraclr_merge_advanced"), FormRow():
+        with gr.Accordion("Advanced", open=False, elem_id=f"{ID}_advanced"), FormRow():
             sample_steps = gr.Slider(
-                1, 100, value=20, step=1, label="Feature sampling steps", elem_id="loraclr_merge_steps"
+                1, 100, value=20, step=1, label="Feature sampling steps", elem_id=f"{ID}_steps"
             )
-            seed = gr.Number(value=0, precision=0, label="Seed", elem_id="loraclr_merge_seed")
+            seed = gr.Number(value=0, precision=0, label="Seed", elem_id=f"{ID}_seed")
         with FormRow():
-            kind = gr.Radio(
-                ["LoRA", "checkpoint"], value="LoRA", label="Save as", elem_id="loraclr_merge_kind"
-            )
-            out_name = gr.Textbox(label="Output name", placeholder="my_merge", elem_id="loraclr_merge_name")
-            rank = gr.Slider(
-                4, 256, value=DEFAULT_RANK, step=4, label="LoRA rank", elem_id="loraclr_merge_rank"
-            )
-            overwrite = gr.Checkbox(False, label="Overwrite", elem_id="loraclr_merge_overwrite")
+            kind = gr.Radio(["LoRA", "checkpoint"], value="LoRA", label="Save as", elem_id=f"{ID}_kind")
+            out_name = gr.Textbox(label="Output name", placeholder="my_merge", elem_id=f"{ID}_name")
+            rank = gr.Slider(4, 256, value=DEFAULT_RANK, step=4, label="LoRA rank", elem_id=f"{ID}_rank")
+            overwrite = gr.Checkbox(False, label="Overwrite", elem_id=f"{ID}_overwrite")
         with FormRow():
             show_preview = gr.Checkbox(
-                True, label="Preview after merging (WebUI txt2img)", elem_id="loraclr_merge_preview"
+                True, label="Preview after merging (WebUI txt2img)", elem_id=f"{ID}_preview"
             )
+            size, steps = preview.DEFAULT_SIZE, preview.DEFAULT_STEPS
             preview_size = gr.Slider(
-                64,
-                512,
-                value=preview.DEFAULT_SIZE,
-                step=64,
-                label="Preview size",
-                elem_id="loraclr_merge_preview_size",
+                64, 512, value=size, step=64, label="Preview size", elem_id=f"{ID}_preview_size"
             )
             preview_steps = gr.Slider(
-                1,
-                50,
-                value=preview.DEFAULT_STEPS,
-                step=1,
-                label="Preview steps",
-                elem_id="loraclr_merge_preview_steps",
+                1, 50, value=steps, step=1, label="Preview steps", elem_id=f"{ID}_preview_steps"
             )
         with FormRow():
-            run = gr.Button("Merge", variant="primary", elem_id="loraclr_merge_run")
-            interrupt = gr.Button("Interrupt", elem_id="loraclr_merge_interrupt")
-        progress = gr.HTML(elem_id="loraclr_merge_progress")
+            run = gr.Button("Merge", variant="primary", elem_id=f"{ID}_run")
+            interrupt = gr.Button("Interrupt", elem_id=f"{ID}_interrupt")
+        progress = gr.HTML(elem_id=f"{ID}_progress")
         report = gr.Dataframe(
             headers=REPORT_HEADERS,
             label="Fidelity report (lower errors are better)",
             interactive=False,
-            elem_id="loraclr_merge_report",
+            elem_id=f"{ID}_report",
             **table_height(gr.Dataframe, 320),
         )
         with FormRow():
-            prompt = gr.Textbox(label="Ready prompt", elem_id="loraclr_merge_prompt", interactive=True)
-            send = gr.Button("Send to txt2img", elem_id="loraclr_merge_send")
+            prompt = gr.Textbox(label="Ready prompt", elem_id=f"{ID}_prompt", interactive=True)
+            send = gr.Button("Send to txt2img", elem_id=f"{ID}_send")
         gallery = gr.Gallery(
             label="Preview: each concept, then all together",
             columns=4,
             height="auto",
             object_fit="contain",
-            elem_id="loraclr_merge_gallery",
+            elem_id=f"{ID}_gallery",
         )
-        status = gr.HTML(elem_id="loraclr_merge_status")
-        dummy_task = gr.Textbox(visible=False, elem_id="loraclr_merge_task")
+        status = gr.HTML(elem_id=f"{ID}_status")
+        previews = [show_preview, preview_size, preview_steps]
+        dummy_task = gr.Textbox(visible=False, elem_id=f"{ID}_task")
 
-        search.change(
-            fn=lambda s: gr.update(choices=lora_choices(service, s)), inputs=[search], outputs=[picker]
-        )
-        refresh.click(
-            fn=lambda s: gr.update(choices=lora_choices(service, s)), inputs=[search], outputs=[picker]
-        )
+        for event in (search.change, refresh.click):
+            event(fn=lambda s: gr.update(choices=lora_choices(service, s)), inputs=[search], outputs=[picker])
         picker.change(
             fn=lambda sel, cur: table_for(service, sel, cur), inputs=[picker, table], outputs=[table]
         )
@@ -224,9 +203,7 @@ def build(service: MergeService | None = None) -> list[tuple[Any, str, str]]:
                 out_name,
                 rank,
                 overwrite,
-                show_preview,
-                preview_size,
-                preview_steps,
+                *previews,
             ],
             outputs=[report, prompt, gallery, status],
             **{js: "loraclr_merge_submit"},
