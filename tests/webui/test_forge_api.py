@@ -97,11 +97,30 @@ def test_merged_lora_loads_in_txt2img(forge, forge_merged):
     assert _image(info) != _image(plain), "the merged LoRA did not change the image"
 
 
+#: infotext ``Version`` values of the Forge forks that do not start with ``f``: Haoming02's Forge Neo writes
+#: ``neo`` and Forge Classic ``classic`` (their ``modules_forge/forge_version.py``)
+FORGE_FORK_VERSIONS = ("neo", "classic")
+
+
+def is_forge_version(version: str) -> bool:
+    """Whether an infotext ``Version`` names a Forge build: ``f…`` (Forge main ``f2.0.1v1.10.1…``, reForge
+    ``f1.0.0v2-v1.10.1RC-1.10.1``) or one of `FORGE_FORK_VERSIONS`."""
+    return version.startswith("f") or version in FORGE_FORK_VERSIONS
+
+
+def test_is_forge_version():
+    """Runs without a server: the version strings of the Forge builds checked so far, and A1111's."""
+    assert is_forge_version("f2.0.1v1.10.1")
+    assert is_forge_version("f1.0.0v2-v1.10.1RC-1.10.1")
+    assert is_forge_version("neo") and is_forge_version("classic")
+    assert not is_forge_version("v1.10.1") and not is_forge_version("")
+
+
 def test_forge_is_the_host(forge):
-    """The server is Forge (its version string starts with ``f``), so these checks mean what they say."""
+    """The server is Forge (`is_forge_version`), so these checks mean what they say."""
     _, text = forge.txt2img("a photo")
     version = infotext_params(text).get("Version", "")
-    assert version.startswith("f"), f"not a Forge server: Version {version!r}"
+    assert is_forge_version(version), f"not a Forge server: Version {version!r}"
 
 
 def test_script_registered_in_both_tabs(forge):
