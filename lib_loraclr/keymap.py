@@ -394,6 +394,26 @@ def _te_hf_rest(key: str) -> tuple[str, str] | None:
     return None
 
 
+def te_hf_module_path(key: str) -> str | None:
+    """Path of a canonical text-encoder key inside a transformers-named CLIP text model, or None (a UNet
+    key, or a TE key with no such module).
+
+    Forge / ComfyUI (``ldm_patched``) build every text encoder with transformers names and separate q/k/v
+    Linears, SDXL's OpenCLIP bigG and SD2's ViT-H included, so the fused OpenCLIP selectors map to those:
+    ``conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj:q`` →
+    ``text_model.encoder.layers.3.self_attn.q_proj``; ``…mlp.c_fc`` → ``…mlp.fc1``;
+    ``cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.k_proj`` → itself without the prefix.
+    """
+    hit = _te_hf_rest(key)
+    if hit is None:
+        return None
+    rest = hit[1]
+    if rest == "text_model_final_layer_norm":
+        return "text_model.final_layer_norm"
+    m = _RE_HF_LAYER.match(rest)
+    return f"text_model.encoder.layers.{m.group(1)}.{_HF_DOTTED[m.group(2)]}" if m else None
+
+
 def canonical_part(key: str) -> str:
     """``"unet"``, ``"te"`` (SD1/SD2), ``"te1"`` or ``"te2"`` (SDXL) for a canonical key; ``"?"`` otherwise."""
     if key.startswith(UNET_PREFIX):

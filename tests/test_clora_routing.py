@@ -125,7 +125,7 @@ def test_bad_keys_raise_before_hooking(model):
         RoutedLoras(unet, [[(missing, 1.0)]], prefix=UNET_PREFIX)
     fused_key = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj:q"
     fused = DeltaSet({fused_key: LoraModule(fused_key, down=torch.ones(1, 2), up=torch.ones(2, 1))})
-    with pytest.raises(RoutingError, match="fused OpenCLIP"):
+    with pytest.raises(RoutingError, match="names no module"):  # SD1 has no OpenCLIP attention there
         RoutedLoras(model, [[(fused, 1.0)]])
     key = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k"
     wrong = DeltaSet({key: LoraModule(key, down=torch.ones(2, 3), up=torch.ones(5, 2))})

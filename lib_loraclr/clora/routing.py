@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from torch import nn
 
 from ..deltas import UNET_PREFIX as UNET_PREFIX  # re-exported by lib_loraclr.clora
 from ..deltas import DeltaSet, LoraModule, is_unet_key
+from ..keymap import fused_rows, split_fused
 from .errors import RoutingError
 
 LoraLike = DeltaSet | Mapping[str, LoraModule] | Iterable[LoraModule]
@@ -201,6 +203,93 @@ class _Plan:
         }
 
 
+_MHA_ARGS = (
+    "query",
+    "key",
+    "value",
+    "key_padding_mask",
+    "need_weights",
+    "attn_mask",
+    "average_attn_weights",
+    "is_causal",
+)
+_MHA_DEFAULTS = {
+    "key_padding_mask": None,
+    "need_weights": True,
+    "attn_mask": None,
+    "average_attn_weights": True,
+    "is_causal": False,
+}
+
+
+class _MhaPlan:
+    """LoRA terms on one ``nn.MultiheadAttention`` (OpenCLIP's fused ``in_proj`` rows ``q``/``k``/``v`` and its
+    ``out_proj``, which the module uses as weights, never calling ``out_proj``): ``(part, term)`` pairs with
+    part in ``q``/``k``/``v``/``o``, shared by all rows or per branch."""
+
+    def __init__(
+        self,
+        module: nn.MultiheadAttention,
+        shared: list[tuple[str, _Term]],
+        per_branch: dict[int, list[tuple[str, _Term]]],
+    ) -> None:
+        self.module = module
+        self.shared = shared
+        self.per_branch = per_branch
+
+
+def _term_delta(t: _Term) -> torch.Tensor:
+    """ΔW ``[out, in]`` of a linear term (float32, weight · multiplier · scale included)."""
+    if t.dense is not None:
+        return t.dense
+    assert t.up is not None and t.down is not None
+    return t.up @ t.down
+
+
+def _mha_with_deltas(
+    mha: nn.MultiheadAttention, terms: list[tuple[str, _Term]], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """The MultiheadAttention's output for the call ``(args, kwargs)`` with ``in_proj_weight`` and
+    ``out_proj.weight`` plus the terms' ΔW (weights are not written): ``(attn_output, attn_weights)``."""
+    call = dict(_MHA_DEFAULTS)
+    call.update(zip(_MHA_ARGS, args))
+    call.update(kwargs)
+    w_in, w_out = mha.in_proj_weight, mha.out_proj.weight
+    d_in = torch.zeros(w_in.shape, dtype=torch.float32, device=w_in.device)
+    d_out = torch.zeros(w_out.shape, dtype=torch.float32, device=w_out.device)
+    for part, t in terms:
+        delta = _term_delta(t).to(w_in.device)
+        if part == "o":
+            d_out += delta
+        else:
+            d_in[fused_rows(part, w_in.shape[0])] += delta
+    q, k, v = call["query"], call["key"], call["value"]
+    if mha.batch_first:
+        q, k, v = (x.transpose(0, 1) for x in (q, k, v))
+    out, weights = F.multi_head_attention_forward(
+        q,
+        k,
+        v,
+        mha.embed_dim,
+        mha.num_heads,
+        w_in + d_in.to(w_in.dtype),
+        mha.in_proj_bias,
+        mha.bias_k,
+        mha.bias_v,
+        mha.add_zero_attn,
+        mha.dropout,
+        w_out + d_out.to(w_out.dtype),
+        mha.out_proj.bias,
+        training=mha.training,
+        key_padding_mask=call["key_padding_mask"],
+        need_weights=call["need_weights"],
+        attn_mask=call["attn_mask"],
+        average_attn_weights=call["average_attn_weights"],
+        is_causal=call["is_causal"],
+    )
+    return (out.transpose(0, 1) if mha.batch_first else out), weights
+
+
 class RoutedLoras:
     """Forward hooks that apply each branch's LoRAs to the batch rows of that branch.
 
@@ -211,9 +300,20 @@ class RoutedLoras:
             (listed in `skipped`), e.g. text-encoder keys when ``model`` is the UNet.
         branches: ``branches[b]`` = list of ``(lora, weight)`` of branch ``b`` (may be empty: no LoRA).
         key_filter: optional predicate on canonical keys (e.g. `is_unet_key`) to restrict the hooks.
+        path_of: optional map from a canonical key below ``prefix`` to its module path in ``model`` (None:
+            skipped), for a model whose names differ from the canonical ones, e.g. Forge's transformers-named
+            OpenCLIP bigG (`lib_loraclr.keymap.te_hf_module_path`: ``…attn.in_proj:q`` → the separate
+            ``…self_attn.q_proj``). Without it the path is the key with ``prefix`` stripped.
 
-    Raises `RoutingError` for keys whose module does not exist, fused OpenCLIP ``:q/:k/:v`` keys
-    (not supported by per-branch routing yet) and shape mismatches — before installing any hook.
+    OpenCLIP attention (an ``nn.MultiheadAttention``: A1111's SDXL bigG, SD2 ViT-H) uses its fused
+    ``in_proj_weight`` and ``out_proj.weight`` inside one functional call, so hooks on Linears cannot reach
+    it: the keys ``…attn.in_proj:q/k/v`` and ``…attn.out_proj`` of such a module are applied by a forward
+    hook on the MultiheadAttention that recomputes its output with ``W + ΔW`` (weights not written) for
+    the selected branch. Those routes follow `select` and shared terms only (text encoders), not
+    `set_rows` / `set_regions`.
+
+    Raises `RoutingError` for keys whose module does not exist, fused keys on a module that is not a
+    MultiheadAttention, and shape mismatches — before installing any hook.
     """
 
     def __init__(
@@ -222,6 +322,7 @@ class RoutedLoras:
         branches: Sequence[Branch],
         prefix: str = "",
         key_filter: Callable[[str], bool] | None = None,
+        path_of: Callable[[str], str | None] | None = None,
     ) -> None:
         self.model = model
         self.n_branches = len(branches)
@@ -234,7 +335,11 @@ class RoutedLoras:
         self._context_tokens: torch.Tensor | None = None
         self._version = 0
         self._routes: dict[str, _Plan] = {}
-        entries: dict[str, list[tuple[int, LoraModule, float]]] = {}
+        entries: dict[str, list[tuple[int, LoraModule, float]]] = {}  # module path → terms
+        names: dict[str, str] = {}  # module path → the (first) canonical key routed there
+        # MultiheadAttention path → (branch, LoRA module, weight, part q/k/v/o)
+        mha_entries: dict[str, list[tuple[int, LoraModule, float, str]]] = {}
+        self._mha_routes: dict[str, _MhaPlan] = {}
         for b, branch in enumerate(branches):
             for lora, weight in branch:
                 for lm in _modules_of(lora):
@@ -244,20 +349,29 @@ class RoutedLoras:
                     if prefix and not key.startswith(prefix):
                         self.skipped.append(key)
                         continue
-                    if ":" in key:
-                        raise RoutingError(
-                            f"{key}: LoRAs on the fused OpenCLIP attention (in_proj :q/:k/:v) cannot be routed per "
-                            "branch yet; disable the text-encoder part of this LoRA for CLoRA"
-                        )
-                    entries.setdefault(key[len(prefix) :], []).append((b, lm, float(weight)))
+                    if path_of is not None:
+                        path = path_of(key)
+                        if path is None:
+                            self.skipped.append(key)
+                            continue
+                    else:
+                        path = key[len(prefix) :]
+                    mha_part = self._mha_part(model, path, key)
+                    if mha_part is not None:
+                        mha_entries.setdefault(mha_part[0], []).append((b, lm, float(weight), mha_part[1]))
+                        continue
+                    entries.setdefault(path, []).append((b, lm, float(weight)))
+                    names.setdefault(path, key)
         for path, items in entries.items():
             try:
                 module = model.get_submodule(path)
             except AttributeError as e:
-                raise RoutingError(f"LoRA key {prefix + path!r} names no module of this model") from e
+                raise RoutingError(
+                    f"LoRA key {names[path]!r} names no module of this model ({path!r})"
+                ) from e
             if not (isinstance(module, nn.Conv2d) or _is_linear(module)):
                 raise RoutingError(
-                    f"LoRA key {prefix + path!r} targets a {type(module).__name__}; only Linear and Conv2d are supported"
+                    f"LoRA key {names[path]!r} targets a {type(module).__name__}; only Linear and Conv2d are supported"
                 )
             # terms present in every branch with the same weight are applied to all rows at once
             per_branch_ids: list[set[tuple[int, float]]] = [set() for _ in range(self.n_branches)]
@@ -277,12 +391,67 @@ class RoutedLoras:
                 per_branch.setdefault(b, []).append(_make_term(module, lm, w))
             self._routes[path] = _Plan(module, shared, per_branch)
             self._routes[path].is_context = path.endswith(("attn2.to_k", "attn2.to_v"))
+        for path, mitems in mha_entries.items():
+            mha = model.get_submodule(path)
+            common = (
+                set.intersection(
+                    *[
+                        {(id(lm), w, part) for b, lm, w, part in mitems if b == k}
+                        for k in range(self.n_branches)
+                    ]
+                )
+                if self.n_branches > 0
+                else set()
+            )
+            mshared: list[tuple[str, _Term]] = []
+            mper: dict[int, list[tuple[str, _Term]]] = {}
+            seen: set[tuple[int, float, str]] = set()
+            for b, lm, w, part in mitems:
+                target = (
+                    mha.out_proj
+                    if part == "o"
+                    else SimpleNamespace(
+                        weight=mha.in_proj_weight[fused_rows(part, mha.in_proj_weight.shape[0])]
+                    )
+                )
+                if (id(lm), w, part) in common:
+                    if (id(lm), w, part) not in seen:
+                        mshared.append((part, _make_term(target, lm, w)))
+                        seen.add((id(lm), w, part))
+                    continue
+                mper.setdefault(b, []).append((part, _make_term(target, lm, w)))
+            self._mha_routes[path] = _MhaPlan(mha, mshared, mper)
+
+    @staticmethod
+    def _mha_part(model: nn.Module, path: str, key: str) -> tuple[str, str] | None:
+        """``(MultiheadAttention path, part)`` for a fused ``…in_proj:q/k/v`` path (part ``q``/``k``/``v``) or
+        the ``…out_proj`` of a MultiheadAttention (part ``o``); None for any other module path."""
+        if ":" in path:
+            try:
+                mpath, part = split_fused(path)
+            except KeyError as e:
+                raise RoutingError(f"LoRA key {key!r}: {e.args[0]}") from e
+        elif path.endswith(".out_proj") or path == "out_proj":
+            mpath, part = path[: -len(".out_proj")] if "." in path else "", "o"
+        else:
+            return None
+        try:
+            module = model.get_submodule(mpath)
+        except AttributeError as e:
+            if part == "o":
+                return None  # reported with the other keys that name no module
+            raise RoutingError(f"LoRA key {key!r} names no module of this model ({mpath!r})") from e
+        if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            return mpath, str(part)
+        if part == "o":
+            return None  # a plain out_proj Linear (transformers / Forge names)
+        raise RoutingError(f"LoRA key {key!r}: {mpath!r} is a {type(module).__name__}, not a fused attention")
 
     # ------------------------------------------------------------------ hooks
     @property
     def n_modules(self) -> int:
-        """Number of hooked modules."""
-        return len(self._routes)
+        """Number of hooked modules (Linear / Conv2d, and MultiheadAttention for OpenCLIP keys)."""
+        return len(self._routes) + len(self._mha_routes)
 
     def install(self) -> RoutedLoras:
         if self._handles:
@@ -290,6 +459,10 @@ class RoutedLoras:
         try:
             for plan in self._routes.values():
                 self._handles.append(plan.module.register_forward_hook(self._make_hook(plan)))
+            for mplan in self._mha_routes.values():
+                self._handles.append(
+                    mplan.module.register_forward_hook(self._make_mha_hook(mplan), with_kwargs=True)
+                )
         except BaseException:
             self.remove()
             raise
@@ -423,6 +596,22 @@ class RoutedLoras:
             out = out + (d * wb).to(out.dtype)
         return out
 
+    def _make_mha_hook(self, plan: _MhaPlan) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+            terms = list(plan.shared)
+            if plan.per_branch:
+                if self._regions is not None or self._all_rows_branch is None:
+                    raise RoutingError(
+                        "RoutedLoras: LoRAs on a fused OpenCLIP attention are routed per branch only with "
+                        "select() (one branch for all rows, as when encoding a prompt)"
+                    )
+                terms += plan.per_branch.get(self._all_rows_branch, [])
+            if not terms:
+                return output
+            return _mha_with_deltas(plan.module, terms, args, kwargs)  # type: ignore[arg-type]
+
+        return hook
+
     def _make_hook(self, plan: _Plan) -> Callable[..., Any]:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
             x = inputs[0]
@@ -492,8 +681,8 @@ def te_key(key: str) -> bool:
 
 
 def routable_te_key(key: str) -> bool:
-    """Key filter: text-encoder keys that can be routed per branch (not the fused OpenCLIP ``in_proj``
-    slices ``…:q`` / ``…:k`` / ``…:v``)."""
+    """Key filter: text-encoder keys other than the fused OpenCLIP ``in_proj`` slices ``…:q`` / ``…:k`` /
+    ``…:v`` (`te_router` routes those too, through the MultiheadAttention)."""
     return te_key(key) and ":" not in key
 
 
@@ -515,11 +704,19 @@ def unet_router(unet: nn.Module, specs: Sequence[Any]) -> RoutedLoras:
     )
 
 
-def te_router(roots: Sequence[tuple[nn.Module, str]], specs: Sequence[Any]) -> CompositeRouter | None:
-    """Per-branch text-encoder LoRA hooks of bound concepts on each ``(module, canonical prefix)`` text
-    encoder; None when no LoRA has a routable text-encoder module there."""
+def te_router(
+    roots: Sequence[tuple[nn.Module, str] | tuple[nn.Module, str, Callable[[str], str | None]]],
+    specs: Sequence[Any],
+) -> CompositeRouter | None:
+    """Per-branch text-encoder LoRA hooks of bound concepts on each text encoder of ``roots``:
+    ``(module, canonical prefix)`` (module paths = keys without the prefix; OpenCLIP's fused attention
+    through its MultiheadAttention) or ``(module, canonical prefix, path_of)`` (`RoutedLoras`'s ``path_of``,
+    e.g. Forge's transformers-named encoders). None when no LoRA has a text-encoder module there."""
     branches = concept_branches(specs, "te_weight")
-    routers = [RoutedLoras(m, branches, prefix=prefix, key_filter=routable_te_key) for m, prefix in roots]
+    routers = [
+        RoutedLoras(m, branches, prefix=prefix, key_filter=te_key, path_of=rest[0] if rest else None)
+        for m, prefix, *rest in roots
+    ]
     routers = [r for r in routers if r.n_modules]
     return CompositeRouter(routers) if routers else None
 
