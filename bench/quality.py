@@ -192,6 +192,7 @@ class MergeMethod(Method):
 
 
 DISTILL_STEPS = 100  # of the ``loraclr_distill`` method
+CROPS = 0.5  # region-crop weight of the ``*_crops`` methods (`RegionalDenoiser` ``crops``)
 
 METHODS: dict[str, Callable[[], Method]] = {
     "base": BaseMethod,
@@ -483,6 +484,7 @@ class CloraMethod(Method):
                 router,
                 layout=layout,
                 estimator=den if layout is None else None,
+                crops=self.options.region_crops,
             )
         self.last_denoiser, self.last_branches, self.last_prompts = den, branches, prompts
         return den
@@ -518,9 +520,20 @@ def user_layout(world: World, words: Sequence[str]) -> torch.Tensor:
 
 
 class MergedLayoutMethod(MergeMethod):
-    """A merged LoRA (patched) with region prompts: each concept's column attends to its own prompt
-    (the scene with only that concept's trigger, as CLoRA's branch prompts), the rest to the base prompt
-    (`RegionalDenoiser` without LoRAs: Mix-of-Show's regionally controllable sampling)."""
+    """A merged LoRA (patched) with region prompts (`RegionalDenoiser` without LoRAs: Mix-of-Show's
+    regionally controllable sampling): each concept's column attends to its own prompt, the rest to the
+    whole scene's prompt.
+
+    ``region_prompts``: ``"short"`` (default) = the concept alone ("a ohwx"), so a region sees only its own
+    trigger word; ``"branch"`` = the scene with only that concept's trigger and the other concepts replaced
+    by their digits ("a 2 and a ohwx", CLoRA's branch prompts; the merged LoRA then draws the other concept
+    from the digit word: docs/DESIGN.md "Two concepts with a layout"). ``crops``: `RegionalDenoiser` crops."""
+
+    def __init__(self, *args, region_prompts: str = "short", crops: float = 0.0, **kw) -> None:
+        super().__init__(*args, **kw)
+        if region_prompts not in ("short", "branch"):
+            raise ValueError(f"region_prompts must be 'short' or 'branch', got {region_prompts!r}")
+        self.region_prompts, self.crops = region_prompts, float(crops)
 
     def generate(self, world, requests, cfg, seed):
         from lib_loraclr.apply import patched
@@ -545,17 +558,23 @@ class MergedLayoutMethod(MergeMethod):
                 for s in range(0, len(idx), world.batch):
                     chunk = idx[s : s + world.batch]
                     rs = [requests[i] for i in chunk]
-                    lays = [helper.branch_layout(world, r)[0] for r in rs]
                     # branch 0 = the whole scene (global prompt), branch k = region k's prompt
                     prompts = [[wdata.canonical_prompt(r) for r in rs]]
-                    prompts += [
-                        [wdata.canonical_prompt(lay[b]) for lay in lays] for b in range(1, len(lays[0]))
-                    ]
+                    if self.region_prompts == "short":
+                        slots = [j for j, w in enumerate(rs[0]) if w in world.concepts]
+                        prompts += [[wdata.canonical_prompt([r[j]]) for r in rs] for j in slots]
+                    else:
+                        lays = [helper.branch_layout(world, r)[0] for r in rs]
+                        prompts += [
+                            [wdata.canonical_prompt(lay[b]) for lay in lays] for b in range(1, len(lays[0]))
+                        ]
                     with torch.no_grad():
                         conds = [model.get_learned_conditioning(p) for p in prompts]
                         unconds = [model.get_learned_conditioning([""] * len(rs))] * len(prompts)
                     lay = user_layout(world, rs[0])
-                    den = RegionalDenoiser(inner, model.model.diffusion_model, conds, unconds, layout=lay)
+                    den = RegionalDenoiser(
+                        inner, model.model.diffusion_model, conds, unconds, layout=lay, crops=self.crops
+                    )
                     out[chunk] = world.sample(prompts[0], width, cfg, seed + chunk[0], denoiser=den)
         return out
 
@@ -567,7 +586,34 @@ register_method(
     "routed_layout",
     lambda: CloraMethod("recommended", "routed_layout", mode="routed", layout=True, region_prompts=True),
 )
+# routed passes with each concept region also denoised as its own cropped canvas (RegionalDenoiser crops)
+register_method(
+    "routed_crops",
+    lambda: CloraMethod(
+        "recommended", "routed_crops", mode="routed", region_prompts=True, region_crops=CROPS
+    ),
+)
+register_method(
+    "routed_layout_crops",
+    lambda: CloraMethod(
+        "recommended",
+        "routed_layout_crops",
+        mode="routed",
+        layout=True,
+        region_prompts=True,
+        region_crops=CROPS,
+    ),
+)
 register_method("loraclr_layout", lambda: MergedLayoutMethod("loraclr", "recommended", "loraclr_layout"))
+# before 2026-12-06: region k attended to the branch prompt ("a 2 and a ohwx"), which names the other concept's digit
+register_method(
+    "loraclr_layout_branch",
+    lambda: MergedLayoutMethod("loraclr", "recommended", "loraclr_layout_branch", region_prompts="branch"),
+)
+register_method(
+    "loraclr_layout_crops",
+    lambda: MergedLayoutMethod("loraclr", "recommended", "loraclr_layout_crops", crops=CROPS),
+)
 # the same with the output-level refinement on (MergeConfig.distill_steps; off by default on CPU)
 register_method(
     "loraclr_distill_layout",

@@ -28,7 +28,9 @@ class CloraOptions:
       base branch, no LoRA), ``"own"`` (its own LoRA branch) or ``"both"``;
     - ``mask_background``: a position whose best normalised concept score is below this goes to the
       base branch (layout rule; 0 = only the prompt's other content words claim positions for it);
-    - ``layout_until``: sampler step at which the automatic layout is frozen (0: never frozen).
+    - ``layout_until``: sampler step at which the automatic layout is frozen (0: never frozen);
+    - ``region_crops``: routed mode only (`RegionalDenoiser`): weight in [0, 1] of each concept region
+      denoised also as its own cropped canvas (0 = off).
     """
 
     enabled: bool = True
@@ -50,6 +52,7 @@ class CloraOptions:
     mask_source: str = "base"
     mask_background: float = 0.0
     layout_until: int = 5
+    region_crops: float = 0.0
 
     def __post_init__(self) -> None:
         if self.maps_from not in ("cond", "both"):
@@ -70,6 +73,8 @@ class CloraOptions:
             raise ValueError(f"mask_background must lie in [0, 1], got {self.mask_background}")
         if self.layout_until < 0:
             raise ValueError("layout_until must be >= 0")
+        if not 0.0 <= self.region_crops <= 1.0:
+            raise ValueError(f"region_crops must lie in [0, 1], got {self.region_crops}")
         self.refinement_steps = tuple(int(s) for s in self.refinement_steps)
 
     def updates_at(self, step: int) -> int:
