@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,16 @@ def list_loras(folder: Path | None, search: str = "") -> dict[str, Path]:
             if needle and needle not in name.lower():
                 continue
             out[name] = p
+    return dict(sorted(out.items(), key=lambda kv: kv[0].lower()))
+
+
+def list_folders(folders: Sequence[Path | None], search: str = "") -> dict[str, Path]:
+    """`list_loras` over several folders (a host's LoRA folder and its extra ones, e.g. Forge Neo's
+    ``--lora-dirs``): a name already found keeps its first file; sorted by name, case-insensitively."""
+    out: dict[str, Path] = {}
+    for folder in folders:
+        for name, path in list_loras(folder, search).items():
+            out.setdefault(name, path)
     return dict(sorted(out.items(), key=lambda kv: kv[0].lower()))
 
 
@@ -135,6 +145,7 @@ __all__ = [
     "find_lora",
     "inspect_names",
     "inspect_request",
+    "list_folders",
     "list_loras",
     "lora_listing",
     "read_lora_cached",

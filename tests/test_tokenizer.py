@@ -48,3 +48,26 @@ def test_missing_open_clip_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(tk.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(tk.TokenizerFilesError, match="open_clip_torch"):
         tk.bpe_vocab_path()
+
+
+def test_seed_clip_tokenizer_fills_the_cache_without_open_clip(tmp_path, monkeypatch):
+    """Without open_clip_torch (Forge Neo) the tokenizer cache is filled from another copy of the same
+    files (Forge's); with open_clip, a complete cache or no source, nothing is copied."""
+    from transformers import CLIPTokenizer
+
+    from lib_loraclr.models import tokenizer
+
+    source = tokenizer.write_clip_tokenizer_files(
+        tmp_path / "forge_tokenizer"
+    )  # stands in for Forge's folder
+    dest = tmp_path / "cache" / "clip_tokenizer"
+    monkeypatch.setattr(tokenizer, "has_open_clip", lambda: True)
+    assert tokenizer.seed_clip_tokenizer(source, dest) is None and not dest.exists()
+    monkeypatch.setattr(tokenizer, "has_open_clip", lambda: False)
+    assert tokenizer.seed_clip_tokenizer(tmp_path / "nowhere", dest) is None and not dest.exists()
+    assert tokenizer.seed_clip_tokenizer(None, dest) is None
+    assert tokenizer.seed_clip_tokenizer(source, dest) == dest
+    assert tokenizer.seed_clip_tokenizer(source, dest) is None  # complete now
+    tok = CLIPTokenizer.from_pretrained(str(dest), local_files_only=True)
+    text = "a photo of sks cat, (ohwx dog:1.2)"
+    assert len(tok) == 49408 and tok(text).input_ids == tokenizer.clip_tokenizer()(text).input_ids

@@ -1098,3 +1098,37 @@ def test_a1111_refiner_switch_and_mask_blend_stay_the_hosts(loaded, model, insta
     assert p.sampler.model_wrap_cfg.inner_model is not p.sampler.model_wrap  # the refiner's own wrapper
     assert count_hooks(model) == 0
     assert_a1111_sampler_untouched(p.sampler)
+
+
+# ------------------------------------------------------------------------------------------ Forge Neo
+
+
+def test_cond_cache_reset_keeps_the_hosts_length(loaded):
+    """A1111's caches are ``[params, conds]``, Forge Neo's ``[params, conds, extra infotext params]``
+    (Neo reads the third entry only when the list has one)."""
+    from loraclr_glue.script_logic import invalidate_cond_cache
+
+    p = SimpleNamespace(cached_c=["a", 1], cached_uc=["b", 2, {"x": 1}], cached_hr_c=None)
+    invalidate_cond_cache(p)
+    assert p.cached_c == [None, None] and p.cached_uc == [None, None, None] and p.cached_hr_c == [None, None]
+
+
+def test_lora_listing_includes_neo_lora_dirs(loaded, lora_dir, tmp_path):
+    """Forge Neo's ``--lora-dirs`` folders are listed after ``--lora-dir`` (a name seen first wins)."""
+    from loraclr_glue.lora_files import extra_lora_dirs, list_host_loras
+
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "extralora.safetensors").write_bytes((lora_dir / "catlora.safetensors").read_bytes())
+    (extra / "catlora.safetensors").write_bytes(b"")
+    opts = SimpleNamespace(lora_dir=str(lora_dir), lora_dirs=[str(extra)])
+    listed = list_host_loras(SimpleNamespace(cmd_opts=opts))
+    assert list(listed) == ["catlora", "doglora", "extralora", "notrigger"]
+    assert listed["catlora"] == lora_dir / "catlora.safetensors" and listed["extralora"].parent == extra
+    assert list(list_host_loras(SimpleNamespace(cmd_opts=opts), "extra")) == ["extralora"]
+    a1111 = SimpleNamespace(cmd_opts=SimpleNamespace(lora_dir=str(lora_dir)))  # no lora_dirs
+    assert extra_lora_dirs(a1111) == [] and list(list_host_loras(a1111)) == [
+        "catlora",
+        "doglora",
+        "notrigger",
+    ]

@@ -131,6 +131,26 @@ def tokenizer_cache_dir() -> Path:
     return base / "clip_tokenizer"
 
 
+def has_open_clip() -> bool:
+    return importlib.util.find_spec("open_clip") is not None
+
+
+def seed_clip_tokenizer(source: Path | None, dest: Path | None = None) -> Path | None:
+    """Fill the tokenizer cache (``dest``, default `tokenizer_cache_dir`) from a folder holding the same
+    CLIP tokenizer's files (``source``: e.g. the SD1 tokenizer Forge ships) when open_clip_torch, whose
+    vocabulary the files are generated from, is missing and the cache is incomplete. The files hold the same
+    vocabulary (49,408 entries) and merges. Returns ``dest`` when it copied, else None."""
+    dest = Path(dest) if dest is not None else tokenizer_cache_dir()
+    if has_open_clip() or all((dest / name).is_file() for name in _FILES):
+        return None
+    if source is None or not all((Path(source) / name).is_file() for name in _FILES):
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in _FILES:
+        _write_atomic(dest / name, (Path(source) / name).read_text(encoding="utf-8"))
+    return dest
+
+
 @functools.lru_cache(maxsize=1)
 def clip_tokenizer() -> CLIPTokenizer:
     """The CLIP tokenizer (slow `CLIPTokenizer`, like the WebUI's), cached per process.

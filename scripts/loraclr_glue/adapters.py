@@ -38,6 +38,13 @@ from lib_loraclr.clora.layout import user_layout
 from lib_loraclr.clora.regional import RegionalDenoiser
 from lib_loraclr.clora.routing import CompositeRouter, te_router, unet_router
 from lib_loraclr.clora.tokens import token_positions_from
+from lib_loraclr.keymap import (
+    TE_SD1_PREFIX,
+    TE_SD2_PREFIX,
+    TE_SDXL1_PREFIX,
+    TE_SDXL2_PREFIX,
+    te_hf_module_path,
+)
 
 from .host import forge_unet
 
@@ -62,22 +69,44 @@ def concept_prompts(sd_model: Any, base: str, specs: Sequence[Any]) -> BranchPro
     return branch_prompts(base, concepts, token_positions_from(host_tokenize_line(sd_model)))
 
 
-def te_roots(sd_model: Any) -> list[tuple[Any, str]]:
-    """``(module, canonical prefix)`` of each text encoder whose keys our LoRAs use.
+#: Forge's text encoders (``forge_objects.clip.cond_stage_model.<name>.transformer``, transformers names)
+#: ↔ canonical prefixes: SD1 ``clip_l``, SD2 ``clip_h`` (OpenCLIP ViT-H), SDXL ``clip_l`` + ``clip_g`` (bigG)
+_FORGE_TES = {
+    "sd1": (("clip_l", TE_SD1_PREFIX),),
+    "sd2": (("clip_h", TE_SD2_PREFIX),),
+    "sdxl": (("clip_l", TE_SDXL1_PREFIX), ("clip_g", TE_SDXL2_PREFIX)),
+}
+
+
+def te_roots(sd_model: Any) -> list[tuple[Any, str] | tuple[Any, str, Callable[[str], str | None]]]:
+    """``(module, canonical prefix[, path_of])`` of each text encoder whose keys our LoRAs use.
 
     A1111 wraps the encoders (``.wrapped``): SD1/SD2 ``cond_stage_model.wrapped`` ↔ ``cond_stage_model.``;
-    SDXL ``conditioner.embedders[i].wrapped`` ↔ ``conditioner.embedders.i.``. Forge: the first
-    transformers ``CLIPTextModel`` (one with ``text_model``) under ``forge_objects.clip`` ↔ the canonical
-    ``….transformer.`` prefix of the model family.
+    SDXL ``conditioner.embedders[i].wrapped`` ↔ ``conditioner.embedders.i.``. Forge: every transformers-named
+    text model under ``forge_objects.clip.cond_stage_model`` (SDXL: ``clip_l`` and ``clip_g``) with
+    `te_hf_module_path`, which maps OpenCLIP keys (``…attn.in_proj:q``) to Forge's separate q/k/v Linears.
     """
     if forge_unet(sd_model) is not None:
         root = getattr(getattr(sd_model.forge_objects, "clip", None), "cond_stage_model", None)
-        for _name, m in root.named_modules() if root is not None else ():
+        if root is None:
+            return []
+        family = (
+            "sdxl"
+            if getattr(sd_model, "is_sdxl", False)
+            else "sd2"
+            if getattr(sd_model, "is_sd2", False)
+            else "sd1"
+        )
+        roots: list[Any] = []
+        for name, prefix in _FORGE_TES[family]:
+            m = getattr(getattr(root, name, None), "transformer", None)
+            if m is not None and hasattr(m, "text_model"):
+                roots.append((m, prefix, te_hf_module_path))
+        if roots:
+            return roots
+        for _name, m in root.named_modules():  # another layout: the first transformers text model
             if hasattr(m, "text_model"):
-                sdxl = getattr(sd_model, "is_sdxl", False)
-                return [
-                    (m, "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer.")
-                ]
+                return [(m, _FORGE_TES[family][0][1], te_hf_module_path)]
         return []
     embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", None)
     if embedders is not None:

@@ -22,7 +22,7 @@ from lib_loraclr.folder_merge import release_memory, service_error
 from lib_loraclr.lora_folder import inspect_request, lora_listing
 from lib_loraclr.merge.request import MergeRequestError, validate_request
 
-from .lora_files import find_lora, list_loras, lora_dir, run_merge
+from .lora_files import find_lora, list_host_loras, lora_dir, run_merge
 
 __all__ = ["MergeService", "ServiceError", "register_routes"]
 
@@ -157,6 +157,9 @@ class MergeService:
         def work() -> dict[str, Any]:
             import torch
 
+            from .host_models import seed_clip_tokenizer
+
+            seed_clip_tokenizer()  # Forge Neo: no open_clip_torch (see host_models)
             with torch.inference_mode(False), torch.enable_grad():
                 return run_merge(
                     req,
@@ -204,7 +207,7 @@ class MergeService:
         return inspect_request(body, lambda name: find_lora(name, self.lora_folder()))
 
     def loras(self, search: str = "") -> dict[str, Any]:
-        return {"loras": lora_listing(list_loras(self.lora_folder(), search))}
+        return {"loras": lora_listing(list_host_loras(self.shared, search))}
 
 
 def forge_main_thread() -> Any:

@@ -10,16 +10,22 @@ its layers are ordinary torch modules (the merge's hooks see ``nn.Linear``/``nn.
 
 The choice is by capability: ldm importable → None (load_base's default); else Forge's class importable →
 `forge_unet_factory`; else None (load_base then fails with a clear message, see `lib_loraclr.folder_merge.load_base_model`).
+
+The base model's CLIP tokenizer (`lib_loraclr.models.tokenizer.clip_tokenizer`) is generated from
+open_clip_torch's vocabulary file, which Forge Neo does not install; Forge ships the same tokenizer's
+files for its SD1 loader, and `seed_clip_tokenizer` fills the library's cache from them.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from lib_loraclr.models import tokenizer
 from lib_loraclr.models.sd import integrated_unet_kwargs
 
 
@@ -52,3 +58,23 @@ def merge_unet_factory() -> Callable[[Any], nn.Module] | None:
     if importlib.util.find_spec("ldm") is not None:
         return None
     return forge_unet_factory()
+
+
+#: the SD1 CLIP tokenizer's folder in Forge's ``backend`` package (Forge main and Neo ship it)
+FORGE_SD1_TOKENIZER = ("huggingface", "runwayml", "stable-diffusion-v1-5", "tokenizer")
+
+
+def forge_tokenizer_folder() -> Path | None:
+    """Forge's SD1 tokenizer folder (`FORGE_SD1_TOKENIZER` under ``backend``), or None outside Forge."""
+    spec = importlib.util.find_spec("backend")
+    for root in list(getattr(spec, "submodule_search_locations", None) or []) if spec is not None else []:
+        folder = Path(root).joinpath(*FORGE_SD1_TOKENIZER)
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def seed_clip_tokenizer() -> Path | None:
+    """The merge's CLIP tokenizer without open_clip_torch (Forge Neo): `lib_loraclr.models.tokenizer.
+    seed_clip_tokenizer` from Forge's own files."""
+    return tokenizer.seed_clip_tokenizer(forge_tokenizer_folder())

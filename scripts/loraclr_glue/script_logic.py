@@ -25,10 +25,12 @@ INFOTEXT_ERROR_KEY = "CLoRA error"
 
 def invalidate_cond_cache(p: Any) -> None:
     """Give ``p`` fresh conditioning caches (A1111 shares them class-wide between runs), so nothing a
-    CLoRA run encodes can be served to, or from, another run."""
+    CLoRA run encodes can be served to, or from, another run. Each keeps the host's length: A1111's
+    ``[params, conds]``, Forge Neo's ``[params, conds, extra infotext params]``."""
     for name in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
         if hasattr(p, name):
-            setattr(p, name, [None, None])
+            old = getattr(p, name)
+            setattr(p, name, [None] * max(2, len(old) if isinstance(old, list) else 0))
 
 
 def batch_prompt(p: Any) -> str:

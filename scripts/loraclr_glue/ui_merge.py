@@ -24,7 +24,7 @@ from lib_loraclr.merge.solvers import METHODS
 
 from . import preview
 from .api import MergeService, ServiceError
-from .lora_files import list_loras
+from .lora_files import list_host_loras
 from .ui_clora import table_height
 
 ID = "loraclr_merge"
@@ -33,13 +33,13 @@ REPORT_HEADERS = ["concept", "layers", "fidelity error", "interference", "base c
 
 
 def lora_choices(service: MergeService, search: str = "") -> list[str]:
-    return list(list_loras(service.lora_folder(), search))
+    return list(list_host_loras(service.shared, search))
 
 
 def table_for(
     service: MergeService, selected: Sequence[str], current: Sequence[Sequence[Any]] | None
 ) -> list[list[Any]]:
-    return table_rows(selected, current, list_loras(service.lora_folder()))
+    return table_rows(selected, current, list_host_loras(service.shared))
 
 
 def status_html(text: str, error: bool = False) -> str:
