@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 _CTX_TO_ARCH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _DOWN_MARKERS = (
@@ -132,3 +133,19 @@ def detect_checkpoint_arch(state_dict_keys_and_shapes: Mapping[str, Sequence[int
     if any(k.startswith("cond_stage_model.transformer.") for k in ks):
         return "sd1"
     return "unknown"
+
+
+#: the ldm/sgm UNet layout of SD1.x, SD2.x and the SDXL family (Pony, Illustrious, …): what CLoRA serves
+UNET_PARTS = ("input_blocks", "middle_block", "output_blocks")
+
+
+def unsupported_network(net: Any) -> str | None:
+    """One line saying why CLoRA cannot serve a host's denoising network ``net`` (Flux, SD3, Z-Image and other
+    transformer models), or None for a UNet of the SD1/SD2/SDXL layout (or no network found: the adapter
+    then reports its own problem)."""
+    if net is None or all(hasattr(net, part) for part in UNET_PARTS):
+        return None
+    return (
+        f"CLoRA works with SD1.x, SD2.x and SDXL-family checkpoints; this model ({type(net).__name__}) is not one "
+        "(Flux, SD3 and other transformer models are not supported), so the image is made without CLoRA"
+    )

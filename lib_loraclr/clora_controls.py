@@ -12,6 +12,21 @@ from typing import Any
 from . import clora_args as ca
 from .clora_job import LOG_PREFIX
 
+#: the accordion's help: the prompt syntax and which models CLoRA serves (HTML)
+HELP = """
+<div class="loraclr-help">
+<b>Bind a LoRA to words of the prompt:</b>
+<code>a cat&lt;clora:mycat:0.9&gt; and a dog&lt;clora:mydog&gt;</code> binds the word right before the tag.
+Several words: <code>&lt;clora:mycat:words=fluffy cat&gt;</code>. Trigger words:
+<code>&lt;clora:mycat:trigger=sks&gt;</code> (default: the LoRA's own). Separate weights:
+<code>&lt;clora:mycat:0.8:0.6&gt;</code> or <code>te=…:unet=…</code>.
+<code>&lt;lora:…&gt;</code> tags keep their global meaning (e.g. a style). Tags in the prompt always run
+CLoRA with the options below; this switch adds the table's rows.
+For SD1.x, SD2.x and SDXL-family checkpoints (Pony, Illustrious…); with Flux, SD3 and other transformer
+models CLoRA stays off and says so in the image's infotext.
+</div>
+"""
+
 #: option key → the control's default value (`ui_to_arg` turns a control value into the argument)
 UI_DEFAULTS: dict[str, Any] = {
     "mode": ca.DEFAULTS.mode,

@@ -148,6 +148,17 @@ class CloraJob:
         """The ``clora`` extra network's params for the current batch (tags of its first prompt)."""
         self.network_params = list(params_list)
 
+    def add_mask_previews(self, images: Any, infotexts: Any) -> int:
+        """Append the kept mask previews to a result's ``images`` (gallery and API), each with the first
+        image's infotext; returns how many (none unless both are lists)."""
+        previews, self.mask_images = self.mask_images, []
+        if not previews or not isinstance(images, list):
+            return 0
+        images.extend(previews)
+        if isinstance(infotexts, list) and infotexts:
+            infotexts.extend([infotexts[0]] * len(previews))
+        return len(previews)
+
     # ------------------------------------------------------------------ the host adapter
     def install(self, adapter: Adapter, p: Any, prompt: str, *, masks_only: bool = False) -> None:
         """Build this batch's branches for ``prompt`` (original, tag-carrying) and install ``adapter`` on ``p``

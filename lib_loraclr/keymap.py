@@ -394,6 +394,15 @@ def _te_hf_rest(key: str) -> tuple[str, str] | None:
     return None
 
 
+#: Forge's text encoders (``forge_objects.clip.cond_stage_model.<name>.transformer``, transformers names)
+#: ↔ canonical prefixes: SD1 ``clip_l``, SD2 ``clip_h`` (OpenCLIP ViT-H), SDXL ``clip_l`` + ``clip_g`` (bigG)
+FORGE_TEXT_ENCODERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "sd1": (("clip_l", TE_SD1_PREFIX),),
+    "sd2": (("clip_h", TE_SD2_PREFIX),),
+    "sdxl": (("clip_l", TE_SDXL1_PREFIX), ("clip_g", TE_SDXL2_PREFIX)),
+}
+
+
 def te_hf_module_path(key: str) -> str | None:
     """Path of a canonical text-encoder key inside a transformers-named CLIP text model, or None (a UNet
     key, or a TE key with no such module).

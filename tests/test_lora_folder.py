@@ -245,3 +245,14 @@ def test_job_registry_is_per_processing_object(tmp_path):
     assert reg.finish(p) is a and adapter.calls == [("remove", p)] and reg.get(p) is None
     assert reg.finish(p) is None
     assert reg.remove_all() == 1 and reg.active_count() == 0
+
+
+def test_mask_previews_join_the_results_once():
+    job = CloraJob(args=CloraArgs())
+    job.mask_images = ["m1", "m2"]
+    images, infotexts = ["img"], ["info"]
+    assert job.add_mask_previews(images, infotexts) == 2
+    assert images == ["img", "m1", "m2"] and infotexts == ["info"] * 3 and job.mask_images == []
+    assert job.add_mask_previews(images, infotexts) == 0  # already handed over
+    job.mask_images = ["m3"]
+    assert job.add_mask_previews(None, None) == 0 and job.mask_images == []  # no result list: dropped

@@ -70,3 +70,19 @@ def test_clora_is_inert_on_a_flux_model(capsys):
         sd_model=forge_model(FluxLike()), prompt="a cat", all_prompts=["a cat"], extra_generation_params={}
     )
     assert logic.process(q, False, {}) is None and q.extra_generation_params == {}
+
+
+def test_unsupported_network_is_decided_by_the_unet_layout() -> None:
+    from torch import nn
+
+    from lib_loraclr.arch import unsupported_network
+
+    class FluxLike(nn.Module):
+        pass
+
+    unet = nn.Module()
+    for part in ("input_blocks", "middle_block", "output_blocks"):
+        setattr(unet, part, nn.Module())
+    assert unsupported_network(unet) is None and unsupported_network(None) is None
+    why = unsupported_network(FluxLike())
+    assert why is not None and "FluxLike" in why and "SDXL" in why and "\n" not in why

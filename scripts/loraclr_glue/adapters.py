@@ -38,13 +38,7 @@ from lib_loraclr.clora.layout import user_layout
 from lib_loraclr.clora.regional import RegionalDenoiser
 from lib_loraclr.clora.routing import CompositeRouter, te_router, unet_router
 from lib_loraclr.clora.tokens import token_positions_from
-from lib_loraclr.keymap import (
-    TE_SD1_PREFIX,
-    TE_SD2_PREFIX,
-    TE_SDXL1_PREFIX,
-    TE_SDXL2_PREFIX,
-    te_hf_module_path,
-)
+from lib_loraclr.keymap import FORGE_TEXT_ENCODERS, te_hf_module_path
 
 from .host import forge_unet
 
@@ -69,15 +63,6 @@ def concept_prompts(sd_model: Any, base: str, specs: Sequence[Any]) -> BranchPro
     return branch_prompts(base, concepts, token_positions_from(host_tokenize_line(sd_model)))
 
 
-#: Forge's text encoders (``forge_objects.clip.cond_stage_model.<name>.transformer``, transformers names)
-#: ↔ canonical prefixes: SD1 ``clip_l``, SD2 ``clip_h`` (OpenCLIP ViT-H), SDXL ``clip_l`` + ``clip_g`` (bigG)
-_FORGE_TES = {
-    "sd1": (("clip_l", TE_SD1_PREFIX),),
-    "sd2": (("clip_h", TE_SD2_PREFIX),),
-    "sdxl": (("clip_l", TE_SDXL1_PREFIX), ("clip_g", TE_SDXL2_PREFIX)),
-}
-
-
 def te_roots(sd_model: Any) -> list[tuple[Any, str] | tuple[Any, str, Callable[[str], str | None]]]:
     """``(module, canonical prefix[, path_of])`` of each text encoder whose keys our LoRAs use.
 
@@ -98,7 +83,7 @@ def te_roots(sd_model: Any) -> list[tuple[Any, str] | tuple[Any, str, Callable[[
             else "sd1"
         )
         roots: list[Any] = []
-        for name, prefix in _FORGE_TES[family]:
+        for name, prefix in FORGE_TEXT_ENCODERS[family]:
             m = getattr(getattr(root, name, None), "transformer", None)
             if m is not None and hasattr(m, "text_model"):
                 roots.append((m, prefix, te_hf_module_path))
@@ -106,7 +91,7 @@ def te_roots(sd_model: Any) -> list[tuple[Any, str] | tuple[Any, str, Callable[[
             return roots
         for _name, m in root.named_modules():  # another layout: the first transformers text model
             if hasattr(m, "text_model"):
-                return [(m, _FORGE_TES[family][0][1], te_hf_module_path)]
+                return [(m, FORGE_TEXT_ENCODERS[family][0][1], te_hf_module_path)]
         return []
     embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", None)
     if embedders is not None:
@@ -119,29 +104,12 @@ def latent_hw(p: Any) -> tuple[int, int]:
     return int(getattr(p, "height", 512)) // 8, int(getattr(p, "width", 512)) // 8
 
 
-class A1111Host:
-    """The few A1111 modules the adapter uses, imported lazily (tests pass stand-ins)."""
-
-    def __init__(self, **mods: Any) -> None:
-        if not mods:
-            from modules import devices, prompt_parser, sd_samplers_common, shared
-
-            mods = {
-                "devices": devices,
-                "prompt_parser": prompt_parser,
-                "sd_samplers_common": sd_samplers_common,
-            }
-            mods["state"] = shared.state
-        self.__dict__.update(mods)
-
-
 class A1111Adapter:
     """CLoRA on A1111 inside the run's CFG denoiser's model calls (see the module docstring)."""
 
     name = "a1111"
 
-    def __init__(self, host: A1111Host | None = None) -> None:
-        self._host = host
+    def __init__(self) -> None:
         self._cfg: Any = None
         self._call: CfgModelCall | None = None
         self._frozen: list[Any] = []
@@ -150,17 +118,12 @@ class A1111Adapter:
         self._forward: Any = None
         self._previous: Any = None  # an instance ``forward`` that was there before ours
 
-    @property
-    def host(self) -> A1111Host:
-        if self._host is None:
-            self._host = A1111Host()
-        return self._host
-
     def install(
         self, p: Any, run: Any, base: str, specs: Sequence[Any], *, masks_only: bool = False, cfg: Any = None
     ) -> Any:
+        from modules import devices, prompt_parser
+
         self.remove(p)  # a previous install of this adapter that was not removed
-        h = self.host
         cfg = cfg if cfg is not None else p.sampler.model_wrap_cfg
         sd_model = p.sd_model
         if (
@@ -177,9 +140,9 @@ class A1111Adapter:
         bp = concept_prompts(sd_model, base, specs)
 
         def encode(prompts: list[str]) -> Any:
-            conds = h.prompt_parser.SdConditioning(prompts, width=p.width, height=p.height)
-            with h.devices.autocast():
-                return h.prompt_parser.get_learned_conditioning(sd_model, conds, steps)
+            conds = prompt_parser.SdConditioning(prompts, width=p.width, height=p.height)
+            with devices.autocast():
+                return prompt_parser.get_learned_conditioning(sd_model, conds, steps)
 
         schedules = te_branch_conds(
             encode, [[q] for q in bp.prompts[1:]], te_router(te_roots(sd_model), specs)
@@ -196,7 +159,7 @@ class A1111Adapter:
             denoiser = RegionalDenoiser.around(denoiser, layout)
         call = CfgModelCall(
             denoiser,
-            lambda step: [h.prompt_parser.reconstruct_cond_batch(s, step) for s in schedules],
+            lambda step: [prompt_parser.reconstruct_cond_batch(s, step) for s in schedules],
             run.notice,
         )
 

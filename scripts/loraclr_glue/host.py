@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lib_loraclr.arch import unsupported_network
+
 FORGE_UNET_METHODS = ("set_model_attn2_replace", "set_model_unet_function_wrapper", "clone")
 
 
@@ -29,10 +31,6 @@ def is_forge(p_or_model: Any) -> bool:
     return forge_unet(model) is not None
 
 
-#: the ldm/sgm UNet layout of SD1.x, SD2.x and the SDXL family (Pony, Illustrious, …): what CLoRA serves
-UNET_PARTS = ("input_blocks", "middle_block", "output_blocks")
-
-
 def diffusion_model(sd_model: Any) -> Any | None:
     """The denoising network of a loaded model: Forge's ``forge_objects.unet.model.diffusion_model`` or
     A1111's ``model.diffusion_model``; None when neither is there."""
@@ -42,16 +40,8 @@ def diffusion_model(sd_model: Any) -> Any | None:
 
 
 def unsupported_model(sd_model: Any) -> str | None:
-    """One line saying why CLoRA cannot serve this model (Flux, SD3, Z-Image and other transformer models),
-    or None for a UNet of the SD1/SD2/SDXL layout (or a model whose network is not found: the adapter
-    then reports its own problem)."""
-    net = diffusion_model(sd_model)
-    if net is None or all(hasattr(net, part) for part in UNET_PARTS):
-        return None
-    return (
-        f"CLoRA works with SD1.x, SD2.x and SDXL-family checkpoints; this model ({type(net).__name__}) is not one "
-        "(Flux, SD3 and other transformer models are not supported), so the image is made without CLoRA"
-    )
+    """Why CLoRA cannot serve this model (`lib_loraclr.arch.unsupported_network`), or None."""
+    return unsupported_network(diffusion_model(sd_model))
 
 
 def script_has_hook(script_base: type, name: str) -> bool:

@@ -18,16 +18,6 @@ from . import clora_run
 NETWORK_NAME = "clora"
 
 
-def tag_names(params_list: list[Any]) -> list[str]:
-    """LoRA names in ``ExtraNetworkParams`` items (the first item of each tag)."""
-    out = []
-    for params in params_list:
-        items = getattr(params, "items", None) or []
-        if items:
-            out.append(str(items[0]).strip())
-    return out
-
-
 def make_network(extra_networks: Any) -> Any:
     """An instance of ``ExtraNetwork`` subclass named ``clora`` (the base class comes from the host)."""
 
@@ -44,7 +34,7 @@ def make_network(extra_networks: Any) -> Any:
             elif params_list:
                 # tags without a prepared run: the script was skipped or failed earlier (its message is
                 # already in the console and the infotext); the tags stay without effect.
-                names = ", ".join(tag_names(params_list))
+                names = ", ".join(str(q.items[0]).strip() for q in params_list if getattr(q, "items", None))
                 print(f"{LOG_PREFIX} <clora:…> tags for {names} are ignored: CLoRA is not running")
 
         def deactivate(self, p: Any) -> None:

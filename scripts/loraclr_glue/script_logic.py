@@ -155,16 +155,8 @@ class CloraScriptLogic:
         """End the run; with ``mask_preview`` the masks join the result images (gallery and API), each
         with the infotext of the first image."""
         run = clora_run.finish(p)
-        if run is None or not run.mask_images or processed is None:
-            return
-        images = getattr(processed, "images", None)
-        if not isinstance(images, list):
-            return
-        images.extend(run.mask_images)
-        infotexts = getattr(processed, "infotexts", None)
-        if isinstance(infotexts, list) and infotexts:
-            infotexts.extend([infotexts[0]] * len(run.mask_images))
-        run.mask_images = []
+        if run is not None:
+            run.add_mask_previews(getattr(processed, "images", None), getattr(processed, "infotexts", None))
 
     def unload(self) -> None:
         clora_run.remove_all()

@@ -11,21 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from lib_loraclr import clora_args as ca
-from lib_loraclr.clora_controls import UI_DEFAULTS, default_state, paste_value, update_state
-
-HELP = """
-<div class="loraclr-help">
-<b>Bind a LoRA to words of the prompt:</b>
-<code>a cat&lt;clora:mycat:0.9&gt; and a dog&lt;clora:mydog&gt;</code> binds the word right before the tag.
-Several words: <code>&lt;clora:mycat:words=fluffy cat&gt;</code>. Trigger words:
-<code>&lt;clora:mycat:trigger=sks&gt;</code> (default: the LoRA's own). Separate weights:
-<code>&lt;clora:mycat:0.8:0.6&gt;</code> or <code>te=…:unet=…</code>.
-<code>&lt;lora:…&gt;</code> tags keep their global meaning (e.g. a style). Tags in the prompt always run
-CLoRA with the options below; this switch adds the table's rows.
-For SD1.x, SD2.x and SDXL-family checkpoints (Pony, Illustrious…); with Flux, SD3 and other transformer
-models CLoRA stays off and says so in the image's infotext.
-</div>
-"""
+from lib_loraclr.clora_controls import HELP, UI_DEFAULTS, default_state, paste_value, update_state
 
 
 def table_height(dataframe_cls: Any, pixels: int) -> dict[str, Any]:
