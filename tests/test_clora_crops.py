@@ -181,3 +181,45 @@ def test_tiny_models_run_with_crops(arch):
         assert den.crop_calls == (2 * 3 if crops else 0)
     assert bool(torch.isfinite(outs[1]).all()) and (outs[1] - outs[0]).abs().max().item() > 1e-4
     assert count_hooks(model) == 0 and all("forward" not in m.__dict__ for m in unet.modules())
+
+
+def test_builder_and_around_pass_the_options_crops(world):
+    from lib_loraclr.clora import Concept, build_clora_denoiser
+    from lib_loraclr.models.sampling import CFGDenoiser
+
+    model = world.model
+    concepts = [Concept(trigger="sks", words="2"), Concept(trigger="ohwx", words="5")]
+    lay = q.user_layout(world, ["sks", "ohwx"])
+    kw = dict(
+        options=CloraOptions.recommended(4, region_crops=0.5),
+        te_model=model,
+        mode="replace",
+        layout=lay,
+        routed=True,
+    )
+    den, _ = build_clora_denoiser(
+        CFGDenoiser(model).inner_model,
+        model.model.diffusion_model,
+        model.get_learned_conditioning,
+        model.prompt_encoder.token_positions,
+        "a 2 and a 5",
+        concepts,
+        [[(world.loras["sks"], 1.0)], [(world.loras["ohwx"], 1.0)]],
+        **kw,
+    )
+    assert isinstance(den, RegionalDenoiser) and den.crops == 0.5
+    assert RegionalDenoiser.around(den.estimator or _fusion_of(den), lay).crops == 0.5
+
+
+def _fusion_of(den: RegionalDenoiser):
+    """A `CloraDenoiser`-like stand-in carrying the routed denoiser's parts and options (around's input)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        inner_model=den.inner_model,
+        unet=den.unet,
+        conds=den.conds,
+        unconds=den.unconds,
+        router=den.router,
+        options=CloraOptions.recommended(4, region_crops=0.5),
+    )

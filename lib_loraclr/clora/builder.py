@@ -44,7 +44,9 @@ def build_clora_denoiser(
 
     ``layout``: a user layout ``[1, K, h, w]`` (`lib_loraclr.clora.layout.layout_weights`) instead of the
     automatic masks; ``routed``: return a `RegionalDenoiser` (one UNet pass per step, each LoRA in its
-    region) around the branch-fusion denoiser, which then only finds the layout when none is given.
+    region) around the branch-fusion denoiser, which then only finds the layout when none is given;
+    ``options.region_crops`` sets its region crops (measured with a user layout and each region's own short
+    prompt; a crop given the whole branch prompt tries to draw the whole scene in the crop).
     """
     if len(concept_loras) != len(concepts):
         raise ValueError(f"{len(concept_loras)} LoRA lists for {len(concepts)} concepts")
@@ -78,5 +80,6 @@ def build_clora_denoiser(
             router,
             layout=layout,
             estimator=None if layout is not None else den,
+            crops=den.options.region_crops,
         ), bp
     return den, bp

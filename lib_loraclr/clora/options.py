@@ -30,7 +30,8 @@ class CloraOptions:
       base branch (layout rule; 0 = only the prompt's other content words claim positions for it);
     - ``layout_until``: sampler step at which the automatic layout is frozen (0: never frozen);
     - ``region_crops``: routed mode only (`RegionalDenoiser`): weight in [0, 1] of each concept region
-      denoised also as its own cropped canvas (0 = off).
+      denoised also as its own cropped canvas (0 = off; for user layouts with short region prompts:
+      docs/DESIGN.md "Two concepts with a layout").
     """
 
     enabled: bool = True
