@@ -553,6 +553,134 @@ def test_forge_fusion_with_zero_weight_loras_equals_plain(loaded, model, lora_di
     assert count_hooks(model) == 0
 
 
+def _zero_weight_forge_call(model, lora_dir, notice=None):
+    from lib_loraclr.clora import CloraDenoiser
+    from lib_loraclr.clora.host_calls import ForgeUnetCall
+    from lib_loraclr.clora.routing import unet_router
+    from lib_loraclr.readers import read_lora
+
+    unet = model.model.diffusion_model
+    spec = SimpleNamespace(deltas=read_lora(lora_dir / "catlora.safetensors"), te_weight=0.0, unet_weight=0.0)
+    cond = model.get_learned_conditioning(["a cat and a dog"])
+    denoiser = CloraDenoiser(
+        inner_model=None,
+        unet=unet,
+        conds=[None] * 3,
+        groups=[[[2], [2], [2]], [[5], [5], [5]]],
+        mask_tokens=[[], [2], [5]],
+        options=ca.CloraArgs(masks_only=True).to_options(4),
+        router=unet_router(unet, [spec, spec]),
+    )
+    return ForgeUnetCall(denoiser, branch_conds=[cond, cond], notice=notice)
+
+
+class StubControlNet:
+    """Forge's ControlBase surface: ``get_control(x, t, cond, batched_number)`` → residuals for x's rows."""
+
+    def __init__(self) -> None:
+        self.transformer_options: dict = {}
+        self.previous_controlnet = None
+        self.calls: list[tuple[int, int, list]] = []
+
+    def get_control(self, x, t, cond, batched_number):
+        assert cond["c_crossattn"].shape[0] == x.shape[0] == t.shape[0]
+        self.calls.append((x.shape[0], batched_number, list(self.transformer_options["cond_or_uncond"])))
+        return {"output": [torch.full((x.shape[0], 1, 1, 1), 0.01)]}
+
+
+def test_forge_call_gives_each_unet_call_its_own_rows_options_and_controlnet(loaded, model, lora_dir):
+    """Attention patches (reference-only) read ``cond_indices`` and a ControlNet's residuals are per row:
+    each of CLoRA's UNet calls gets them for its own rows, as Forge's sampling function would make them."""
+    from lib_loraclr.clora.host_calls import forge_row_options
+
+    opts = forge_row_options([1, 0, 0], torch.tensor([300.0, 300.0]))
+    assert opts["cond_indices"] == [2, 3, 4, 5] and opts["uncond_indices"] == [0, 1]
+    assert opts["cond_mark"].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0] and opts["cond_or_uncond"] == [
+        1,
+        0,
+        0,
+    ]
+
+    unet = model.model.diffusion_model
+    seen = []
+
+    def apply_model(xx, tt, c_crossattn, transformer_options=None, control=None, control_model=None, **kw):
+        rows = xx.shape[0]
+        assert control is not None and control["output"][0].shape[0] == rows  # residuals for these rows
+        to = transformer_options
+        b = rows // len(to["cond_or_uncond"])
+        assert sorted(to["cond_indices"] + to["uncond_indices"]) == list(range(rows))
+        assert to["cond_mark"].shape[0] == rows and to["sigmas"].shape[0] == b
+        seen.append((rows, list(to["cond_or_uncond"])))
+        return unet(xx, timesteps=tt, context=c_crossattn) + control["output"][0]
+
+    control = StubControlNet()
+    cond = model.get_learned_conditioning(["a cat and a dog"])
+    uncond = model.get_learned_conditioning([""])
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([300.0])
+    host_rows = {"c_crossattn": torch.cat([cond, uncond]), "transformer_options": {"cond_or_uncond": [0, 1]}}
+    args = {
+        "input": torch.cat([x, x]),
+        "timestep": torch.cat([t, t]),
+        "c": {**host_rows, "control": {"output": [torch.zeros(2, 1, 1, 1)]}, "control_model": control},
+        "cond_or_uncond": [0, 1],
+    }
+    call = _zero_weight_forge_call(model, lora_dir)
+    with torch.no_grad():
+        out = call(apply_model, args)
+        plain = unet(args["input"], timesteps=args["timestep"], context=host_rows["c_crossattn"]) + 0.01
+    assert call.disabled is None and seen and any(rows > 2 for rows, _ in seen)  # branch rows, not the host's
+    assert [c[0] for c in control.calls] == [rows for rows, _ in seen]
+    assert torch.allclose(out, plain, atol=1e-5, rtol=1e-5)  # zero-weight LoRAs: the host's own result
+
+
+def test_forge_call_falls_back_to_the_host_when_a_patch_cannot_follow(loaded, model, lora_dir):
+    """Another extension's model patch that fails on CLoRA's rows: the step and the rest of the image run
+    the host's plain call, once noticed; an Interrupt is the host's to handle."""
+    unet = model.model.diffusion_model
+    notices = []
+    host_calls = []
+
+    def previous(apply_model, a):  # e.g. a patch that only works on the host's own 2 rows
+        if a["input"].shape[0] != 2:
+            raise RuntimeError("shape mismatch in a recorded attention")
+        host_calls.append(a["cond_or_uncond"])
+        return apply_model(a["input"], a["timestep"], **a["c"])
+
+    def apply_model(xx, tt, c_crossattn, transformer_options=None, **kw):
+        return unet(xx, timesteps=tt, context=c_crossattn)
+
+    call = _zero_weight_forge_call(model, lora_dir, notice=notices.append)
+    call.previous = previous
+    cond = model.get_learned_conditioning(["a cat and a dog"])
+    uncond = model.get_learned_conditioning([""])
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    args = {
+        "input": torch.cat([x, x]),
+        "timestep": torch.tensor([300.0, 300.0]),
+        "c": {"c_crossattn": torch.cat([cond, uncond]), "transformer_options": {"cond_or_uncond": [0, 1]}},
+        "cond_or_uncond": [0, 1],
+    }
+    with torch.no_grad():
+        plain = apply_model(args["input"], args["timestep"], args["c"]["c_crossattn"])
+        out = call(apply_model, args)
+        again = call(apply_model, args)
+    assert torch.equal(out, plain) and torch.equal(again, plain) and host_calls == [[0, 1], [0, 1]]
+    assert len(notices) == 1 and "RuntimeError" in notices[0] and call.disabled == notices[0]
+
+    class InterruptedException(Exception):
+        pass
+
+    def interrupted(apply_model, a):
+        raise InterruptedException()
+
+    call = _zero_weight_forge_call(model, lora_dir)
+    call.previous = interrupted
+    with pytest.raises(InterruptedException), torch.no_grad():
+        call(apply_model, args)
+
+
 # ------------------------------------------------------------------------------------------ helpers
 
 

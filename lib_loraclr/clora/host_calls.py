@@ -143,21 +143,49 @@ def forge_input_scale(kmodel: Any) -> Callable[[torch.Tensor], torch.Tensor] | N
     )
 
 
+def forge_row_options(roles: Sequence[int], sigmas: torch.Tensor) -> dict[str, Any]:
+    """The per-call entries of Forge's ``transformer_options`` for a call of ``len(roles)`` chunks of
+    ``sigmas.shape[0]`` rows (Forge's ``sampling_function``: ``cond_or_uncond``, ``sigmas``, ``cond_mark``
+    ``[rows]``, ``cond_indices`` / ``uncond_indices``), which attention patches such as reference-only read."""
+    b = int(sigmas.shape[0])
+    cond = [i for k, r in enumerate(roles) if r == 0 for i in range(k * b, (k + 1) * b)]
+    uncond = [i for k, r in enumerate(roles) if r != 0 for i in range(k * b, (k + 1) * b)]
+    return {
+        "cond_or_uncond": list(roles),
+        "sigmas": sigmas,
+        "cond_mark": torch.tensor([float(r) for r in roles for _ in range(b)]).to(sigmas),
+        "cond_indices": cond,
+        "uncond_indices": uncond,
+    }
+
+
 class ForgeUnetCall:
     """Forge's UNet function wrapper ``fn(apply_model, {"input", "timestep", "c", "cond_or_uncond"})``.
 
     Forge's ``c`` holds per-row tensors (``c_crossattn``, SDXL ``y``, ``c_concat`` …), other entries and
     ``transformer_options``. The per-row tensors are the engine's ``cond`` (with the rows' roles under
     `ROLE_KEY`, so every UNet call the engine batches gets its own ``cond_or_uncond``); the rest is passed
-    to every call as it is. ``branch_conds[k-1]``: branch k's text from Forge's ``get_learned_conditioning``
-    (``[1, T, D]``, SDXL ``{"crossattn", "vector"}``). ``previous``: a function wrapper set before ours
-    (called instead of ``apply_model``). ``x_new``: the latent update of the CFG call in progress."""
+    to every call as it is, except what depends on the call's rows: the row entries of
+    ``transformer_options`` (`forge_row_options`) and a ControlNet's residuals (``control``, made again
+    by ``control_model.get_control`` for each call's rows). ``branch_conds[k-1]``: branch k's text from
+    Forge's ``get_learned_conditioning`` (``[1, T, D]``, SDXL ``{"crossattn", "vector"}``). ``previous``: a
+    function wrapper set before ours (called instead of ``apply_model``). ``x_new``: the latent update of
+    the CFG call in progress. If the CLoRA step fails (another extension's patch that cannot follow the
+    branch rows), the call and every later one run the host's plain call and ``notice`` says why."""
 
-    def __init__(self, denoiser: CloraDenoiser, branch_conds: Sequence[Any], previous: Any = None) -> None:
+    def __init__(
+        self,
+        denoiser: CloraDenoiser,
+        branch_conds: Sequence[Any],
+        previous: Any = None,
+        notice: Callable[[str], None] | None = None,
+    ) -> None:
         self.denoiser = denoiser
         self.branch_conds = list(branch_conds)
         self.previous = previous
+        self.notice = notice
         self.x_new: torch.Tensor | None = None
+        self.disabled: str | None = None
 
     @property
     def last_weights(self) -> torch.Tensor | None:
@@ -175,32 +203,64 @@ class ForgeUnetCall:
             out.append(entry)
         return out
 
+    def plain(self, apply_model: Callable[..., torch.Tensor], args: dict[str, Any]) -> torch.Tensor:
+        """The host's own call for ``args`` (the wrapper set before ours, else ``apply_model``)."""
+        if self.previous is not None:
+            return self.previous(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
     def __call__(self, apply_model: Callable[..., torch.Tensor], args: dict[str, Any]) -> torch.Tensor:
+        if self.disabled is not None:
+            return self.plain(apply_model, args)
         x, t, c = args["input"], args["timestep"], dict(args["c"])
         cou = [int(r) for r in args["cond_or_uncond"]]
         b = x.shape[0] // len(cou)
         topt = c.pop("transformer_options", None)
         cond = {k: v for k, v in c.items() if isinstance(v, torch.Tensor) and v.shape[:1] == x.shape[:1]}
         static = {k: v for k, v in c.items() if k not in cond}
+        control_model = static.get("control_model") if static.get("control") is not None else None
         cond[ROLE_KEY] = torch.tensor([r for r in cou for _ in range(b)], device=x.device)
-        previous = self.previous
 
         def model(xx: torch.Tensor, ss: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
             kw = {**static, **cond}
             roles = kw.pop(ROLE_KEY)[::b].tolist()
             if topt is not None:
-                kw["transformer_options"] = {**topt, "cond_or_uncond": roles}
-            if previous is not None:
-                return previous(apply_model, {"input": xx, "timestep": ss, "c": kw, "cond_or_uncond": roles})
-            return apply_model(xx, ss, **kw)
+                kw["transformer_options"] = {**topt, **forge_row_options(roles, ss[:b])}
+            if control_model is not None:
+                unit = control_model
+                while unit is not None:  # as Forge's sampling_function does before get_control
+                    unit.transformer_options = kw.get("transformer_options", {})
+                    unit = getattr(unit, "previous_controlnet", None)
+                kw["control"] = control_model.get_control(xx, ss, {k: v for k, v in kw.items()}, len(roles))
+            call = {"input": xx, "timestep": ss, "c": kw, "cond_or_uncond": roles}
+            return self.plain(apply_model, call)
 
         d = self.denoiser
         d.inner_model = model
         text = self.branch_text(c["c_crossattn"], c.get("y"))
-        out = clora_call(d, model, x, t, cond, chunk_roles(cou, b), branch_text=text)
+        try:
+            out = clora_call(d, model, x, t, cond, chunk_roles(cou, b), branch_text=text)
+        except Exception as e:
+            import traceback
+
+            traceback.print_exception(type(e), e, e.__traceback__)
+            self.disabled = (
+                f"CLoRA stopped at a step another extension's model patch could not follow "
+                f"({type(e).__name__}: {e}); the image was finished without CLoRA"
+            )
+            if self.notice is not None:
+                self.notice(self.disabled)
+            return self.plain(apply_model, args)
         if d.updated_now:
             self.x_new = d.x_new
         return out
 
 
-__all__ = ["ROLE_KEY", "CfgModelCall", "ForgeUnetCall", "concept_denoiser", "forge_input_scale"]
+__all__ = [
+    "ROLE_KEY",
+    "CfgModelCall",
+    "ForgeUnetCall",
+    "concept_denoiser",
+    "forge_input_scale",
+    "forge_row_options",
+]

@@ -251,7 +251,7 @@ class ForgeAdapter:
             grad_router=grad_router,
         )
         previous = getattr(patcher, "model_options", {}).get("model_function_wrapper")
-        call = ForgeUnetCall(denoiser, branch_conds, previous)
+        call = ForgeUnetCall(denoiser, branch_conds, previous, notice=run.notice)
         patcher.set_model_unet_function_wrapper(call)
         sd_model.forge_objects.unet = patcher
         self._original_unet, self._patched_unet, self._model = original, patcher, sd_model
