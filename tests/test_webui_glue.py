@@ -669,6 +669,16 @@ def test_forge_call_falls_back_to_the_host_when_a_patch_cannot_follow(loaded, mo
     assert torch.equal(out, plain) and torch.equal(again, plain) and host_calls == [[0, 1], [0, 1]]
     assert len(notices) == 1 and "RuntimeError" in notices[0] and call.disabled == notices[0]
 
+    notices.clear()
+    call = _zero_weight_forge_call(model, lora_dir, notice=notices.append)
+    recorder = {
+        **args,
+        "c": {**args["c"], "transformer_options": {"cond_or_uncond": [0, 1], "block_modifiers": [id]}},
+    }
+    with torch.no_grad():
+        out = call(lambda xx, tt, c_crossattn, **kw: apply_model(xx, tt, c_crossattn), recorder)
+    assert torch.equal(out, plain) and "block modifier" in notices[0]  # reference-only: CLoRA stays off
+
     class InterruptedException(Exception):
         pass
 

@@ -203,6 +203,11 @@ class ForgeUnetCall:
             out.append(entry)
         return out
 
+    def _stop(self, reason: str) -> None:
+        self.disabled = reason
+        if self.notice is not None:
+            self.notice(reason)
+
     def plain(self, apply_model: Callable[..., torch.Tensor], args: dict[str, Any]) -> torch.Tensor:
         """The host's own call for ``args`` (the wrapper set before ours, else ``apply_model``)."""
         if self.previous is not None:
@@ -216,6 +221,12 @@ class ForgeUnetCall:
         cou = [int(r) for r in args["cond_or_uncond"]]
         b = x.shape[0] // len(cou)
         topt = c.pop("transformer_options", None)
+        if isinstance(topt, dict) and topt.get("block_modifiers"):
+            self._stop(
+                "CLoRA is off for this image: another extension's UNet block modifier (Forge's reference-only or "
+                "tile preprocessor) records the rows of each call, which CLoRA's branch calls would break"
+            )
+            return self.plain(apply_model, args)
         cond = {k: v for k, v in c.items() if isinstance(v, torch.Tensor) and v.shape[:1] == x.shape[:1]}
         static = {k: v for k, v in c.items() if k not in cond}
         control_model = static.get("control_model") if static.get("control") is not None else None
@@ -244,12 +255,10 @@ class ForgeUnetCall:
             import traceback
 
             traceback.print_exception(type(e), e, e.__traceback__)
-            self.disabled = (
+            self._stop(
                 f"CLoRA stopped at a step another extension's model patch could not follow "
                 f"({type(e).__name__}: {e}); the image was finished without CLoRA"
             )
-            if self.notice is not None:
-                self.notice(self.disabled)
             return self.plain(apply_model, args)
         if d.updated_now:
             self.x_new = d.x_new
