@@ -25,6 +25,16 @@ TE2 = TE_SDXL2_PREFIX + "transformer.resblocks.{i}."
 TE1 = TE_SDXL1_PREFIX + "text_model.encoder.layers.{i}."
 
 
+def _branch_outputs(router, model, x, n_branches: int = 3) -> list:
+    """``model(x)`` with each branch of ``router`` selected (hooks installed for the loop only)."""
+    out = []
+    with router:
+        for b in range(n_branches):
+            router.select(b)
+            out.append(model(x))
+    return out
+
+
 def test_te_hf_module_path_maps_openclip_and_transformers_keys():
     assert (
         te_hf_module_path(TE2.format(i=3) + "attn.in_proj:q")
@@ -105,11 +115,7 @@ def test_fused_openclip_lora_routes_on_hf_named_te2_like_merged_weights():
         base = model(x)
         router = te_router([(model, TE_SDXL2_PREFIX, te_hf_module_path)], specs)
         assert router is not None and router.routers[0].n_modules == 4 * n  # q, k, v, out of every layer
-        got = []
-        with router:
-            for b in range(3):
-                router.select(b)
-                got.append(model(x))
+        got = _branch_outputs(router, model, x)
         assert torch.equal(model(x), base)  # hooks removed, weights untouched
         for b, (lora, w) in ((1, (lora_a, 1.0)), (2, (lora_b, 0.5))):
             merged = _HFText(d, n).eval()
@@ -174,11 +180,7 @@ def test_fused_openclip_lora_routes_through_the_multihead_attention(batch_first)
         base = model(x)
         router = te_router([(model, TE_SDXL2_PREFIX)], specs)
         assert router is not None and router.routers[0].n_modules == n + 1  # one hook per attention + c_fc
-        got = []
-        with router:
-            for b in range(3):
-                router.select(b)
-                got.append(model(x))
+        got = _branch_outputs(router, model, x)
         assert torch.equal(model(x), base)  # hooks removed, weights untouched
         for b, (lora, w) in ((1, (lora_a, 1.0)), (2, (lora_b, 0.5))):
             merged = _OpenClipText(d, n, batch_first=batch_first).eval()

@@ -525,34 +525,6 @@ def test_forge_adapter_installs_a_function_wrapper_and_removes_it(loaded, model,
     assert fm.forge_objects.unet is original
 
 
-def test_forge_fusion_with_zero_weight_loras_equals_plain(loaded, model, lora_dir):
-    from lib_loraclr.clora import CloraDenoiser
-    from lib_loraclr.clora.host_calls import ForgeUnetCall
-    from lib_loraclr.clora.routing import unet_router
-    from lib_loraclr.readers import read_lora
-
-    unet = model.model.diffusion_model
-    spec = SimpleNamespace(deltas=read_lora(lora_dir / "catlora.safetensors"), te_weight=0.0, unet_weight=0.0)
-    cond = model.get_learned_conditioning(["a cat and a dog"])
-    uncond = model.get_learned_conditioning([""])
-    denoiser = CloraDenoiser(
-        inner_model=None,
-        unet=unet,
-        conds=[None] * 3,
-        groups=[[[2], [2], [2]], [[5], [5], [5]]],
-        mask_tokens=[[], [2], [5]],
-        options=ca.CloraArgs(masks_only=True).to_options(4),
-        router=unet_router(unet, [spec, spec]),
-    )
-    fusion = ForgeUnetCall(denoiser, branch_conds=[cond, cond])
-    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
-    t = torch.tensor([300.0, 300.0])
-    with torch.no_grad():
-        out, plain = forge_call(model, fusion, x, t, cond.expand(2, -1, -1), uncond.expand(2, -1, -1))
-    assert torch.allclose(out, plain, atol=1e-5, rtol=1e-5)
-    assert count_hooks(model) == 0
-
-
 def _zero_weight_forge_call(model, lora_dir, notice=None):
     from lib_loraclr.clora import CloraDenoiser
     from lib_loraclr.clora.host_calls import ForgeUnetCall
@@ -572,6 +544,18 @@ def _zero_weight_forge_call(model, lora_dir, notice=None):
         router=unet_router(unet, [spec, spec]),
     )
     return ForgeUnetCall(denoiser, branch_conds=[cond, cond], notice=notice)
+
+
+def test_forge_fusion_with_zero_weight_loras_equals_plain(loaded, model, lora_dir):
+    fusion = _zero_weight_forge_call(model, lora_dir)
+    cond = model.get_learned_conditioning(["a cat and a dog"])
+    uncond = model.get_learned_conditioning([""])
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([300.0, 300.0])
+    with torch.no_grad():
+        out, plain = forge_call(model, fusion, x, t, cond.expand(2, -1, -1), uncond.expand(2, -1, -1))
+    assert torch.allclose(out, plain, atol=1e-5, rtol=1e-5)
+    assert count_hooks(model) == 0
 
 
 class StubControlNet:
