@@ -242,7 +242,7 @@ class ForgeUnetCall:
                 while unit is not None:  # as Forge's sampling_function does before get_control
                     unit.transformer_options = kw.get("transformer_options", {})
                     unit = getattr(unit, "previous_controlnet", None)
-                kw["control"] = control_model.get_control(xx, ss, {k: v for k, v in kw.items()}, len(roles))
+                kw["control"] = control_model.get_control(xx, ss, dict(kw), len(roles))
             call = {"input": xx, "timestep": ss, "c": kw, "cond_or_uncond": roles}
             return self.plain(apply_model, call)
 

@@ -290,6 +290,27 @@ def _mha_with_deltas(
     return (out.transpose(0, 1) if mha.batch_first else out), weights
 
 
+def _split_shared(
+    items: Sequence[tuple[int, Any, Any]], n_branches: int, make: Callable[[Any], Any]
+) -> tuple[list[Any], dict[int, list[Any]]]:
+    """Terms of one module: ``items`` = ``(branch, identity, payload)``; a term whose identity (LoRA module,
+    weight …) is in every branch is made once (``make(payload)``) and applied to all rows (``shared``), the
+    others per branch. Returns ``(shared, per_branch)`` in the order of ``items``."""
+    ids = [{ident for b, ident, _ in items if b == k} for k in range(n_branches)]
+    common = set.intersection(*ids) if n_branches > 0 else set()
+    shared: list[Any] = []
+    per_branch: dict[int, list[Any]] = {}
+    done: set[Any] = set()
+    for b, ident, payload in items:
+        if ident in common:
+            if ident not in done:
+                shared.append(make(payload))
+                done.add(ident)
+            continue
+        per_branch.setdefault(b, []).append(make(payload))
+    return shared, per_branch
+
+
 class RoutedLoras:
     """Forward hooks that apply each branch's LoRAs to the batch rows of that branch.
 
@@ -373,53 +394,26 @@ class RoutedLoras:
                 raise RoutingError(
                     f"LoRA key {names[path]!r} targets a {type(module).__name__}; only Linear and Conv2d are supported"
                 )
-            # terms present in every branch with the same weight are applied to all rows at once
-            per_branch_ids: list[set[tuple[int, float]]] = [set() for _ in range(self.n_branches)]
-            for b, lm, w in items:
-                per_branch_ids[b].add((id(lm), w))
-            common = set.intersection(*per_branch_ids) if self.n_branches > 0 else set()
-            shared: list[_Term] = []
-            per_branch: dict[int, list[_Term]] = {}
-            done_shared: set[tuple[int, float]] = set()
-            for b, lm, w in items:
-                ident = (id(lm), w)
-                if ident in common:
-                    if ident not in done_shared:
-                        shared.append(_make_term(module, lm, w))
-                        done_shared.add(ident)
-                    continue
-                per_branch.setdefault(b, []).append(_make_term(module, lm, w))
+            shared, per_branch = _split_shared(
+                [(b, (id(lm), w), (lm, w)) for b, lm, w in items],
+                self.n_branches,
+                lambda t, module=module: _make_term(module, *t),
+            )
             self._routes[path] = _Plan(module, shared, per_branch)
             self._routes[path].is_context = path.endswith(("attn2.to_k", "attn2.to_v"))
         for path, mitems in mha_entries.items():
             mha = model.get_submodule(path)
-            common = (
-                set.intersection(
-                    *[
-                        {(id(lm), w, part) for b, lm, w, part in mitems if b == k}
-                        for k in range(self.n_branches)
-                    ]
-                )
-                if self.n_branches > 0
-                else set()
+
+            def term(t: tuple[LoraModule, float, str], mha: nn.MultiheadAttention = mha) -> tuple[str, _Term]:
+                lm, w, part = t
+                if part == "o":
+                    return part, _make_term(mha.out_proj, lm, w)
+                rows = fused_rows(part, mha.in_proj_weight.shape[0])
+                return part, _make_term(SimpleNamespace(weight=mha.in_proj_weight[rows]), lm, w)
+
+            mshared, mper = _split_shared(
+                [(b, (id(lm), w, part), (lm, w, part)) for b, lm, w, part in mitems], self.n_branches, term
             )
-            mshared: list[tuple[str, _Term]] = []
-            mper: dict[int, list[tuple[str, _Term]]] = {}
-            seen: set[tuple[int, float, str]] = set()
-            for b, lm, w, part in mitems:
-                target = (
-                    mha.out_proj
-                    if part == "o"
-                    else SimpleNamespace(
-                        weight=mha.in_proj_weight[fused_rows(part, mha.in_proj_weight.shape[0])]
-                    )
-                )
-                if (id(lm), w, part) in common:
-                    if (id(lm), w, part) not in seen:
-                        mshared.append((part, _make_term(target, lm, w)))
-                        seen.add((id(lm), w, part))
-                    continue
-                mper.setdefault(b, []).append((part, _make_term(target, lm, w)))
             self._mha_routes[path] = _MhaPlan(mha, mshared, mper)
 
     @staticmethod
