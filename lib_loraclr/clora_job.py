@@ -2,13 +2,15 @@
 the user-facing error texts, the door check of an API request (the same checks), and the registry of the
 jobs in progress (one per processing object).
 
-Nothing here reads a host object: an `Adapter` (``scripts/loraclr_glue/adapters.py``) installs the engine
-on the host and removes it; the WebUI glue (``clora_run.py``) adds the WebUI's LoRA lookup.
+Nothing here imports the host: the processing object ``p`` is read and written by attribute only (prompts,
+infotext, conditioning caches); an `Adapter` (``scripts/loraclr_glue/adapters.py``) installs the engine on the
+host and removes it; the WebUI glue (``clora_run.py``) adds the WebUI's LoRA lookup.
 """
 
 from __future__ import annotations
 
 import threading
+import traceback
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +41,39 @@ def user_message(e: BaseException) -> str:
     return (
         f"internal error {type(e).__name__}: {e} (a bug in sd-webui-loraclr; the traceback is in the console)"
     )
+
+
+INFOTEXT_ERROR_KEY = "CLoRA error"
+
+
+def fail(p: Any, e: BaseException, what: str = "CLoRA is off for this image") -> str:
+    """Report an error of a CLoRA hook without stopping the generation: ``[sd-webui-loraclr] …`` with the
+    user message in the console (and the traceback for a bug), ``CLoRA error`` in ``p``'s infotext."""
+    msg = user_message(e)
+    print(f"{LOG_PREFIX} {what}:\n{msg}")
+    if not is_user_error(e):  # a bug: the stack goes to the console for the report
+        traceback.print_exception(type(e), e, e.__traceback__)
+    params = getattr(p, "extra_generation_params", None)
+    if isinstance(params, dict):
+        params[INFOTEXT_ERROR_KEY] = msg.splitlines()[0] if msg else type(e).__name__
+    return msg
+
+
+def batch_prompt(p: Any) -> str:
+    """The original (tag-carrying) first prompt of a processing object's current batch."""
+    prompts = list(getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")])
+    i = int(getattr(p, "iteration", 0) or 0) * int(getattr(p, "batch_size", 1) or 1)
+    return prompts[min(i, len(prompts) - 1)] if prompts else ""
+
+
+def invalidate_cond_cache(p: Any) -> None:
+    """Give ``p`` fresh conditioning caches (A1111 shares them class-wide between runs), so nothing a
+    CLoRA run encodes can be served to, or from, another run. Each keeps the host's length: A1111's
+    ``[params, conds]``, Forge Neo's ``[params, conds, extra infotext params]``."""
+    for name in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+        if hasattr(p, name):
+            old = getattr(p, name)
+            setattr(p, name, [None] * max(2, len(old) if isinstance(old, list) else 0))
 
 
 @dataclass

@@ -17,7 +17,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 try:
     from loraclr_glue import api, clora_run, network, script_logic, ui_clora, ui_merge
-    from loraclr_glue.host import script_has_hook
 
     from lib_loraclr import api_guard  # importable wherever the glue is (the glue imports lib_loraclr)
 finally:
@@ -26,7 +25,8 @@ finally:
 
 LOGIC = script_logic.CloraScriptLogic()
 SERVICE = api.MergeService()
-HAS_BEFORE_EVERY_SAMPLING = script_has_hook(scripts.Script, "process_before_every_sampling")
+# A1111 ≥ 1.10 and Forge have this hook; A1111 1.8/1.9 install at the first CFG-denoiser call instead
+HAS_BEFORE_EVERY_SAMPLING = callable(getattr(scripts.Script, "process_before_every_sampling", None))
 
 
 class LoraclrScript(scripts.Script):

@@ -77,18 +77,18 @@ def test_merge_service_status_and_traceback(monkeypatch, tmp_path, capsys, error
 
 
 def test_clora_failure_message_and_traceback(capsys):
-    from loraclr_glue import script_logic
+    from lib_loraclr import clora_job
 
     p = SimpleNamespace(extra_generation_params={})
-    msg = script_logic.fail(p, CloraError("concept 'sks' is not in the prompt"))
+    msg = clora_job.fail(p, CloraError("concept 'sks' is not in the prompt"))
     out = capsys.readouterr().out
     assert msg == "concept 'sks' is not in the prompt" and "Traceback" not in out
-    assert p.extra_generation_params[script_logic.INFOTEXT_ERROR_KEY] == msg
+    assert p.extra_generation_params[clora_job.INFOTEXT_ERROR_KEY] == msg
 
     try:
         raise ValueError("index 3 is out of bounds")  # a bug inside the step
     except ValueError as e:
-        msg = script_logic.fail(p, e)
+        msg = clora_job.fail(p, e)
     out = capsys.readouterr()
     assert msg.startswith("internal error ValueError: index 3 is out of bounds")
     assert "Traceback" in out.err and "test_clora_failure_message_and_traceback" in out.err

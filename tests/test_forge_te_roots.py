@@ -1,10 +1,8 @@
-"""`adapters.te_roots` on Forge: SDXL's two text encoders (``clip_l``, ``clip_g``: transformers names, separate
+"""`host_objects.te_roots` on Forge: SDXL's two text encoders (``clip_l``, ``clip_g``: transformers names, separate
 q/k/v Linears) are both routed, the OpenCLIP bigG keys of a kohya ``lora_te2_…`` LoRA included."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -12,19 +10,8 @@ from torch import nn
 
 from lib_loraclr.clora.routing import te_router
 from lib_loraclr.deltas import DeltaSet, LoraModule
+from lib_loraclr.host_objects import te_roots
 from lib_loraclr.keymap import TE_SD1_PREFIX, TE_SDXL1_PREFIX, TE_SDXL2_PREFIX
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _adapters():
-    here = str(ROOT / "scripts")
-    sys.path.insert(0, here)
-    try:
-        from loraclr_glue import adapters
-    finally:
-        sys.path.remove(here)
-    return adapters
 
 
 def _hf_text(d: int, n: int) -> nn.Module:
@@ -71,7 +58,7 @@ def _lora(keys: dict[str, int]) -> DeltaSet:
 
 def test_forge_sdxl_routes_both_text_encoders_with_the_fused_openclip_keys():
     model = _forge_model(sdxl=True)
-    roots = _adapters().te_roots(model)
+    roots = te_roots(model)
     cond = model.forge_objects.clip.cond_stage_model
     assert [(r[0], r[1]) for r in roots] == [
         (cond.clip_l.transformer, TE_SDXL1_PREFIX),
@@ -88,7 +75,7 @@ def test_forge_sdxl_routes_both_text_encoders_with_the_fused_openclip_keys():
 
 def test_forge_sd1_keeps_its_one_text_encoder():
     model = _forge_model(sdxl=False)
-    roots = _adapters().te_roots(model)
+    roots = te_roots(model)
     assert len(roots) == 1 and roots[0][1] == TE_SD1_PREFIX
     assert roots[0][0] is model.forge_objects.clip.cond_stage_model.clip_l.transformer
     key = TE_SD1_PREFIX + "text_model.encoder.layers.0.self_attn.v_proj"

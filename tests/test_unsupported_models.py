@@ -14,9 +14,10 @@ for extra in (ROOT / "tests" / "webui_stub", ROOT / "scripts"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-from loraclr_glue import host, script_logic  # noqa: E402
+from loraclr_glue import script_logic  # noqa: E402
 
 from lib_loraclr import clora_args as ca  # noqa: E402
+from lib_loraclr import host_objects as host  # noqa: E402
 
 
 class FluxLike(nn.Module):

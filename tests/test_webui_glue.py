@@ -224,7 +224,9 @@ class StubUnetPatcher:
 
 def test_adapter_picked_by_capability(loaded):
     glue = loaded.module
-    from loraclr_glue import adapters, host
+    from loraclr_glue import adapters
+
+    from lib_loraclr import host_objects as host
 
     forge_model = SimpleNamespace(forge_objects=SimpleNamespace(unet=StubUnetPatcher(SimpleNamespace())))
     half_forge = SimpleNamespace(forge_objects=SimpleNamespace(unet=SimpleNamespace(clone=lambda: None)))

@@ -1,4 +1,5 @@
-"""Host adapters: where CLoRA plugs into A1111 and Forge sampling. Chosen by capability (`host.is_forge`).
+"""Host adapters: where CLoRA plugs into A1111 and Forge sampling. Chosen by capability
+(`lib_loraclr.host_objects.forge_unet`).
 
 Both hosts run the same CLoRA step (`lib_loraclr.clora.host_calls`); an adapter only finds the host's
 objects (UNet, text encoders, tokenizer, CFG denoiser), installs the step on them and removes it.
@@ -17,91 +18,20 @@ the CFG denoiser writes it into the sampler's ``x``; if autograd fails, the run 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 import torch
 
-from lib_loraclr.clora import (
-    BranchPrompts,
-    CloraError,
-    Concept,
-    branch_prompts,
-    has_te_parts,
-    te_branch_conds,
-)
+from lib_loraclr.clora import has_te_parts, te_branch_conds
 from lib_loraclr.clora.autograd import freeze_parameters, inference_mode_grad, unfreeze
 from lib_loraclr.clora.denoiser import default_input_scale
 from lib_loraclr.clora.host_calls import CfgModelCall, ForgeUnetCall, concept_denoiser, forge_input_scale
 from lib_loraclr.clora.layout import user_layout
 from lib_loraclr.clora.regional import RegionalDenoiser
 from lib_loraclr.clora.routing import CompositeRouter, te_router, unet_router
-from lib_loraclr.clora.tokens import token_positions_from
-from lib_loraclr.keymap import FORGE_TEXT_ENCODERS, te_hf_module_path
-
-from .host import forge_unet
-
-
-def host_tokenize_line(sd_model: Any) -> Callable[[str], tuple[Sequence[Any], int]]:
-    """The first text encoder's ``tokenize_line``: Forge ``text_processing_engine`` (``_l`` for SDXL),
-    A1111 ``cond_stage_model`` (SD1/SD2) or ``conditioner.embedders[0]`` (SDXL)."""
-    embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", None) or [None]
-    for name in ("text_processing_engine", "text_processing_engine_l", "cond_stage_model"):
-        fn = getattr(getattr(sd_model, name, None), "tokenize_line", None)
-        if callable(fn):
-            return fn
-    fn = getattr(embedders[0], "tokenize_line", None)
-    if callable(fn):
-        return fn
-    raise CloraError("this model has no tokenize_line (unsupported model type for CLoRA)")
-
-
-def concept_prompts(sd_model: Any, base: str, specs: Sequence[Any]) -> BranchPrompts:
-    """`branch_prompts` of the base prompt and the bound concepts, with the host's tokenizer."""
-    concepts = [Concept(s.trigger, s.words) for s in specs]
-    return branch_prompts(base, concepts, token_positions_from(host_tokenize_line(sd_model)))
-
-
-def te_roots(sd_model: Any) -> list[tuple[Any, str] | tuple[Any, str, Callable[[str], str | None]]]:
-    """``(module, canonical prefix[, path_of])`` of each text encoder whose keys our LoRAs use.
-
-    A1111 wraps the encoders (``.wrapped``): SD1/SD2 ``cond_stage_model.wrapped`` ↔ ``cond_stage_model.``;
-    SDXL ``conditioner.embedders[i].wrapped`` ↔ ``conditioner.embedders.i.``. Forge: every transformers-named
-    text model under ``forge_objects.clip.cond_stage_model`` (SDXL: ``clip_l`` and ``clip_g``) with
-    `te_hf_module_path`, which maps OpenCLIP keys (``…attn.in_proj:q``) to Forge's separate q/k/v Linears.
-    """
-    if forge_unet(sd_model) is not None:
-        root = getattr(getattr(sd_model.forge_objects, "clip", None), "cond_stage_model", None)
-        if root is None:
-            return []
-        family = (
-            "sdxl"
-            if getattr(sd_model, "is_sdxl", False)
-            else "sd2"
-            if getattr(sd_model, "is_sd2", False)
-            else "sd1"
-        )
-        roots: list[Any] = []
-        for name, prefix in FORGE_TEXT_ENCODERS[family]:
-            m = getattr(getattr(root, name, None), "transformer", None)
-            if m is not None and hasattr(m, "text_model"):
-                roots.append((m, prefix, te_hf_module_path))
-        if roots:
-            return roots
-        for _name, m in root.named_modules():  # another layout: the first transformers text model
-            if hasattr(m, "text_model"):
-                return [(m, FORGE_TEXT_ENCODERS[family][0][1], te_hf_module_path)]
-        return []
-    embedders = getattr(getattr(sd_model, "conditioner", None), "embedders", None)
-    if embedders is not None:
-        return [(getattr(e, "wrapped", e), f"conditioner.embedders.{i}.") for i, e in enumerate(embedders)]
-    cm = getattr(sd_model, "cond_stage_model", None)
-    return [(getattr(cm, "wrapped", cm), "cond_stage_model.")] if cm is not None else []
-
-
-def latent_hw(p: Any) -> tuple[int, int]:
-    return int(getattr(p, "height", 512)) // 8, int(getattr(p, "width", 512)) // 8
+from lib_loraclr.host_objects import concept_prompts, forge_unet, latent_hw, te_roots
 
 
 class A1111Adapter:

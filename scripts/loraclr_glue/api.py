@@ -19,6 +19,7 @@ from typing import Any
 
 from lib_loraclr.errors import ServiceError
 from lib_loraclr.folder_merge import release_memory, service_error
+from lib_loraclr.host_jobs import as_job, call_on, interrupted, show_progress
 from lib_loraclr.lora_folder import inspect_request, lora_listing
 from lib_loraclr.merge.request import MergeRequestError, validate_request
 
@@ -87,42 +88,16 @@ class MergeService:
 
         return merge_unet_factory()
 
-    # ------------------------------------------------------------------ progress / interrupt
+    # ------------------------------------------------------------------ progress / interrupt / thread
     def progress(self, stage: str, done: int, total: int) -> None:
-        state = getattr(self.shared, "state", None)
-        if state is None:
-            return
-        state.textinfo = f"LoRACLR merge: {stage}"
-        state.job_count = (
-            1  # the WebUI's progress = job_no/job_count + sampling_step/sampling_steps/job_count
-        )
-        state.job_no = 0
-        state.sampling_steps = max(int(total), 1)
-        state.sampling_step = min(int(done), state.sampling_steps)
+        show_progress(getattr(self.shared, "state", None), stage, done, total)
 
     def should_stop(self) -> bool:
-        state = getattr(self.shared, "state", None)
-        return bool(getattr(state, "interrupted", False))
+        return interrupted(getattr(self.shared, "state", None))
 
     def run_heavy(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` like the WebUI runs generation jobs (see the module docstring)."""
-        if self._runner is not None:
-            return self._runner(fn)
-        main_thread = forge_main_thread()
-        if main_thread is not None:
-            box: dict[str, Any] = {}
-
-            def work() -> None:
-                try:
-                    box["result"] = fn()
-                except BaseException as e:  # carried back to this thread
-                    box["error"] = e
-
-            main_thread.run_and_wait_result(work)
-            if "error" in box:
-                raise box["error"]
-            return box.get("result")
-        return fn()
+        return self._runner(fn) if self._runner is not None else call_on(forge_main_thread(), fn)
 
     def locked(self, fn: Callable[[], Any]) -> Any:
         """For the REST route: the WebUI's queue lock and ``shared.state`` begin/end around ``fn``."""
@@ -131,21 +106,7 @@ class MergeService:
         except ImportError:
             queue_lock = None
         state = getattr(self.shared, "state", None)
-
-        def inner() -> Any:
-            if state is not None:
-                state.begin(job="loraclr_merge")
-            try:
-                return self.run_heavy(fn)
-            finally:
-                if state is not None:
-                    state.end()
-                    state.interrupted = False  # as the WebUI's wrap_gradio_call does after a job
-
-        if queue_lock is None:
-            return inner()
-        with queue_lock:
-            return inner()
+        return as_job(state, queue_lock, lambda: self.run_heavy(fn), "loraclr_merge")
 
     # ------------------------------------------------------------------ operations
     def merge(self, body: Any, *, locked: bool = True) -> dict[str, Any]:

@@ -8,47 +8,17 @@ removes any hook and lets the image generate without CLoRA.
 
 from __future__ import annotations
 
-import traceback
 from pathlib import Path
 from typing import Any
 
 from lib_loraclr import clora_args as ca
 from lib_loraclr.clora.masks import mask_image, save_mask_images
-from lib_loraclr.clora_job import LOG_PREFIX, is_user_error, user_message
+from lib_loraclr.clora_job import LOG_PREFIX, batch_prompt, fail, invalidate_cond_cache
+from lib_loraclr.host_objects import unsupported_model
 
-from . import clora_run, host
+from . import clora_run
 from .adapters import pick_adapter
 from .lora_files import lora_dir
-
-INFOTEXT_ERROR_KEY = "CLoRA error"
-
-
-def invalidate_cond_cache(p: Any) -> None:
-    """Give ``p`` fresh conditioning caches (A1111 shares them class-wide between runs), so nothing a
-    CLoRA run encodes can be served to, or from, another run. Each keeps the host's length: A1111's
-    ``[params, conds]``, Forge Neo's ``[params, conds, extra infotext params]``."""
-    for name in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
-        if hasattr(p, name):
-            old = getattr(p, name)
-            setattr(p, name, [None] * max(2, len(old) if isinstance(old, list) else 0))
-
-
-def batch_prompt(p: Any) -> str:
-    """The original (tag-carrying) first prompt of the current batch."""
-    prompts = list(getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")])
-    i = int(getattr(p, "iteration", 0) or 0) * int(getattr(p, "batch_size", 1) or 1)
-    return prompts[min(i, len(prompts) - 1)] if prompts else ""
-
-
-def fail(p: Any, e: BaseException, what: str = "CLoRA is off for this image") -> str:
-    msg = user_message(e)
-    print(f"{LOG_PREFIX} {what}:\n{msg}")
-    if not is_user_error(e):  # a bug: the stack goes to the console for the report
-        traceback.print_exception(type(e), e, e.__traceback__)
-    params = getattr(p, "extra_generation_params", None)
-    if isinstance(params, dict):
-        params[INFOTEXT_ERROR_KEY] = msg.splitlines()[0] if msg else type(e).__name__
-    return msg
 
 
 class CloraScriptLogic:
@@ -76,7 +46,7 @@ class CloraScriptLogic:
         prompts = list(getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")])
         if not any(ca.is_active(args, q) for q in prompts):
             return None
-        why = host.unsupported_model(getattr(p, "sd_model", None))
+        why = unsupported_model(getattr(p, "sd_model", None))
         if why is not None:  # inert: nothing hooked, the host's own LoRA loading untouched
             print(f"{LOG_PREFIX} {why}")
             params = getattr(p, "extra_generation_params", None)
