@@ -18,6 +18,11 @@ mode                 str       fusion    "fusion": one branch per LoRA, masked f
 layout               str       ""        the user's layout as a Regional Prompter ratio string ("1,1" =
                                          two columns, "1,2;1" = rows); region r → the r-th concept in
                                          the prompt; "" = automatic masks from the attention
+region_prompt        str       concept   routed mode: what region k's cross-attention reads: "concept" = the
+                                         concept's own phrase ("sks cat", like one Regional Prompter
+                                         region), "scene" = the whole prompt with that concept's trigger
+region_crops         float     0         routed mode: weight (0–1) of each region also denoised as its own
+                                         cropped canvas with only its LoRA and prompt (0 = off)
 mask_rule            str       layout    automatic masks: "layout" (concepts compete for each position,
                                          frozen after the first steps) or "paper" (α·max thresholds)
 latent_update        bool      False     contrastive latent update (off by default: it lowered
@@ -98,6 +103,8 @@ class CloraArgs:
     enabled: bool = False
     mode: str = "fusion"
     layout: str = ""
+    region_prompt: str = "concept"
+    region_crops: float = 0.0
     mask_rule: str = "layout"
     latent_update: bool = False
     update_steps: int | None = None
@@ -129,6 +136,7 @@ class CloraArgs:
             "mask_threshold": self.mask_threshold,
             "masks_only": self.masks_only,
             "mask_rule": self.mask_rule,
+            "region_crops": self.region_crops,
         }
         if self.update_steps is not None:
             kw["update_until"] = self.update_steps
@@ -219,6 +227,7 @@ def _text(key: str, v: Any) -> str:
 
 
 MODES = ("fusion", "routed")
+REGION_PROMPTS = ("concept", "scene")
 MASK_RULES = ("layout", "paper")
 
 
@@ -329,10 +338,15 @@ def validate(data: Mapping[str, Any] | CloraArgs | None = None, **overrides: Any
     mode = _choice("mode", get("mode", d.mode), MODES)
     mask_rule = _choice("mask_rule", get("mask_rule", d.mask_rule), MASK_RULES)
     layout = _layout(get("layout", d.layout))
+    crops = _number("region_crops", get("region_crops", d.region_crops))
+    if not 0.0 <= crops <= 1.0:
+        raise CloraArgsError(f"CLoRA region_crops must lie between 0 and 1, got {crops:g}")
     return CloraArgs(
         enabled=_bool("enabled", get("enabled", d.enabled)),
         mode=mode,
         layout=layout,
+        region_prompt=_choice("region_prompt", get("region_prompt", d.region_prompt), REGION_PROMPTS),
+        region_crops=crops,
         mask_rule=mask_rule,
         latent_update=_bool("latent_update", get("latent_update", d.latent_update)),
         update_steps=None
@@ -380,6 +394,8 @@ def from_script_args(args: Sequence[Any]) -> CloraArgs:
 _INFOTEXT_SHORT = {
     "mode": "mode",
     "layout": "layout",
+    "region_prompt": "regions",
+    "region_crops": "crops",
     "mask_rule": "masks",
     "latent_update": "latent",
     "update_steps": "steps",
@@ -453,6 +469,7 @@ def from_infotext(params: Mapping[str, Any]) -> CloraArgs | None:
         return None
     data = parse_infotext_options(params[INFOTEXT_KEY])
     data.setdefault("mask_rule", "paper")  # written before the layout rule existed: restore what made it
+    data.setdefault("region_prompt", "scene")  # written before concept region prompts existed
     table = params.get(INFOTEXT_TABLE_KEY)
     if table:
         if isinstance(table, str):

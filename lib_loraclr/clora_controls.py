@@ -31,6 +31,8 @@ models CLoRA stays off and says so in the image's infotext.
 UI_DEFAULTS: dict[str, Any] = {
     "mode": ca.DEFAULTS.mode,
     "layout": ca.DEFAULTS.layout,
+    "region_prompt": ca.DEFAULTS.region_prompt,
+    "region_crops": ca.DEFAULTS.region_crops,
     "mask_rule": ca.DEFAULTS.mask_rule,
     "latent_update": ca.DEFAULTS.latent_update,
     "update_steps": 0,  # 0 = recommended (None in the arguments)

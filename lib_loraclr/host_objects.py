@@ -13,7 +13,7 @@ from typing import Any
 
 from lib_loraclr.arch import unsupported_network
 from lib_loraclr.clora import BranchPrompts, CloraError, Concept, branch_prompts
-from lib_loraclr.clora.tokens import token_positions_from
+from lib_loraclr.clora.tokens import region_prompts, token_positions_from
 from lib_loraclr.keymap import FORGE_TEXT_ENCODERS, te_hf_module_path
 
 FORGE_UNET_METHODS = ("set_model_attn2_replace", "set_model_unet_function_wrapper", "clone")
@@ -65,10 +65,15 @@ def host_tokenize_line(sd_model: Any) -> Callable[[str], tuple[Sequence[Any], in
     raise CloraError("this model has no tokenize_line (unsupported model type for CLoRA)")
 
 
-def concept_prompts(sd_model: Any, base: str, specs: Sequence[Any]) -> BranchPrompts:
-    """`branch_prompts` of the base prompt and the bound concepts, with the host's tokenizer."""
+def concept_prompts(
+    sd_model: Any, base: str, specs: Sequence[Any], *, short_regions: bool = False
+) -> BranchPrompts:
+    """`branch_prompts` of the base prompt and the bound concepts, with the host's tokenizer;
+    ``short_regions``: branch k reads concept k's own phrase (`region_prompts`, the routed mode's default)."""
     concepts = [Concept(s.trigger, s.words) for s in specs]
-    return branch_prompts(base, concepts, token_positions_from(host_tokenize_line(sd_model)))
+    positions = token_positions_from(host_tokenize_line(sd_model))
+    bp = branch_prompts(base, concepts, positions)
+    return region_prompts(bp, positions) if short_regions else bp
 
 
 def _forge_te_roots(sd_model: Any) -> list[TeRoot]:

@@ -216,8 +216,8 @@ def test_infotext_defaults_and_no_table():
     a = ca.CloraArgs()
     params = ca.to_infotext(a)
     assert params == {
-        ca.INFOTEXT_KEY: "mode=fusion layout=- masks=layout latent=0 steps=auto step=auto refine=0 "
-        "iters=5 threshold=0.3 masks_only=0 show_masks=0"
+        ca.INFOTEXT_KEY: "mode=fusion layout=- regions=concept crops=0 masks=layout latent=0 steps=auto "
+        "step=auto refine=0 iters=5 threshold=0.3 masks_only=0 show_masks=0"
     }
     assert ca.to_infotext(ca.CloraArgs(refinement_steps=()))[ca.INFOTEXT_KEY].count("refine=-") == 1
     back = ca.from_infotext(parse_infotext_line(infotext_line(params)))
@@ -237,7 +237,9 @@ def test_infotext_errors():
     with pytest.raises(ca.CloraArgsError, match="not valid JSON"):
         ca.from_infotext({ca.INFOTEXT_KEY: "", ca.INFOTEXT_TABLE_KEY: "[oops"})
     # an older infotext with fewer keys: the rest take defaults
-    assert ca.from_infotext({ca.INFOTEXT_KEY: "steps=3"}) == ca.CloraArgs(update_steps=3, mask_rule="paper")
+    assert ca.from_infotext({ca.INFOTEXT_KEY: "steps=3"}) == ca.CloraArgs(
+        update_steps=3, mask_rule="paper", region_prompt="scene"
+    )
     assert ca.from_infotext({ca.INFOTEXT_KEY: "refine=-"}).refinement_steps == ()
 
 
@@ -315,3 +317,19 @@ def test_old_infotext_without_mask_rule_restores_the_paper_masks():
     }
     back = ca.from_infotext(old)
     assert back.mask_rule == "paper" and back.latent_update is True and back.mode == "fusion"
+
+
+def test_region_prompt_and_crops_are_validated_written_and_restored():
+    a = ca.validate({"mode": "routed", "layout": "1,1", "region_prompt": "Scene", "region_crops": 0.25})
+    assert (a.region_prompt, a.region_crops) == ("scene", 0.25)
+    assert a.to_options(20).region_crops == 0.25
+    text = ca.to_infotext(a)[ca.INFOTEXT_KEY]
+    assert "regions=scene crops=0.25" in text
+    assert ca.from_infotext({ca.INFOTEXT_KEY: text}) == a
+    with pytest.raises(ca.CloraArgsError, match="region_prompt must be one of concept, scene"):
+        ca.validate({"region_prompt": "short"})
+    with pytest.raises(ca.CloraArgsError, match="region_crops must lie between 0 and 1"):
+        ca.validate({"region_crops": 1.5})
+    # an image made before these options existed (routed regions read the scene): restored as it was made
+    old = ca.from_infotext({ca.INFOTEXT_KEY: "mode=routed layout=1_1 masks=layout latent=0"})
+    assert (old.region_prompt, old.region_crops) == ("scene", 0.0)

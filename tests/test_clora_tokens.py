@@ -61,3 +61,17 @@ def test_missing_words_raise(positions):
         branch_prompts("a cat and a dog", [Concept("sks", "cat"), Concept("ohwx", "a cat")], positions)
     with pytest.raises(ConceptNotFoundError, match="empty"):
         branch_prompts("a cat", [Concept("", "cat")], positions)
+
+
+def test_region_prompts_give_each_concept_its_own_phrase(positions):
+    """The routed mode's short region prompts: branch k = concept k's trigger and words alone, positions in
+    that prompt; branch 0 (the scene) and the background tokens unchanged."""
+    from lib_loraclr.clora.tokens import region_prompts
+
+    bp = branch_prompts("a cat and a dog", [Concept("sks", "cat"), Concept("<d8>", "dog")], positions)
+    rp = region_prompts(bp, positions)
+    assert rp.prompts == ["a cat and a dog", "sks cat", "<d8> dog"]
+    assert rp.groups == [[[2], [1, 2], []], [[5], [], [1, 2, 3, 4, 5]]]
+    assert rp.mask_tokens == [[], [1, 2], [1, 2, 3, 4, 5]]
+    assert rp.background_tokens == bp.background_tokens and rp.concepts == bp.concepts
+    assert bp.prompts[1] == "a sks cat and a dog"  # the input is not changed

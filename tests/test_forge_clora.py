@@ -158,21 +158,30 @@ def setups(tmp_path_factory):
     return out
 
 
-def sample(model, lora_dir, args, steps, batch, split):
-    """One Forge generation with CLoRA: install under inference mode, Euler (Karras σ, CFG 5), remove."""
+def sample(model, lora_dir, args, steps, batch, split, seen=None, size=8):
+    """One Forge generation with CLoRA: install under inference mode, Euler (Karras σ, CFG 5), remove.
+    ``seen``: a dict that collects the prompts the adapter encodes and the UNet's batch size per call."""
     from k_diffusion.external import CompVisDenoiser
     from k_diffusion.sampling import get_sigmas_karras
 
     adapters, clora_run = glue()
     sdxl = model.is_sdxl if hasattr(model, "is_sdxl") else False
     fm = forge_model_of(model, sdxl)
+    handle = None
+    if seen is not None:
+        seen.setdefault("prompts", []), seen.setdefault("unet_rows", [])
+        encode = fm.get_learned_conditioning
+        fm.get_learned_conditioning = lambda q: (seen["prompts"].extend(q), encode(q))[1]
+        handle = model.model.diffusion_model.register_forward_pre_hook(
+            lambda m, a: seen["unet_rows"].append(int(a[0].shape[0]))
+        )
     wrap = CompVisDenoiser(model)
     cfg = ForgeCFGDenoiser(fm, wrap, split)
     p = SimpleNamespace(
         sd_model=fm,
         steps=steps,
-        width=64,
-        height=64,
+        width=8 * size,
+        height=8 * size,
         extra_generation_params={},
         sampler=SimpleNamespace(model_wrap_cfg=cfg),
     )
@@ -186,13 +195,15 @@ def sample(model, lora_dir, args, steps, batch, split):
         try:
             sigmas = get_sigmas_karras(steps, float(wrap.sigma_min), float(wrap.sigma_max))
             g = torch.Generator().manual_seed(7)
-            x = torch.randn(batch, 4, 8, 8, generator=g) * sigmas[0]
+            x = torch.randn(batch, 4, size, size, generator=g) * sigmas[0]
             for i in range(steps):
                 s_in = x.new_ones(batch) * sigmas[i]
                 denoised = cfg(x, s_in, cond=cond, uncond=uncond, cond_scale=5.0)
                 x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
         finally:
             run.remove()
+            if handle is not None:
+                handle.remove()
     assert count_hooks(model) == 0 and fm.forge_objects.unet.model_options == {"transformer_options": {}}
     return x.clone(), p.extra_generation_params
 
@@ -215,3 +226,40 @@ def test_forge_clora_latents_are_pinned(setups):
     assert sorted(ref) == sorted(got)
     for name, x in got.items():
         assert torch.equal(x, ref[name]), (name, float((x - ref[name]).abs().max()))
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_forge_routed_mode_is_one_unet_call_per_step_with_each_region_reading_its_concept(setups, arch):
+    """The routed mode on Forge (before: a notice and branch fusion): with a layout, every step is ONE UNet
+    call over the uncond and cond rows; the branches' text is each concept's own phrase ("sks cat");
+    ``region_prompt=scene`` reads the whole prompt with the concept's trigger."""
+    model, lora_dir = setups[arch]
+    steps = 3
+    seen: dict = {}
+    x, info = sample(model, lora_dir, {"mode": "routed", "layout": "1,1"}, steps, 1, False, seen)
+    assert "CLoRA error" not in info and ca.INFOTEXT_NOTICE_KEY not in info and torch.isfinite(x).all(), info
+    assert seen["unet_rows"] == [2] * steps  # one call a step: uncond + cond rows of the one image
+    assert seen["prompts"] == ["sks cat", "ohwx dog"]
+    fusion: dict = {}
+    xf, _ = sample(model, lora_dir, {"layout": "1,1"}, steps, 1, False, fusion)
+    assert len(fusion["unet_rows"]) == steps and fusion["unet_rows"][0] == 6  # 3 branches × 2 halves
+    assert not torch.equal(x, xf)
+    scene: dict = {}
+    xs, _ = sample(
+        model, lora_dir, {"mode": "routed", "layout": "1,1", "region_prompt": "scene"}, steps, 1, False, scene
+    )
+    assert scene["prompts"] == ["a sks cat and a dog", "a cat and a ohwx dog"] and not torch.equal(xs, x)
+    routed = {"mode": "routed", "layout": "1,1"}
+    plain, crops = {}, {}
+    x16, _ = sample(model, lora_dir, routed, steps, 1, False, plain, size=16)
+    xc, _ = sample(model, lora_dir, {**routed, "region_crops": 0.5}, steps, 1, False, crops, size=16)
+    assert crops["unet_rows"] == [2, 2, 2] * steps and not torch.equal(xc, x16)  # + one call per region crop
+
+
+def test_forge_routed_mode_with_automatic_masks_freezes_the_layout_then_routes(setups):
+    model, lora_dir = setups["sd1"]
+    seen: dict = {}
+    x, info = sample(model, lora_dir, {"mode": "routed"}, 6, 1, False, seen)
+    assert "CLoRA error" not in info and torch.isfinite(x).all(), info
+    rows = seen["unet_rows"]
+    assert rows[0] == 6 and rows[-1] == 2, rows  # branch fusion while the layout forms, then one call a step

@@ -266,7 +266,7 @@ def test_a1111_clora_end_to_end(loaded, model, monkeypatch, installed_runs):
     run = seen["run"]
     # infotext: every option written; no error
     assert res.extra_generation_params[ca.INFOTEXT_KEY].startswith(
-        "mode=fusion layout=- masks=layout latent=1 "
+        "mode=fusion layout=- regions=concept crops=0 masks=layout latent=1 "
     )
     assert "CLoRA error" not in res.extra_generation_params
     # the engine ran: three branches, the latent update lowered the loss at step 0, masks sum to 1
@@ -1019,12 +1019,22 @@ def test_a1111_user_layout_and_routed_mode(loaded, model, monkeypatch, installed
         return real(self, x, t, cond)
 
     monkeypatch.setattr(type(model), "apply_model", counting)
+    from modules import prompt_parser
+
+    encoded: list[str] = []
+    encode = prompt_parser.get_learned_conditioning
+    monkeypatch.setattr(
+        prompt_parser, "get_learned_conditioning", lambda m, q, s: (encoded.extend(q), encode(m, q, s))[1]
+    )
     before = state_of(model)
     _, res = run_job(model, loaded.script, PROMPT, args=[False, {"mode": mode, "layout": "1,1"}], steps=3)
     monkeypatch.setattr(type(model), "apply_model", real)
+    # the branches' text: fusion = the scene with each trigger; routed = each concept's own phrase
+    own = ["sks cat", "ohwx dog"] if mode == "routed" else ["a sks cat and a dog", "a cat and a ohwx dog"]
+    assert [q for q in encoded if q in own] == own, encoded
     assert "CLoRA error" not in res.extra_generation_params, res.extra_generation_params
     text = res.extra_generation_params[ca.INFOTEXT_KEY]
-    assert text.startswith(f"mode={mode} layout=1_1 masks=layout ")
+    assert text.startswith(f"mode={mode} layout=1_1 regions=concept crops=0 masks=layout ")
     back = ca.from_infotext(res.extra_generation_params)
     assert (back.mode, back.layout) == (mode, "1,1")
     w = seen["run"].denoiser.last_weights  # [B, K, 1, H, W]: cat left, dog right, no background
@@ -1065,8 +1075,9 @@ REFERENCE_CASES = {
     "fusion": ({}, 3, 1),
     "fusion_update": ({"latent_update": True}, 3, 1),
     "fusion_update_batch2": ({"latent_update": True}, 3, 2),
-    "routed_layout": ({"mode": "routed", "layout": "1,1"}, 3, 1),
-    "routed_auto": ({"mode": "routed"}, 4, 1),
+    # recorded when routed regions read the whole prompt: region_prompt=scene
+    "routed_layout": ({"mode": "routed", "layout": "1,1", "region_prompt": "scene"}, 3, 1),
+    "routed_auto": ({"mode": "routed", "region_prompt": "scene"}, 4, 1),
 }
 
 

@@ -265,9 +265,10 @@ class RegionalDenoiser:
         if not 0.0 <= float(crops) <= 1.0:
             raise ValueError(f"crops must lie in [0, 1], got {crops}")
         self.crops = float(crops)
-        self.inner_model = inner_model
-        self.unet = unet
         self.estimator = estimator
+        self.inner_model = inner_model
+        self._options: Any = None
+        self.unet = unet
         self.conds = list(conds)
         self.n_branches = len(self.conds)
         self.unconds = list(unconds) if unconds is not None else [None] * self.n_branches
@@ -296,7 +297,7 @@ class RegionalDenoiser:
     def around(cls, fusion: CloraDenoiser, layout: torch.Tensor | None = None) -> RegionalDenoiser:
         """The routed mode over a built `CloraDenoiser` ``fusion`` (same model call, conds and LoRAs); with no
         ``layout``, ``fusion`` finds the layout in the first steps."""
-        return cls(
+        regional = cls(
             fusion.inner_model,
             fusion.unet,
             fusion.conds,
@@ -306,6 +307,31 @@ class RegionalDenoiser:
             estimator=None if layout is not None else fusion,
             crops=float(getattr(fusion.options, "region_crops", 0.0)),
         )
+        regional.options = fusion.options
+        return regional
+
+    @property
+    def inner_model(self) -> Callable[..., torch.Tensor]:
+        return self._inner_model
+
+    @inner_model.setter
+    def inner_model(self, value: Callable[..., torch.Tensor]) -> None:
+        """The host's model call ``(x, sigma, cond=…)``; a host that sets it per call (Forge) sets the
+        estimator's too."""
+        self._inner_model = value
+        if self.estimator is not None:
+            self.estimator.inner_model = value
+
+    @property
+    def options(self) -> Any:
+        """The `CloraOptions` of the run (the estimator's, so a host switching to masks-only reaches it)."""
+        return self.estimator.options if self.estimator is not None else self._options
+
+    @options.setter
+    def options(self, value: Any) -> None:
+        self._options = value
+        if self.estimator is not None:
+            self.estimator.options = value
 
     @property
     def conds(self) -> list[Any]:

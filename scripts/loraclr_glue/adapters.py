@@ -67,7 +67,10 @@ class A1111Adapter:
         options = run.args.to_options(steps)
         if masks_only:
             options = replace(options, masks_only=True)
-        bp = concept_prompts(sd_model, base, specs)
+        routed = run.args.mode == "routed" and not masks_only
+        bp = concept_prompts(
+            sd_model, base, specs, short_regions=routed and run.args.region_prompt == "concept"
+        )
 
         def encode(prompts: list[str]) -> Any:
             conds = prompt_parser.SdConditioning(prompts, width=p.width, height=p.height)
@@ -85,7 +88,7 @@ class A1111Adapter:
             return original(x, sigma, cond=cond)
 
         denoiser: Any = concept_denoiser(model, unet, specs, bp, options, layout, default_input_scale(wrap))
-        if run.args.mode == "routed" and not masks_only:
+        if routed:
             denoiser = RegionalDenoiser.around(denoiser, layout)
         call = CfgModelCall(
             denoiser,
@@ -141,7 +144,7 @@ class ForgeAdapter:
         self._cfg: Any = None
 
     def install(
-        self, p: Any, run: Any, base: str, specs: Sequence[Any], *, masks_only: bool = True, cfg: Any = None
+        self, p: Any, run: Any, base: str, specs: Sequence[Any], *, masks_only: bool = False, cfg: Any = None
     ) -> Any:
         sd_model = p.sd_model
         original = sd_model.forge_objects.unet
@@ -155,7 +158,10 @@ class ForgeAdapter:
             wants_update = False
         if not wants_update:
             options = replace(options, masks_only=True)
-        bp = concept_prompts(sd_model, base, specs)
+        routed = run.args.mode == "routed" and not masks_only
+        bp = concept_prompts(
+            sd_model, base, specs, short_regions=routed and run.args.region_prompt == "concept"
+        )
         router_te: CompositeRouter | None = te_router(te_roots(sd_model), specs)
         if router_te is None and has_te_parts(s.deltas for s in specs):
             run.notice(
@@ -164,8 +170,6 @@ class ForgeAdapter:
         branch_conds = te_branch_conds(
             lambda q: sd_model.get_learned_conditioning(q), [[q] for q in bp.prompts[1:]], router_te
         )
-        if run.args.mode == "routed":
-            run.notice("Forge: the routed mode is not available here yet; CLoRA runs branch fusion")
         with torch.inference_mode(False):  # Forge calls us under inference_mode: build normal tensors
             grad_router = unet_router(unet, specs) if wants_update else None
         layout = user_layout(run.args.layout, len(specs), latent_hw(p))
@@ -180,6 +184,8 @@ class ForgeAdapter:
             update_scope=(lambda: inference_mode_grad(unet)) if wants_update else None,
             grad_router=grad_router,
         )
+        if routed:
+            denoiser = RegionalDenoiser.around(denoiser, layout)
         previous = getattr(patcher, "model_options", {}).get("model_function_wrapper")
         call = ForgeUnetCall(denoiser, branch_conds, previous, notice=run.notice)
         patcher.set_model_unet_function_wrapper(call)

@@ -56,6 +56,22 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                 elem_id=f"loraclr_{tab}_mask_rule",
             )
         with gr.Row():
+            controls["region_prompt"] = gr.Radio(
+                list(ca.REGION_PROMPTS),
+                value=UI_DEFAULTS["region_prompt"],
+                label="Routed: each region reads",
+                info="concept: its own words (sks cat); scene: the whole prompt",
+                elem_id=f"loraclr_{tab}_region_prompt",
+            )
+            controls["region_crops"] = gr.Slider(
+                0.0,
+                1.0,
+                value=UI_DEFAULTS["region_crops"],
+                step=0.05,
+                label="Routed: region crops (0 = off)",
+                elem_id=f"loraclr_{tab}_region_crops",
+            )
+        with gr.Row():
             controls["latent_update"] = gr.Checkbox(
                 UI_DEFAULTS["latent_update"], label="Latent update", elem_id=f"loraclr_{tab}_latent_update"
             )
