@@ -1,6 +1,7 @@
 """Build the base model a merge runs on from a checkpoint FILE (never from a live WebUI model, which may
-hold patched LoRA deltas): the bundled tiny checkpoints, or a full SD1.x checkpoint rebuilt from the real
-classes (ldm UNet, transformers CLIP-L)."""
+hold patched LoRA deltas): the bundled tiny checkpoints, or a full SD1.x or SDXL-family checkpoint rebuilt
+from the real classes (ldm UNet, transformers CLIP-L; for SDXL the sgm UNet layout and the OpenCLIP bigG
+text tower)."""
 
 from __future__ import annotations
 
@@ -21,34 +22,39 @@ class BaseModelError(LoraclrError):
     """The base checkpoint cannot be used for a merge."""
 
 
-#: Builds an SD1 UNet from its sizes: ``factory(UNetConfig) -> nn.Module`` whose module names follow
-#: ldm's layout (``input_blocks`` / ``middle_block`` / ``output_blocks`` / ``out``, ``attn1``/``attn2`` with
-#: ``to_q``/``to_k``/``to_v``/``to_out.0``) and whose ``forward(x, timesteps=…, context=…)`` returns ε.
+#: Builds a UNet from its sizes: ``factory(UNetConfig) -> nn.Module`` for SD1 (``factory(SDXLUNetSpec)``
+#: for SDXL) whose module names follow ldm's / sgm's layout (``input_blocks`` / ``middle_block`` /
+#: ``output_blocks`` / ``out``, ``attn1``/``attn2`` with ``to_q``/``to_k``/``to_v``/``to_out.0``; SDXL also
+#: ``label_emb.0.{0,2}``) and whose ``forward(x, timesteps=…, context=…)`` (SDXL: ``y=…`` too) returns ε.
 UNetFactory = Callable[[Any], torch.nn.Module]
 
 
 def load_base(
-    path: str | os.PathLike[str], tokenizer: Any = None, unet_factory: UNetFactory | None = None
+    path: str | os.PathLike[str],
+    tokenizer: Any = None,
+    unet_factory: UNetFactory | None = None,
+    *,
+    half_storage: bool = True,
 ) -> torch.nn.Module:
-    """A base model the pipeline can drive: a tiny reference checkpoint, or a full SD1.x checkpoint.
+    """A base model the pipeline can drive: a tiny reference checkpoint, a full SD1.x or a full SDXL-family
+    checkpoint (SDXL, Pony, Illustrious, …), recognised from its tensor names and shapes.
 
-    Full SD1 checkpoints are rebuilt from the real classes (ldm UNet, transformers CLIP-L) on the CPU;
-    the VAE is not needed. Other architectures raise BaseModelError with what to do instead.
+    Full checkpoints are rebuilt on the meta device from the real classes and their tensors assigned one by
+    one (no second copy of the weights): SD1 = ldm UNet + transformers CLIP-L, as float32; SDXL = the sgm
+    UNet (`lib_loraclr.models.sdxl_unet`), CLIP-L and the OpenCLIP bigG text tower, as `SDXLModel`. The VAE is
+    not needed. Other architectures (SD2, SDXL refiner, SD3, Flux, …) raise BaseModelError.
     ``tokenizer``: a CLIP tokenizer to use (the WebUI's own); default: generated offline from open_clip's BPE.
-    ``unet_factory``: builds the UNet of a full SD1 checkpoint instead of ldm's ``UNetModel`` (a host
-    without the ``ldm`` package passes its own class, see `UNetFactory`); it is called on the meta device
-    and every UNet weight of the file must fit it exactly (missing or extra keys raise BaseModelError).
-    Tiny reference checkpoints always use their own classes.
+    ``unet_factory``: builds the UNet instead of the library's class (a host without the ``ldm`` package
+    passes its own, see `UNetFactory`): called with a `UNetConfig` for SD1 and an `SDXLUNetSpec` for SDXL,
+    on the meta device; every UNet weight of the file must fit it exactly (missing or extra keys raise
+    BaseModelError). Tiny reference checkpoints always use their own classes.
+    ``half_storage`` (SDXL only): fp16/bf16 weights of plain Linear/Conv2d layers stay in the file's dtype
+    and compute in float32 (`lib_loraclr.models.half`; about 7 instead of 14 GB for SDXL in fp16); the
+    merge turns the layers its LoRAs target back into float32 before adding deltas.
     """
     from safetensors import safe_open
 
-    from lib_loraclr.models.sd import (
-        CONFIG_METADATA_KEY,
-        SD1Config,
-        SD1Model,
-        load_tiny_checkpoint,
-        sd_alphas_cumprod,
-    )
+    from lib_loraclr.models.sd import CONFIG_METADATA_KEY, load_tiny_checkpoint
     from lib_loraclr.safeio import read_safetensors_metadata
 
     p = check_input_file(path, "base checkpoint")  # InputFileError: missing, a folder, unreadable
@@ -58,15 +64,64 @@ def load_base(
     if CONFIG_METADATA_KEY in meta:
         _check_tiny_checkpoint(p, meta[CONFIG_METADATA_KEY])  # before allocating anything
         return _check_finite_weights(p, load_tiny_checkpoint(p))
-    parts = ("model.diffusion_model.", "cond_stage_model.transformer.")
+    with safe_open(str(p), framework="pt") as f:
+        kind = checkpoint_kind(f.keys())
+    if kind == "sd1":
+        return _load_sd1(p, tokenizer, unet_factory)
+    if kind == "sdxl":
+        return _load_sdxl(p, tokenizer, unet_factory, half_storage=half_storage)
+    if kind == "sdxl_refiner":
+        raise BaseModelError(
+            f"{p.name} is an SDXL refiner (one OpenCLIP text encoder, no CLIP-L); concept LoRAs are trained on "
+            "an SDXL base model: pick that checkpoint as the merge base"
+        )
+    raise BaseModelError(
+        f"{p.name} is not an SD1.x checkpoint in the original (ldm) key layout nor an SDXL-family one (sgm "
+        "layout); the headless merge supports SD1.x, SDXL (Pony, Illustrious, …) and the bundled tiny models"
+    )
+
+
+_SD1_TE = "cond_stage_model.transformer."
+_XL_TE1 = "conditioner.embedders.0.transformer."
+_XL_TE2 = "conditioner.embedders.1.model."
+_UNET = "model.diffusion_model."
+#: tensors a checkpoint may hold or lack: unused by the merge, filled with their fixed values when absent
+_OPTIONAL_SDXL = (_XL_TE2 + "logit_scale",)
+
+
+def checkpoint_kind(keys: Any) -> str:
+    """``"sd1"`` | ``"sdxl"`` | ``"sdxl_refiner"`` | ``"other"`` from a full checkpoint's tensor names.
+
+    sd1: ldm UNet with attention at ``input_blocks.1`` and CLIP-L at ``cond_stage_model.transformer``;
+    sdxl: sgm UNet with the ``label_emb`` vector input, CLIP-L at ``conditioner.embedders.0.transformer``
+    and OpenCLIP at ``conditioner.embedders.1.model``; sdxl_refiner: OpenCLIP alone at
+    ``conditioner.embedders.0.model``. SD2 (``cond_stage_model.model``), SD3, Flux, … are "other".
+    """
+    names = set(keys)
+    if (
+        _SD1_TE + "text_model.embeddings.token_embedding.weight" in names
+        and _UNET + "input_blocks.1.1.proj_in.weight" in names
+    ):
+        return "sd1"
+    if _UNET + "label_emb.0.0.weight" in names:
+        if _XL_TE1 + "text_model.embeddings.token_embedding.weight" in names and (
+            _XL_TE2 + "token_embedding.weight" in names
+        ):
+            return "sdxl"
+        if "conditioner.embedders.0.model.token_embedding.weight" in names:
+            return "sdxl_refiner"
+    return "other"
+
+
+def _load_sd1(p: Path, tokenizer: Any, unet_factory: UNetFactory | None) -> torch.nn.Module:
+    """A full SD1.x checkpoint as `SD1Model` (float32), see `load_base`."""
+    from safetensors import safe_open
+
+    from lib_loraclr.models.sd import SD1Config, SD1Model
+
+    parts = (_UNET, _SD1_TE)
     with safe_open(str(p), framework="pt") as f:
         names = [n for n in f.keys() if n.startswith(parts)]  # noqa: SIM118 (safe_open is not iterable)
-        k = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-        if k not in names or "model.diffusion_model.input_blocks.1.1.proj_in.weight" not in names:
-            raise BaseModelError(
-                f"{p.name} is not an SD1.x checkpoint in the original (ldm) key layout; the headless merge "
-                "supports SD1.x and the bundled tiny models"
-            )
         shapes = {n: tuple(f.get_slice(n).get_shape()) for n in names}
         try:
             cfg = SD1Config.from_dict(sd1_config_from_shapes(shapes))
@@ -92,6 +147,69 @@ def load_base(
             f"the host's UNet does not fit {p.name}: {len(unexpected)} weights have no place "
             f"in it, e.g. {unexpected[:3]}"
         )
+    _fill_meta_buffers(model)
+    return _check_finite_weights(p, model.eval())
+
+
+def _load_sdxl(
+    p: Path, tokenizer: Any, unet_factory: UNetFactory | None, *, half_storage: bool
+) -> torch.nn.Module:
+    """A full SDXL-family checkpoint as `SDXLModel`, see `load_base`. Every UNet and text-encoder tensor
+    of the file must have its place in the model and every weight of the model must be in the file."""
+    from safetensors import safe_open
+
+    from lib_loraclr.models.half import half_storable, store_half
+    from lib_loraclr.models.sd import SDXLConfig, SDXLModel
+
+    parts = (_UNET, _XL_TE1, _XL_TE2)
+    with safe_open(str(p), framework="pt") as f:
+        names = [n for n in f.keys() if n.startswith(parts)]  # noqa: SIM118 (safe_open is not iterable)
+        shapes = {n: tuple(f.get_slice(n).get_shape()) for n in names}
+        try:
+            cfg = SDXLConfig.from_dict(sdxl_config_from_shapes(shapes))
+        except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
+            raise BaseModelError(
+                f"{p.name}: the SDXL weights are incomplete or mis-shaped (reading the sizes failed at {e}); "
+                "the checkpoint is damaged or not an SDXL base model. Download it again"
+            ) from None
+        with torch.device("meta"):
+            model = SDXLModel(cfg, tokenizer=tokenizer, unet_factory=unet_factory)
+        expected = model.state_dict()
+        for k in _OPTIONAL_SDXL:  # shape-checked when present, filled below when absent
+            if k in shapes and tuple(shapes[k]) != tuple(expected[k].shape):
+                raise BaseModelError(
+                    f"{p.name}: tensor {k!r} has shape {list(shapes[k])} but its model needs "
+                    f"{list(expected[k].shape)}; the checkpoint is damaged or mixes two models"
+                )
+        required = {k: v for k, v in expected.items() if k not in _OPTIONAL_SDXL}
+        present = {k: s for k, s in shapes.items() if k not in _OPTIONAL_SDXL}
+        _check_shapes(p, required, present, extra_ok=False, prefixes=parts)
+        halves = half_storable(model) if half_storage else set()
+        keep = {f"{m}.{leaf}" for m in halves for leaf in ("weight", "bias")}
+        sd = {}
+        for n in names:  # tensor by tensor: the fp32 copy of one tensor at a time beside the model
+            t = f.get_tensor(n)
+            sd[n] = t if (n in keep and t.dtype in (torch.float16, torch.bfloat16)) else _as_float(t)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    del sd
+    missing = [m for m in missing if not m.endswith("position_ids") and m not in _OPTIONAL_SDXL]
+    unexpected = [u for u in unexpected if not u.endswith("position_ids")]  # a buffer in some versions
+    if missing or unexpected:  # _check_shapes has named them already; a host class may differ in buffers
+        raise BaseModelError(
+            f"{p.name} does not fit an SDXL model: missing {missing[:3]}, no place for {unexpected[:3]}"
+        )
+    store_half(model, halves)
+    _fill_meta_buffers(model)
+    return _check_finite_weights(p, model.eval())
+
+
+def _fill_meta_buffers(model: torch.nn.Module) -> None:
+    """Give values to what a checkpoint does not store (still on the meta device after loading): the noise
+    schedule, ``position_ids``, OpenCLIP's causal ``attn_mask`` and ``logit_scale``. BaseModelError for
+    anything else."""
+    from lib_loraclr.models.openclip_text import causal_mask
+    from lib_loraclr.models.sd import sd_alphas_cumprod
+
     for mod_name, mod in model.named_modules():  # non-persistent buffers are not in the file
         for b_name, buf in list(mod.named_buffers(recurse=False)):
             if buf.is_meta:
@@ -100,14 +218,21 @@ def load_base(
                     value = sd_alphas_cumprod()
                 elif b_name == "position_ids":
                     value = torch.arange(buf.shape[-1]).expand(buf.shape)
+                elif b_name == "attn_mask":
+                    value = causal_mask(buf.shape[-1])
                 else:
                     raise BaseModelError(f"internal: buffer {full} was not initialised")
                 mod.register_buffer(b_name, value.to(buf.dtype), persistent=False)
+        for p_name, param in list(mod.named_parameters(recurse=False)):
+            if param.is_meta:
+                full = f"{mod_name}.{p_name}" if mod_name else p_name
+                if p_name != "logit_scale":
+                    raise BaseModelError(f"internal: weight {full} was not loaded")
+                mod.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)), requires_grad=False)
     for mod in model.modules():  # files store position_ids as int64, some as float: assign=True keeps theirs
         ids = getattr(mod, "position_ids", None)
         if isinstance(ids, torch.Tensor) and ids.is_floating_point():
             mod.position_ids = ids.round().long()  # stays a (persistent or not) buffer
-    return _check_finite_weights(p, model.eval())
 
 
 #: a tiny config's integers and lists stay below these (checked before the model is built even on meta)
@@ -286,3 +411,70 @@ def sd1_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]
             "max_position_embeddings": shapes[t + "embeddings.position_embedding.weight"][0],
         },
     }
+
+
+def sdxl_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """`SDXLConfig` fields of an sgm-layout checkpoint read off its weight shapes.
+
+    Assumes SDXL's layout rules (64-channel attention heads for the UNet and both text encoders, CLIP-L's
+    quick-GELU); everything else comes from the file: levels, res blocks per level, attention levels and
+    their transformer depth, context width (te1 + te2 widths), the ``y`` vector width (te2 projection +
+    6 size embeddings), text widths and depths. SDXL base gives 320 channels, mult [1, 2, 4], depths
+    [0, 2, 10], context 2048, adm 2816, CLIP-L 768 × 12, bigG 1280 × 32.
+    """
+    u = _UNET
+    mc = shapes[u + "input_blocks.0.0.weight"][0]
+    levels = 1 + sum(1 for n in shapes if n.startswith(u + "input_blocks.") and n.endswith(".0.op.weight"))
+    n_in = _count(shapes, u + "input_blocks.")
+    nrb = (n_in - levels) // levels  # input blocks: conv_in, then per level nrb res blocks (+ a downsample)
+    if nrb < 1 or 1 + levels * nrb + levels - 1 != n_in:
+        raise ValueError(f"{n_in} input blocks for {levels} levels")
+    first = [1 + (nrb + 1) * i for i in range(levels)]
+    mult = [shapes[f"{u}input_blocks.{b}.0.out_layers.3.weight"][0] // mc for b in first]
+    depth = []
+    for b in first:
+        depth.append(_count(shapes, f"{u}input_blocks.{b}.1.transformer_blocks."))
+    attn = [2**i for i in range(levels) if depth[i]]
+    lvl = depth.index(next(d for d in depth if d))
+    ctx = shapes[f"{u}input_blocks.{first[lvl]}.1.transformer_blocks.0.attn2.to_k.weight"][1]
+    adm = shapes[u + "label_emb.0.0.weight"][1]
+    t1, t2 = _XL_TE1 + "text_model.", _XL_TE2
+    hidden = shapes[t1 + "embeddings.token_embedding.weight"][1]
+    width = shapes[t2 + "token_embedding.weight"][1]
+    embed = shapes[t2 + "text_projection"][1]
+    if ctx != hidden + width:
+        raise ValueError(f"context width {ctx} != CLIP-L {hidden} + OpenCLIP {width}")
+    if (adm - embed) % 6 or adm <= embed:
+        raise ValueError(f"vector width {adm} is not the OpenCLIP projection {embed} + 6 size embeddings")
+    return {
+        "unet": {
+            "in_channels": shapes[u + "input_blocks.0.0.weight"][1],
+            "out_channels": shapes[u + "out.2.weight"][0],
+            "model_channels": mc,
+            "channel_mult": mult,
+            "num_res_blocks": nrb,
+            "attention_resolutions": attn,
+            "transformer_depth": depth,
+            "num_head_channels": 64,
+        },
+        "te1": {
+            "hidden_size": hidden,
+            "layers": _count(shapes, t1 + "encoder.layers."),
+            "heads": max(1, hidden // 64),
+            "intermediate": shapes[t1 + "encoder.layers.0.mlp.fc1.weight"][0],
+            "max_position_embeddings": shapes[t1 + "embeddings.position_embedding.weight"][0],
+        },
+        "te2": {
+            "width": width,
+            "layers": _count(shapes, t2 + "transformer.resblocks."),
+            "heads": max(1, width // 64),
+            "embed_dim": embed,
+        },
+        "size_embed_dim": (adm - embed) // 6,
+    }
+
+
+def _count(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
+    """1 + the highest index N of the names ``prefix + "N.…"`` (0 when none): a module list's length."""
+    idx = [int(n[len(prefix) :].split(".", 1)[0]) for n in shapes if n.startswith(prefix)]
+    return 1 + max(idx) if idx else 0

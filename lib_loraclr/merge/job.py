@@ -233,6 +233,7 @@ def run_job(
         for ds, c in zip(deltas, concepts)
     ]
     result = merge(model, merge_concepts, config, tick)
+    del model  # the checkpoint output reads the base file again: not both in memory (SDXL: 7 GB each)
     tick("saving", 0, 1)
     tags = [getattr(ds, "metadata", None) or {} for ds in deltas]
     meta = job_metadata(job, config, concepts, tags)

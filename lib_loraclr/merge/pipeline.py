@@ -37,6 +37,7 @@ from lib_loraclr.deltas import DeltaSet, LoraModule, is_unet_key
 from lib_loraclr.errors import ArchitectureMismatchError, LoraclrError
 from lib_loraclr.merge.solvers import METHODS, LoraclrParams, layer_fidelity, merge_layer
 from lib_loraclr.merge.stats import ConceptStats, FeatureStats, PairedStats, rows_from_conv_input
+from lib_loraclr.models.half import to_float32
 
 Progress = Callable[[str, int, int], None]  # (stage description, done, total)
 
@@ -382,6 +383,8 @@ def merge_loras(
     """
     config = config or MergeConfig()
     keys = _validate(model, concepts, config)
+    # deltas are added into these weights: a base stored in fp16/bf16 (`load_base`'s SDXL) gets float32 here
+    to_float32(model, (split_fused_key(k)[0] for k in keys))
     t_start = time.perf_counter()
     scaled = [c.deltas.scaled(c.te_weight, c.unet_weight) for c in concepts]
     n = len(concepts)

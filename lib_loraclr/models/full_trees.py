@@ -20,6 +20,8 @@ target them. Built under ``torch.device("meta")`` (torch ≥ 2.0): shapes are re
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -81,11 +83,23 @@ class SizeEmbedder(nn.Module):
         self.outdim = outdim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ldm.modules.diffusionmodules.util import timestep_embedding
-
         b, n = x.shape
         emb = timestep_embedding(x.reshape(-1).float(), self.outdim)
         return emb.reshape(b, n * self.outdim)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """ldm's ``timestep_embedding`` (same operations, so the same numbers) without importing ldm:
+    ``[N]`` numbers → ``[N, dim]`` features ``[cos(t·f), sin(t·f)]``, ``f = max_period^(-k/half)``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half).to(
+        device=t.device
+    )
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
 
 
 def _ldm_unet(**kwargs: object) -> nn.Module:

@@ -130,13 +130,17 @@ def _build_ldm_unet(cfg: UNetConfig) -> nn.Module:
     )
 
 
-def integrated_unet_kwargs(cfg: UNetConfig) -> dict[str, Any]:
+def integrated_unet_kwargs(cfg: UNetConfig | SDXLUNetSpec) -> dict[str, Any]:
     """Arguments of Forge's ``backend.nn.unet.IntegratedUNet2DConditionModel`` (same module names and call
     as ldm's ``UNetModel``) for the SD1-layout UNet ``cfg`` describes (sizes read from a checkpoint's shapes).
 
     Forge describes attention per res block (``transformer_depth``: one entry per input res block,
     ``transformer_depth_output``: one per output block, popped from the end) instead of ldm's
-    ``attention_resolutions`` (level ``i`` has attention when ``2**i`` is listed)."""
+    ``attention_resolutions`` (level ``i`` has attention when ``2**i`` is listed). An `SDXLUNetSpec` gives
+    Forge's SDXL arguments (per-level depths, 64-channel heads, linear ``proj_in``, the ``y`` vector
+    embedding ``label_emb``)."""
+    if isinstance(cfg, SDXLUNetSpec):
+        return _integrated_sdxl_kwargs(cfg)
     levels = len(cfg.channel_mult)
     depth = [cfg.transformer_depth if 2**i in cfg.attention_resolutions else 0 for i in range(levels)]
     return {
@@ -154,6 +158,31 @@ def integrated_unet_kwargs(cfg: UNetConfig) -> dict[str, Any]:
         "transformer_depth_middle": cfg.transformer_depth,
         "transformer_depth_output": [d for d in depth for _ in range(cfg.num_res_blocks + 1)],
         "adm_in_channels": None,
+        "use_checkpoint": False,
+    }
+
+
+def _integrated_sdxl_kwargs(spec: SDXLUNetSpec) -> dict[str, Any]:
+    """`integrated_unet_kwargs` for an SDXL-layout UNet (SDXL base: depths [0, 2, 10], middle 10)."""
+    u = spec.unet
+    levels = len(u.channel_mult)
+    depth = [u.transformer_depth[i] if 2**i in u.attention_resolutions else 0 for i in range(levels)]
+    return {
+        "in_channels": u.in_channels,
+        "out_channels": u.out_channels,
+        "model_channels": u.model_channels,
+        "num_res_blocks": [u.num_res_blocks] * levels,
+        "channel_mult": list(u.channel_mult),
+        "num_heads": -1,
+        "num_head_channels": u.num_head_channels,
+        "use_spatial_transformer": True,
+        "context_dim": spec.context_dim,
+        "use_linear_in_transformer": True,
+        "transformer_depth": [d for d in depth for _ in range(u.num_res_blocks)],
+        "transformer_depth_middle": max(1, depth[-1]),
+        "transformer_depth_output": [d for d in depth for _ in range(u.num_res_blocks + 1)],
+        "num_classes": "sequential",
+        "adm_in_channels": spec.adm_in_channels,
         "use_checkpoint": False,
     }
 
@@ -353,6 +382,17 @@ class SDXLUNetConfig:
     num_head_channels: int = 16
 
 
+@dataclass(frozen=True)
+class SDXLUNetSpec:
+    """What a host's SDXL UNet builder (``unet_factory``) gets: the UNet config plus the widths that
+    come from the text encoders (``context_dim`` = te1 + te2 hidden widths, ``adm_in_channels`` = the
+    ``y`` vector: te2 pooled + 6 size embeddings)."""
+
+    unet: SDXLUNetConfig
+    context_dim: int
+    adm_in_channels: int
+
+
 @dataclass
 class OpenClipConfig:
     """`OpenClipTextModel` sizes (SDXL te2 = ViT-bigG: width 1280, 32 layers, 20 heads, embed 1280)."""
@@ -431,29 +471,22 @@ class SDXLModel(nn.Module):
     parameterization = "eps"
     is_sdxl = True
 
-    def __init__(self, config: SDXLConfig | None = None, tokenizer: Any = None) -> None:
+    def __init__(
+        self, config: SDXLConfig | None = None, tokenizer: Any = None, unet_factory: Any = None
+    ) -> None:
+        """``unet_factory(SDXLUNetSpec) -> nn.Module``: another UNet class with sgm's module names and
+        ``forward(x, timesteps=…, context=…, y=…)`` (e.g. a host's own) instead of `SDXLUNetModel`."""
         super().__init__()
         from .full_trees import SizeEmbedder
         from .openclip_text import OpenClipTextModel
-        from .sdxl_unet import sdxl_unet
         from .tokenizer import clip_tokenizer
 
         self.config = cfg = config or SDXLConfig()
         self.tokenizer = tokenizer if tokenizer is not None else clip_tokenizer()
-        u = cfg.unet
-        unet = sdxl_unet(
-            in_channels=u.in_channels,
-            out_channels=u.out_channels,
-            model_channels=u.model_channels,
-            channel_mult=list(u.channel_mult),
-            num_res_blocks=u.num_res_blocks,
-            attention_resolutions=list(u.attention_resolutions),
-            transformer_depth=list(u.transformer_depth),
-            num_head_channels=u.num_head_channels,
-            context_dim=cfg.context_dim,
-            adm_in_channels=cfg.adm_in_channels,
+        spec = SDXLUNetSpec(cfg.unet, cfg.context_dim, cfg.adm_in_channels)
+        self.model = DiffusionWrapper(
+            unet_factory(spec) if unet_factory is not None else _build_sdxl_unet(spec)
         )
-        self.model = DiffusionWrapper(unet)
         te1 = CLIPTextModel(cfg.te1.to_clip_config())
         te2 = OpenClipTextModel(
             width=cfg.te2.width, layers=cfg.te2.layers, heads=cfg.te2.heads, embed_dim=cfg.te2.embed_dim
@@ -513,6 +546,24 @@ class SDXLModel(nn.Module):
         return self.model.diffusion_model(
             x, timesteps=t, context=_context_from_cond(cond), y=_vector_from_cond(cond)
         )
+
+
+def _build_sdxl_unet(spec: SDXLUNetSpec) -> nn.Module:
+    from .sdxl_unet import sdxl_unet
+
+    u = spec.unet
+    return sdxl_unet(
+        in_channels=u.in_channels,
+        out_channels=u.out_channels,
+        model_channels=u.model_channels,
+        channel_mult=list(u.channel_mult),
+        num_res_blocks=u.num_res_blocks,
+        attention_resolutions=list(u.attention_resolutions),
+        transformer_depth=list(u.transformer_depth),
+        num_head_channels=u.num_head_channels,
+        context_dim=spec.context_dim,
+        adm_in_channels=spec.adm_in_channels,
+    )
 
 
 def build_tiny_sdxl(
