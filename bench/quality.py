@@ -586,6 +586,13 @@ register_method(
     "routed_layout",
     lambda: CloraMethod("recommended", "routed_layout", mode="routed", layout=True, region_prompts=True),
 )
+# the WebUI's routed mode with region_prompt=scene (before 2026-12-06 its only form): each region reads the
+# whole scene with its concept's trigger (CLoRA's branch prompt) instead of the concept's own phrase
+register_method(
+    "routed_layout_scene",
+    lambda: CloraMethod("recommended", "routed_layout_scene", mode="routed", layout=True),
+)
+register_method("routed_scene", lambda: CloraMethod("recommended", "routed_scene", mode="routed"))
 # routed passes with each concept region also denoised as its own cropped canvas (RegionalDenoiser crops)
 register_method(
     "routed_crops",

@@ -128,6 +128,31 @@ def test_clora_table_form_and_masks_only(webui, lora_names):
     assert a in params["CLoRA table"] and b in params["CLoRA table"]
 
 
+def test_clora_routed_mode_with_a_layout_region_prompts_and_crops(webui, lora_names):
+    """The routed mode on every host (Forge's before 2026-12-06: branch fusion with a notice): no notice, no
+    error, the options in the infotext, the layout's two columns as the mask preview; region crops and the
+    old whole-prompt regions (``scene``) change the image."""
+    a, b = lora_names[:2]
+    prompt = f"a photo of a cat<clora:{a}> and a dog<clora:{b}>"
+    base = {"mode": "routed", "layout": "1,1", "mask_preview": True}
+    runs = {}
+    for name, extra in (
+        ("concept", {}),
+        ("scene", {"region_prompt": "scene"}),
+        ("crops", {"region_crops": 0.5}),
+    ):
+        info, text = webui.txt2img(prompt, **clora_scripts([False, {**base, **extra}]))
+        params = infotext_params(text)
+        assert "CLoRA error" not in params and "CLoRA notice" not in params, text
+        opts = dict(kv.split("=", 1) for kv in params["CLoRA"].split())
+        assert opts["mode"] == "routed" and opts["layout"] == "1_1", opts
+        assert opts["regions"] == extra.get("region_prompt", "concept"), opts
+        assert float(opts["crops"]) == extra.get("region_crops", 0.0), opts
+        assert len(info["images"]) == 2, "the mask preview is the second image"
+        runs[name] = info["images"][0]
+    assert runs["scene"] != runs["concept"] and runs["crops"] != runs["concept"]
+
+
 def test_clora_bad_arguments_answer_422_before_queueing(webui, lora_names):
     a, b = lora_names[:2]
     body = {
