@@ -331,10 +331,15 @@ def validate(data: Mapping[str, Any] | CloraArgs | None = None, **overrides: Any
     if isinstance(rows_in, (str, bytes, Mapping)) or not isinstance(rows_in, Iterable):
         raise CloraArgsError("CLoRA loras must be a list of rows {lora, weight, words, trigger}")
     rows = tuple(r for r in (validate_row(x, i) for i, x in enumerate(rows_in)) if r is not None)
-    names = [r.lora for r in rows]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    triggers: dict[str, list[str]] = {}
+    for r in rows:
+        triggers.setdefault(r.lora, []).append(r.trigger)
+    dup = sorted(n for n, ts in triggers.items() if len(ts) > 1 and (not all(ts) or len(set(ts)) < len(ts)))
     if dup:
-        raise CloraArgsError(f"CLoRA table: LoRA {dup[0]!r} appears in several rows; use one row per LoRA")
+        raise CloraArgsError(
+            f"CLoRA table: LoRA {dup[0]!r} appears in several rows; use one row per LoRA, or give each row "
+            "its own trigger words (a merged LoRA holding several concepts)"
+        )
     mode = _choice("mode", get("mode", d.mode), MODES)
     mask_rule = _choice("mask_rule", get("mask_rule", d.mask_rule), MASK_RULES)
     layout = _layout(get("layout", d.layout))

@@ -20,6 +20,8 @@ HELP = """
 Several words: <code>&lt;clora:mycat:words=fluffy cat&gt;</code>. Trigger words:
 <code>&lt;clora:mycat:trigger=sks&gt;</code> (default: the LoRA's own). Separate weights:
 <code>&lt;clora:mycat:0.8:0.6&gt;</code> or <code>te=…:unet=…</code>.
+A merged LoRA: bind it once per concept, each with its trigger
+(<code>&lt;clora:my_merge:trigger=sks&gt;</code>); mode routed + a layout gives each concept its region.
 <code>&lt;lora:…&gt;</code> tags keep their global meaning (e.g. a style). Tags in the prompt always run
 CLoRA with the options below; this switch adds the table's rows.
 For SD1.x, SD2.x and SDXL-family checkpoints (Pony, Illustrious…); with Flux, SD3 and other transformer

@@ -345,16 +345,21 @@ def _parse_tag(tag: _Tag, source: str, clean: str, words: list[_Word], ends: lis
 
 
 def check_overlaps(bindings: Iterable[Binding], source: str) -> None:
-    """Refuse a LoRA bound twice and two bindings sharing prompt words (PromptSyntaxError)."""
-    seen: dict[str, Binding] = {}
+    """Refuse a LoRA bound twice (unless each of its bindings names its own ``trigger=``: a merged LoRA
+    holding several concepts) and two bindings sharing prompt words (PromptSyntaxError)."""
+    seen: dict[str, list[Binding]] = {}
     spans: list[Binding] = []
     for b in bindings:
         pos = max(b.position, 0)
-        if b.lora in seen:
+        earlier = seen.setdefault(b.lora, [])
+        if earlier and (not b.trigger or any(not o.trigger or o.trigger == b.trigger for o in earlier)):
             raise PromptSyntaxError(
-                f"LoRA {b.lora!r} is bound twice; bind it once (use words=… for several words)", source, pos
+                f"LoRA {b.lora!r} is bound twice; bind it once (use words=… for several words), or give "
+                "each binding its own trigger=… (a merged LoRA holding several concepts)",
+                source,
+                pos,
             )
-        seen[b.lora] = b
+        earlier.append(b)
         for o in spans:
             if b.span[0] < o.span[1] and o.span[0] < b.span[1]:
                 raise PromptSyntaxError(
@@ -371,7 +376,7 @@ def parse_prompt(source: str) -> ParsedPrompt:
 
     Raises :class:`PromptSyntaxError` (with the position) for a malformed tag, an unknown option, a
     non-numeric weight, words that are not in the prompt, a tag with nothing to bind to, a LoRA bound
-    twice, or two LoRAs bound to the same words.
+    twice without a trigger of its own per binding, or two LoRAs bound to the same words.
     """
     source = source or ""
     clean, keep, tags = _split_tags(source)

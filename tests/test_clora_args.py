@@ -129,6 +129,8 @@ def test_string_and_numeric_forms_accepted():
         ({"loras": [["a", "heavy", "cat"]]}, "table row 1 weight must be a number"),
         ({"loras": [["a", 1, "cat", "", 1, 2]]}, "at most 5"),
         ({"loras": [["a", 1, "cat"], ["a", 1, "dog"]]}, "several rows"),
+        ({"loras": [["a", 1, "cat", "sks"], ["a", 1, "dog", "sks"]]}, "own trigger words"),
+        ({"loras": [["a", 1, "cat", "sks"], ["a", 1, "dog"]]}, "several rows"),
         ({"loras": [42]}, "must be a dict or a list"),
     ],
 )
@@ -333,3 +335,8 @@ def test_region_prompt_and_crops_are_validated_written_and_restored():
     # an image made before these options existed (routed regions read the scene): restored as it was made
     old = ca.from_infotext({ca.INFOTEXT_KEY: "mode=routed layout=1_1 masks=layout latent=0"})
     assert (old.region_prompt, old.region_crops) == ("scene", 0.0)
+
+
+def test_a_merged_lora_may_fill_several_rows_with_their_own_triggers():
+    a = ca.validate({"loras": [["m", 1, "cat", "sks"], ["m", 1, "dog", "ohwx"]]})
+    assert [(r.lora, r.trigger) for r in a.loras] == [("m", "sks"), ("m", "ohwx")]

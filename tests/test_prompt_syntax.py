@@ -208,6 +208,15 @@ def test_with_bindings_checks_conflicts():
         with_bindings(p, [bind_words(p, "e", "a cat")])
 
 
+def test_a_merged_lora_binds_once_per_concept_with_its_own_trigger():
+    """One merged LoRA holding two concepts: each binding names its concept's trigger words."""
+    p = parse_prompt("a cat<clora:merged:trigger=sks> and a dog<clora:merged:trigger=ohwx>")
+    assert [(b.lora, b.words, b.trigger) for b in p.bindings] == [
+        ("merged", "cat", "sks"),
+        ("merged", "dog", "ohwx"),
+    ]
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 
@@ -236,6 +245,8 @@ def test_with_bindings_checks_conflicts():
         ("a cat AND <clora:x>", 11, "follows AND"),
         ("a cat<clora:x><clora:y>", 15, "same words"),
         ("a cat<clora:x> a dog<clora:x>", 21, "bound twice"),
+        ("a cat<clora:x:trigger=sks> a dog<clora:x>", 33, "bound twice"),
+        ("a cat<clora:x:trigger=sks> a dog<clora:x:trigger=sks>", 33, "own trigger"),
         ("a fluffy cat<clora:y> <clora:x:words=fluffy cat>", 23, "same words"),
         ("a cat<clora:x <lora:y:1>", 6, "unclosed"),
     ],

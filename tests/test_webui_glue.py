@@ -1048,6 +1048,38 @@ def test_a1111_user_layout_and_routed_mode(loaded, model, monkeypatch, installed
     assert count_hooks(model) == 0 and same_state(before, state_of(model))
 
 
+def test_a1111_merged_lora_with_a_layout_routes_each_concept_to_its_region(loaded, model, installed_runs):
+    """A merged LoRA holding two concepts, bound once per concept with its trigger, in the routed mode with a
+    layout: Mix-of-Show's regional sampling of one merged LoRA (`loraclr_layout` in the benchmark): one
+    UNet call a step, each region reading its concept's own phrase; nothing stays hooked."""
+    from modules import prompt_parser
+
+    prompt = "a cat<clora:catlora:trigger=sks> and a dog<clora:catlora:trigger=ohwx>"
+    encoded: list[str] = []
+    encode = prompt_parser.get_learned_conditioning
+    calls = {"n": 0}
+    real = type(model).apply_model
+
+    def counting(self, x, t, cond):
+        calls["n"] += 1
+        return real(self, x, t, cond)
+
+    before = state_of(model)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(model), "apply_model", counting)
+        mp.setattr(
+            prompt_parser, "get_learned_conditioning", lambda m, q, s: (encoded.extend(q), encode(m, q, s))[1]
+        )
+        _, res = run_job(
+            model, loaded.script, prompt, args=[False, {"mode": "routed", "layout": "1,1"}], steps=3
+        )
+    assert "CLoRA error" not in res.extra_generation_params, res.extra_generation_params
+    assert calls["n"] == 3 and [q for q in encoded if q in ("sks cat", "ohwx dog")] == ["sks cat", "ohwx dog"]
+    specs = installed_runs["run"].concepts_for(prompt)[1]
+    assert [(s.name, s.trigger) for s in specs] == [("catlora", "sks"), ("catlora", "ohwx")]
+    assert count_hooks(model) == 0 and same_state(before, state_of(model))
+
+
 def test_mask_preview_joins_the_result_images(loaded, model):
     """``mask_preview``: one extra picture per image in the gallery / API images (API default: off)."""
     _, off = run_job(model, loaded.script, PROMPT, args=[False, {}], steps=2)
