@@ -1,7 +1,7 @@
 """The headless merge at SDXL size: wall time, CPU time and peak memory of the real CLI on a random-weight SDXL.
 
 Run: ``OMP_NUM_THREADS=2 .venv/bin/python bench/merge_sdxl.py [--concepts 2] [--steps 1] [--keep DIR]
-[--max-rss-gib 14]``
+[--max-rss-gib 14] [--load-only]``
 
 The SDXL sibling of ``bench/merge_sd15.py`` (same measurements, same stage split, its ``run_merge``):
 
@@ -21,6 +21,10 @@ The SDXL sibling of ``bench/merge_sd15.py`` (same measurements, same stage split
    watchdog: the merge is killed when its RSS passes ``--max-rss-gib`` or the machine's MemAvailable falls
    under 2 GiB (a shared machine), and the table then says where it stopped;
 4. checks that the merged file loads back (``python -m lib_loraclr inspect``).
+
+``--load-only``: instead of the merge, `lib_loraclr.base_model.load_base` on the checkpoint in a fresh process,
+then one prompt's conditioning and one UNet call on the merge's default 8×8 latent (time, peak RSS, the
+resident weights by dtype).
 """
 
 from __future__ import annotations
@@ -181,6 +185,44 @@ class Watchdog:
                 p.kill()
 
 
+def load_child(base: str) -> None:
+    """In a fresh process: `load_base` on ``base``, then one prompt's conditioning and one UNet call (8×8
+    latent, the merge's default canvas); prints the timings as JSON."""
+    from lib_loraclr.base_model import load_base
+
+    t0 = time.perf_counter()
+    m = load_base(base)
+    t1 = time.perf_counter()
+    sizes: dict[str, float] = {}
+    for v in m.state_dict().values():
+        sizes[str(v.dtype)] = sizes.get(str(v.dtype), 0.0) + v.numel() * v.element_size() / 2**30
+    with torch.no_grad():
+        c = m.get_learned_conditioning(["photo of a sks dog"])
+        t2 = time.perf_counter()
+        eps = m.apply_model(torch.randn(1, *m.latent_shape), torch.tensor([500.0]), c)
+        t3 = time.perf_counter()
+    out = {"load_s": t1 - t0, "cond_s": t2 - t1, "unet_s": t3 - t2, "gib_by_dtype": sizes}
+    print(json.dumps({**out, "eps_finite": bool(torch.isfinite(eps).all())}))
+
+
+def measure_load(base: Path, env: dict[str, str]) -> dict:
+    """`load_child` in a subprocess: its timings, wall time and peak RSS (``ru_maxrss``)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(
+        [sys.executable, __file__, "--load-child", str(base)], stdout=subprocess.PIPE, env=env, cwd=ROOT
+    )
+    assert p.stdout is not None
+    text = p.stdout.read().decode()
+    _, status, usage = os.wait4(p.pid, 0)
+    r = json.loads(text.strip().splitlines()[-1]) if os.waitstatus_to_exitcode(status) == 0 else {}
+    return {
+        **r,
+        "wall_s": time.perf_counter() - t0,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_gib": usage.ru_maxrss / 2**20,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concepts", type=int, default=2, help="number of concept LoRAs (default 2)")
@@ -189,7 +231,14 @@ def main() -> int:
     ap.add_argument("--keep", default=None, help="build the files in this folder and keep them")
     ap.add_argument("--max-rss-gib", type=float, default=14.0, help="kill the merge above this RSS")
     ap.add_argument("--build-only", action="store_true", help="write the checkpoint and LoRAs, no merge")
+    ap.add_argument(
+        "--load-only", action="store_true", help="measure load_base + one UNet call instead of the merge"
+    )
+    ap.add_argument("--load-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.load_child:
+        load_child(args.load_child)
+        return 0
     n = args.concepts
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="merge_sdxl_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -221,6 +270,16 @@ def main() -> int:
             flush=True,
         )
         if args.build_only:
+            return 0
+        if args.load_only:
+            r = measure_load(base, env)
+            print(
+                f"load_base: {r.get('load_s', float('nan')):.1f} s, conditioning of one prompt "
+                f"{r.get('cond_s', float('nan')):.1f} s, one UNet call {r.get('unet_s', float('nan')):.1f} s "
+                f"(finite: {r.get('eps_finite')}); process wall {r['wall_s']:.1f} s, CPU {r['cpu_s']:.1f} s, "
+                f"peak RSS {r['peak_rss_gib']:.2f} GiB; resident weights "
+                + ", ".join(f"{k} {v:.2f} GiB" for k, v in r.get("gib_by_dtype", {}).items())
+            )
             return 0
         out = work / f"merged_{n}.safetensors"
         out.unlink(missing_ok=True)
