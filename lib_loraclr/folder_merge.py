@@ -31,7 +31,7 @@ def load_base_model(checkpoint: Path, unet_factory: Callable[[Any], Any] | None 
     """The base model for the merge, built from the checkpoint FILE (A1111 keeps LoRA deltas patched into
     the live model between generations, so the live model is not a clean base).
 
-    Uses `lib_loraclr.base_model.load_base` (SD1.x and the bundled tiny models). Its UNet is ldm's, which
+    Uses `lib_loraclr.base_model.load_base` (SD1.x, SDXL-family and the bundled tiny models). Its UNet is ldm's, which
     A1111 ships; a host without ldm passes ``unet_factory`` (Forge's UNet class). Without either, raises
     `EngineUnavailable` with what to do instead.
     """

@@ -41,7 +41,9 @@ def forge_unet_class() -> type[nn.Module] | None:
 
 
 def forge_unet_factory(unet_class: type[nn.Module] | None = None) -> Callable[[Any], nn.Module] | None:
-    """``factory(UNetConfig) -> nn.Module`` building Forge's SD1 UNet (None outside Forge)."""
+    """``factory(UNetConfig | SDXLUNetSpec) -> nn.Module`` building Forge's SD1 or SDXL UNet (None outside
+    Forge); `integrated_unet_kwargs` gives Forge's arguments for either (for SDXL base: 1680 tensors with the
+    checkpoint's names and shapes, the same ε as the library's own SDXL UNet)."""
     cls = unet_class or forge_unet_class()
     if cls is None:
         return None
