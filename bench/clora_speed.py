@@ -24,7 +24,8 @@ attn1 q/k and attn2 q/k/v/out):
 - ``recommended``: ours at `CloraOptions.recommended` (branch fusion with layout masks, no latent update);
 - ``routed``: `RegionalDenoiser` with the automatic layout: branch fusion until the layout is frozen (the
   first 15 % of the steps), then ONE UNet pass per step with per-region LoRAs;
-- ``routed_layout``: `RegionalDenoiser` with a user layout (equal columns): one UNet pass from step 0.
+- ``routed_layout``: `RegionalDenoiser` with a user layout (equal columns): one UNet pass from step 0;
+- ``routed_layout_crops``: the same with region crops 0.5 (one more UNet call a step on the regions' crops).
 
 Loss reduction (same measure for every method): the latents each run hands its sampler (after its
 updates) are recorded at every step of the paper's update window; afterwards (not timed) the official
@@ -163,7 +164,7 @@ def options(kind: str, cfg: Config) -> Any:
 
     if kind == "masks":
         return CloraOptions(latent_update=False, maps_from="both", mask_rule="paper")
-    if kind in ("routed", "routed_layout"):
+    if kind in ("routed", "routed_layout", "routed_layout_crops"):
         return CloraOptions.recommended(cfg.steps)
     if kind in ("paper", "official"):
         return CloraOptions.paper(cfg.steps)
@@ -199,17 +200,24 @@ def make_denoiser(kind: str, n_loras: int, model: Any, cfg: Config) -> Any:
     if kind == "official":
         return OfficialCloraLoop(inner, unet, conds, unconds, bp.groups, bp.mask_tokens, opts, router=router)
     den = CloraDenoiser(inner, unet, conds, bp.groups, bp.mask_tokens, opts, unconds=unconds, router=router)
-    if kind in ("routed", "routed_layout"):
+    if kind in ("routed", "routed_layout", "routed_layout_crops"):
         from lib_loraclr.clora.layout import box_masks, columns, layout_weights, parse_ratio_layout
         from lib_loraclr.clora.regional import RegionalDenoiser
 
         layout = None
-        if kind == "routed_layout":
+        if kind != "routed":
             layout = layout_weights(
                 box_masks(parse_ratio_layout(columns(n_loras)), (cfg.latent, cfg.latent)), n_loras
             )
         return RegionalDenoiser(
-            inner, unet, conds, unconds, router, layout=layout, estimator=den if layout is None else None
+            inner,
+            unet,
+            conds,
+            unconds,
+            router,
+            layout=layout,
+            estimator=den if layout is None else None,
+            crops=0.5 if kind == "routed_layout_crops" else 0.0,
         )
     return den
 
@@ -356,7 +364,16 @@ def main() -> None:
     for n in cfg.loras:
         ref = mean(res[f"masks:{n}"]["losses"]) if f"masks:{n}" in res else 0.0
         ref_c = mean(res[f"masks:{n}"]["losses_cond"]) if f"masks:{n}" in res else 0.0
-        for kind in ("masks", "paper", "paper_cond", "recommended", "routed", "routed_layout", "official"):
+        for kind in (
+            "masks",
+            "paper",
+            "paper_cond",
+            "recommended",
+            "routed",
+            "routed_layout",
+            "routed_layout_crops",
+            "official",
+        ):
             r = res.get(f"{kind}:{n}")
             if r is None:
                 continue
