@@ -214,7 +214,8 @@ class ForgeAdapter:
             out = bound(x, sigma, *args, **kwargs)
             x_new, call.x_new = call.x_new, None
             if denoiser.fallback_reason:
-                run.notice(f"Forge: {denoiser.fallback_reason}; CLoRA runs masks-only")
+                reason = denoiser.fallback_reason
+                run.notice(f"Forge: {reason}" + ("" if "masks-only" in reason else "; CLoRA runs masks-only"))
             if x_new is not None and x_new.shape == x.shape:
                 with torch.inference_mode(torch.is_inference(x)):
                     x.copy_(x_new.to(device=x.device, dtype=x.dtype))
