@@ -12,7 +12,7 @@ from .denoiser import CloraDenoiser
 from .options import CloraOptions
 from .regional import RegionalDenoiser
 from .routing import UNET_PREFIX, Branch, RoutedLoras, te_branch_conds, te_key
-from .tokens import BranchPrompts, Concept, TokenPositions, branch_prompts
+from .tokens import BranchPrompts, Concept, TokenPositions, branch_prompts, region_prompts
 
 
 def build_clora_denoiser(
@@ -33,6 +33,7 @@ def build_clora_denoiser(
     capture_layers: Sequence[str] | None = None,
     layout: torch.Tensor | None = None,
     routed: bool = False,
+    region_prompt: str = "concept",
 ) -> tuple[CloraDenoiser | RegionalDenoiser, BranchPrompts]:
     """Branch 0 = ``base_prompt`` without concept LoRA; branch k = concept k's prompt with
     ``concept_loras[k-1]`` (a list of ``(lora, weight)``); ``style`` LoRAs are active in every branch.
@@ -47,10 +48,16 @@ def build_clora_denoiser(
     region) around the branch-fusion denoiser, which then only finds the layout when none is given;
     ``options.region_crops`` sets its region crops (measured with a user layout and each region's own short
     prompt; a crop given the whole branch prompt tries to draw the whole scene in the crop).
+    ``region_prompt`` (routed only): ``"concept"`` = branch k reads concept k's own phrase (`region_prompts`,
+    as the WebUI's default), ``"scene"`` = the whole branch prompt.
     """
+    if region_prompt not in ("concept", "scene"):
+        raise ValueError(f"region_prompt must be 'concept' or 'scene', got {region_prompt!r}")
     if len(concept_loras) != len(concepts):
         raise ValueError(f"{len(concept_loras)} LoRA lists for {len(concepts)} concepts")
     bp = branch_prompts(base_prompt, concepts, token_positions, mode=mode)
+    if routed and region_prompt == "concept":
+        bp = region_prompts(bp, token_positions, mode=mode)
     branches = [list(style)] + [list(loras) + list(style) for loras in concept_loras]
     router = RoutedLoras(unet, branches, prefix=unet_prefix)
     te_router = RoutedLoras(te_model, branches, key_filter=te_key) if te_model is not None else None

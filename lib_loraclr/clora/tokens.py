@@ -189,17 +189,18 @@ def branch_prompts(
     )
 
 
-def region_prompts(bp: BranchPrompts, token_positions: TokenPositions) -> BranchPrompts:
+def region_prompts(bp: BranchPrompts, token_positions: TokenPositions, mode: str = "insert") -> BranchPrompts:
     """The routed mode's short region prompts: branch k's prompt is concept k's own phrase alone (its
-    trigger and words, ``"sks cat"``), as a regional-prompting user types one prompt per region, so a
-    region's cross-attention sees only its own concept. Branch 0 (the base prompt), its groups and the
-    background tokens stay; ``groups[g][k]`` = concept g's positions in prompt k (its own prompt only,
-    empty in the others); ``mask_tokens[k]`` = the whole phrase."""
+    trigger and words, ``"sks cat"``; with ``mode="replace"`` as in `branch_prompts`, the trigger alone), as a
+    regional-prompting user types one prompt per region, so a region's cross-attention sees only its own
+    concept. Branch 0 (the base prompt), its groups and the background tokens stay; ``groups[g][k]`` =
+    concept g's positions in prompt k (its own prompt only, empty in the others); ``mask_tokens[k]`` = the
+    whole phrase."""
     prompts = [bp.prompts[0]]
     groups: list[list[list[int]]] = [[list(g[0])] + [[] for _ in bp.concepts] for g in bp.groups]
     mask_tokens: list[list[int]] = [[]]
     for k, c in enumerate(bp.concepts, start=1):
-        phrase = f"{c.trigger} {c.words}"
+        phrase = c.trigger if mode == "replace" else f"{c.trigger} {c.words}"
         own = _positions_of(token_positions, phrase, phrase, 0)
         prompts.append(phrase)
         groups[k - 1][k] = list(own)
