@@ -139,6 +139,7 @@ STAGES = (
     ("cross-attention", "K/V"),
     ("UNet", "UNet sampling"),
     ("solved", "solves"),
+    ("output rank", "SVD"),  # layers no later pass needs, reduced to the saved file's rank (`lowrank_output`)
 )
 
 

@@ -1,20 +1,22 @@
 """Apply LoRA deltas to a model's weights temporarily, restoring them bit-for-bit.
 
-Used offline (merge feature collection, the measuring world, previews); the CLoRA engine uses
-forward hooks instead (``lib_loraclr.clora.routing``). The model's module paths must be the
+`patched` (the measuring world, previews, the refinement stage) adds every ΔW into a copy of its weight
+for the whole block; `hooked` / `DeltaHooks` (merge feature collection) give the same numbers with one
+layer's copy at a time, built in that layer's forward pre-hook. The CLoRA engine uses its own forward hooks
+(``lib_loraclr.clora.routing``). The model's module paths must be the
 canonical keys (docs/DESIGN.md), e.g. a ``SD1Model`` or the WebUI's ``sd_model``; pass ``prefix`` to
 strip a leading part when the model is a bare sub-model (the ldm UNet alone: ``"model.diffusion_model."``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from lib_loraclr.deltas import DeltaSet
+from lib_loraclr.deltas import DeltaSet, LoraModule
 from lib_loraclr.keymap import fused_rows, split_fused
 
 WeightedDeltas = Sequence[tuple[DeltaSet, float]]
@@ -94,3 +96,115 @@ def patched(
     finally:
         for weight, original in reversed(saved):
             weight.data = original
+
+
+DeltaLike = torch.Tensor | LoraModule  # a dense ΔW shaped like the target (or its rows), or a LoRA module
+
+
+def _dense_delta(d: DeltaLike) -> torch.Tensor:
+    """The dense float32 ΔW of ``d`` (a LoraModule's multiplier and alpha/rank scale included)."""
+    return d.delta(torch.float32) if isinstance(d, LoraModule) else d
+
+
+def hook_target(model: nn.Module, key: str) -> tuple[nn.Module, torch.Tensor, slice | None]:
+    """``(module whose forward reads the weight, weight, row slice)`` of a canonical key.
+
+    Usually the key's own module; the parent ``nn.MultiheadAttention`` for its fused ``in_proj:q|k|v`` rows
+    and for its ``out_proj`` (torch reads ``out_proj.weight`` inside the attention's forward; the
+    ``out_proj`` module itself never runs).
+    """
+    weight, rows = target_weight(model, key)
+    path, _part = split_fused_key(key)
+    module = model.get_submodule(path)
+    parent_path, _, leaf = path.rpartition(".")
+    if leaf == "out_proj":
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if isinstance(parent, nn.MultiheadAttention):
+            module = parent
+    return module, weight, rows
+
+
+class DeltaHooks:
+    """Run targeted modules with ``W0 + ΔW`` through forward hooks, one module at a time.
+
+    Same numbers as `patched` (the module's weight is ``W0`` cast to float32, plus ΔW, for the duration of
+    its forward call), but the patched copy exists only while that module runs: memory is one layer's
+    weight, not one copy of every targeted weight. ΔW may stay low-rank (a `LoraModule`): its dense form is
+    built per call. ``use(deltas)`` switches the active set (key → ΔW); modules with no active delta run
+    with their stored weight. A fp16/bf16 weight becomes float32 only while patched (`W0` is never
+    modified). ``remove()`` takes the hooks away and puts every original weight tensor back.
+    Only one `DeltaHooks` may target a given weight at a time.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id → (parameter, original data)
+        self._module_weights: dict[int, list[int]] = {}  # id(module) → ids of the weights it reads
+        self._active: dict[int, list[tuple[slice | None, DeltaLike]]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def use(self, deltas: Mapping[str, DeltaLike]) -> None:
+        """Make ``deltas`` (canonical key → ΔW) the active set; hooks are added for modules not seen yet."""
+        active: dict[int, list[tuple[slice | None, DeltaLike]]] = {}
+        for key, d in deltas.items():
+            try:
+                module, weight, rows = hook_target(self.model, key)
+            except (AttributeError, KeyError):
+                raise KeyError(f"LoRA key {key!r} has no module in this model") from None
+            wid = id(weight)
+            if wid not in self._weights:
+                self._weights[wid] = (weight, weight.data)
+            mid = id(module)
+            if mid not in self._module_weights:
+                self._module_weights[mid] = []
+                self._handles.append(module.register_forward_pre_hook(self._pre))
+                self._handles.append(module.register_forward_hook(self._post, always_call=True))
+            if wid not in self._module_weights[mid]:
+                self._module_weights[mid].append(wid)
+            active.setdefault(wid, []).append((rows, d))
+        self._active = active
+
+    def _pre(self, module: nn.Module, args: tuple) -> None:
+        for wid in self._module_weights.get(id(module), ()):
+            weight, original = self._weights[wid]
+            parts = self._active.get(wid)
+            if not parts:
+                weight.data = original
+                continue
+            new = original.float() if original.dtype in _HALF else original.clone()  # a copy either way
+            for rows, d in parts:
+                view = new if rows is None else new[rows]
+                dense = _dense_delta(d)
+                if view.shape != dense.shape:
+                    dense = dense.reshape(view.shape)  # 1x1 conv stored flat, or the reverse
+                view += dense.to(device=new.device, dtype=new.dtype)
+            weight.data = new
+
+    def _post(self, module: nn.Module, args: tuple, output: object) -> None:
+        for wid in self._module_weights.get(id(module), ()):
+            weight, original = self._weights[wid]
+            weight.data = original
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for weight, original in self._weights.values():
+            weight.data = original
+        self._weights.clear()
+        self._module_weights.clear()
+        self._active = {}
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@contextmanager
+def hooked(model: nn.Module, deltas: Mapping[str, DeltaLike]) -> Iterator[DeltaHooks]:
+    """`DeltaHooks` with ``deltas`` active for the duration of the block (the low-memory `patched`)."""
+    h = DeltaHooks(model)
+    try:
+        h.use(deltas)
+        yield h
+    finally:
+        h.remove()

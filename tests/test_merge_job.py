@@ -151,3 +151,37 @@ def test_distill_steps_reach_the_job_from_every_front_end(lora_folder, tmp_path)
     rest, specs = cli._split_concepts(argv)
     job = cli.job_from_args(cli.build_parser().parse_args(rest), specs)
     assert job.options["distill_steps"] == 100 and job.config().distill_steps == 100
+
+
+def test_a_large_lora_output_leaves_the_merge_at_its_rank_with_the_same_bytes(
+    lora_folder, tmp_path, monkeypatch
+):
+    """Above `LOWRANK_RESULT_BYTES` of dense ΔW (SDXL: 6.2 GiB) the merge hands back each layer at the file's
+    rank (`MergeConfig.lowrank_output`): same file bytes and the same reported SVD errors as the dense way."""
+    from lib_loraclr.merge import job as job_mod
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764892800")  # modelspec.date fixed: reproducible bytes
+    seen = []
+
+    def spy(model, concepts, config, progress):
+        seen.append(config.lowrank_output)
+        return job_mod.merge_loras(model, concepts, config, progress)
+
+    def run(folder: str):
+        (tmp_path / folder).mkdir()
+        concepts = tuple(JobConcept(lora_folder / f"{s}.safetensors", t, s) for s, t in CONCEPTS)
+        out = tmp_path / folder / "pair.safetensors"
+        job = MergeJob(
+            ASSETS / "base.safetensors", concepts, out, method="lsq", rank=8, options={"sample_steps": 2}
+        )
+        return run_job(job, merge=spy), out.read_bytes()
+
+    dense, dense_bytes = run("dense")
+    monkeypatch.setattr(job_mod, "LOWRANK_RESULT_BYTES", 0)
+    low, low_bytes = run("low")
+    assert seen == [None, (8, 3e-4)]
+    assert all(m.dense is not None for m in dense.deltas.modules.values())
+    assert all(m.dense is None and m.rank <= 8 for m in low.deltas.modules.values())
+    assert low_bytes == dense_bytes
+    for k in ("svd_error", "svd_error_max", "svd_tolerance"):
+        assert low.report[k] == dense.report[k], k

@@ -134,3 +134,83 @@ def test_a_pass_that_feeds_one_stage_stops_after_it_with_the_same_rows(small) ->
     assert fires >= 1 and ran_full["last"] >= 1 and ran_cut["last"] == 0
     assert torch.equal(full[g].rows(), cut[g].rows())
     assert issubclass(StopForward, Exception) and _hook_module(model, key) is not None
+
+
+def test_lowrank_output_writes_the_same_file_as_the_dense_merge(small, tmp_path) -> None:
+    """``lowrank_output`` (what `run_job` asks for LoRA output) reduces each layer with the writer's own SVD
+    as soon as no pass needs its exact ΔW: the written file is the same, tensor for tensor, and the
+    reported SVD errors are the writer's."""
+    from safetensors.torch import load_file
+
+    from lib_loraclr.writers import svd_tolerance, write_kohya_lora
+
+    model, concepts = small
+    tol = svd_tolerance(torch.float16)
+    dense = merge_loras(model, concepts, _fast(method="lsq"))
+    low = merge_loras(model, concepts, _fast(method="lsq", lowrank_output=(4, tol)))
+    assert list(low.deltas.modules) == list(dense.deltas.modules)
+    assert all(m.dense is None and m.rank <= 4 for m in low.deltas.modules.values())
+    assert "lowrank_output" not in low.report["config"]
+    e_dense = write_kohya_lora(dense.deltas, tmp_path / "d.safetensors", arch="sd1", rank=4)
+    e_low = write_kohya_lora(low.deltas, tmp_path / "l.safetensors", arch="sd1", rank=4)
+    assert set(e_low.values()) == {0.0} and low.svd_errors == e_dense
+    a, b = load_file(tmp_path / "d.safetensors"), load_file(tmp_path / "l.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_merge_never_holds_a_dense_delta_per_layer_and_concept(small, monkeypatch) -> None:
+    """The concepts' ΔW stay low-rank (dense only inside one layer's forward or solve) and reach the model
+    through per-layer forward hooks, never `apply.patched` (a copy of every targeted weight); the text
+    encoder's merged ΔW is reduced to the output rank before the UNet stages. Sampled in every hooked
+    forward and every layer solve. (The old pipeline held every concept's dense ΔW on every layer, N·L.)"""
+    import weakref
+
+    import lib_loraclr.apply as apply
+    import lib_loraclr.merge.pipeline as pipeline
+    from lib_loraclr.deltas import LoraModule
+
+    model, concepts = small
+    keys = list(concepts[0].deltas.modules)
+    own: list[weakref.ref] = []  # dense ΔW built from a concept's factors
+    te_merged: list[weakref.ref] = []  # the solver's dense ΔW of text-encoder layers
+    peak = {"own": 0, "te_in_unet_stage": 0}
+    delta = LoraModule.delta
+
+    def tracked_delta(self, dtype=torch.float32):
+        out = delta(self, dtype)
+        own.append(weakref.ref(out))
+        return out
+
+    def alive(refs: list[weakref.ref]) -> int:
+        return sum(r() is not None for r in refs)
+
+    def pre(self, module, args):
+        peak["own"] = max(peak["own"], alive(own))
+        return pre0(self, module, args)
+
+    def solve(method, w0, stats, **kw):
+        peak["own"] = max(peak["own"], alive(own))
+        d, info = solve0(method, w0, stats, **kw)
+        key = stack[-1]
+        if not key.startswith("model.diffusion_model."):
+            te_merged.append(weakref.ref(d))
+        elif ".attn2.to_k" not in key and ".attn2.to_v" not in key:  # a UNet stage (after every teacher run)
+            peak["te_in_unet_stage"] = max(peak["te_in_unet_stage"], alive(te_merged))
+        return d, info
+
+    def refuse(*a, **k):
+        raise AssertionError("apply.patched copies every targeted weight; the merge must not use it")
+
+    stack: list[str] = []  # the key being solved (`_w0` is read first)
+    pre0, solve0 = apply.DeltaHooks._pre, pipeline.merge_layer
+    monkeypatch.setattr(LoraModule, "delta", tracked_delta)
+    monkeypatch.setattr(apply.DeltaHooks, "_pre", pre)
+    monkeypatch.setattr(apply, "patched", refuse)
+    w0_0 = pipeline._w0
+    monkeypatch.setattr(pipeline, "_w0", lambda m, k: (stack.append(k), w0_0(m, k))[1])
+    monkeypatch.setattr(pipeline, "merge_layer", solve)
+    res = merge_loras(model, concepts, _fast(method="lsq", lowrank_output=(None, 3e-4)))
+    assert len(stack) == len(keys) and len(res.deltas) == len(keys)
+    assert 0 < peak["own"] <= 2 * len(concepts) + 1, peak  # one layer's worth at a time
+    assert peak["te_in_unet_stage"] == 0, peak
+    assert alive(te_merged) == 0

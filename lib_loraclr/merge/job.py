@@ -10,9 +10,10 @@ interrupt (``should_stop``) or an error leaves no file.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,10 @@ KINDS = ("lora", "checkpoint")
 #: rank cap of a saved LoRA; each module gets the smallest rank within the SVD tolerance up to it
 DEFAULT_RANK = 32
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+#: a LoRA output whose dense merged ΔW would take more than this many bytes (float32, every targeted layer)
+#: leaves the merge at the file's rank layer by layer (`MergeConfig.lowrank_output`): SDXL's 824 layers are
+#: 6.2 GiB, SD1.5's 200 layers 0.66 GiB (kept dense: `JobResult.deltas` is then the exact merge)
+LOWRANK_RESULT_BYTES = 1 << 30
 
 Progress = Callable[[str, int, int], None]
 
@@ -97,7 +102,8 @@ class JobResult:
 
     @property
     def deltas(self) -> Any:
-        """The merged DeltaSet (before the rank reduction of the saved file)."""
+        """The merged DeltaSet: the exact dense ΔW, or for a LoRA output above `LOWRANK_RESULT_BYTES` the
+        saved file's factors."""
         return self.merge.deltas
 
 
@@ -121,6 +127,15 @@ def file_trigger_words(path: Path) -> list[str]:
     except (OSError, ValueError, AttributeError):
         return []
     return [w.strip() for w in str(text).split(",") if w.strip()]
+
+
+def _dense_bytes(deltas: Sequence[Any]) -> int:
+    """Bytes of one dense float32 ΔW on every layer the LoRAs (DeltaSets) touch."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for ds in deltas:
+        for k, m in getattr(ds, "modules", {}).items():
+            shapes.setdefault(k, tuple(m.shape))
+    return 4 * sum(math.prod(s) for s in shapes.values())
 
 
 def check_job(job: MergeJob) -> MergeConfig:
@@ -232,12 +247,16 @@ def run_job(
         )
         for ds, c in zip(deltas, concepts)
     ]
+    dtype = DTYPES[job.dtype]
+    if job.kind == "lora" and _dense_bytes(deltas) > LOWRANK_RESULT_BYTES:
+        # each layer leaves the merge at the file's rank as soon as no later pass needs its exact ΔW; the
+        # writer then keeps those factors as they are (same file)
+        config = replace(config, lowrank_output=(job.rank, svd_tolerance(dtype)))
     result = merge(model, merge_concepts, config, tick)
     del model  # the checkpoint output reads the base file again: not both in memory (SDXL: 7 GB each)
     tick("saving", 0, 1)
     tags = [getattr(ds, "metadata", None) or {} for ds in deltas]
     meta = job_metadata(job, config, concepts, tags)
-    dtype = DTYPES[job.dtype]
     report = dict(result.report)
     if job.kind == "lora":
         arch = getattr(result.deltas, "arch", "unknown")
@@ -251,6 +270,7 @@ def run_job(
             overwrite=job.overwrite,
             dtype=dtype,
         )
+        errors.update(getattr(result, "svd_errors", None) or {})  # modules the merge already reduced
         report["svd_tolerance"] = svd_tolerance(dtype)  # per module, below the rank cap
         if errors:
             report["svd_error"] = float(sum(errors.values()) / len(errors))

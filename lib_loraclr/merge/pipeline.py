@@ -15,6 +15,12 @@ bounded-memory sufficient statistics (``FeatureStats``): memory does not grow wi
 Spatial layers are grouped into passes under a memory budget; k×k convolutions (k > 1, LoCon) have no
 row form and fall back to the linear merge (reported).
 
+Memory (``docs/DESIGN.md`` "Merge base from an SDXL checkpoint"): the concepts' ΔW stay the LoRAs' low-rank
+modules; every pass reaches the model through `lib_loraclr.apply.hooked` (a layer's ``W0 + ΔW`` exists only
+while that layer runs; the base is never copied, a fp16 base stays fp16); a layer's dense ΔW is formed only
+while it is solved. The solved ΔW is kept exact while later passes run through it, then (with
+``MergeConfig.lowrank_output``) at the saved file's rank.
+
 The model is duck-typed (a ``SD1Model``, or the WebUI's model with the same attributes): module paths
 are the canonical keys; ``prompt_encoder`` (``lib_loraclr.text.PromptEncoder``) tokenises;
 ``get_learned_conditioning(prompts)``, ``apply_model``, ``alphas_cumprod`` drive sampling.
@@ -32,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lib_loraclr.apply import patched, split_fused_key, target_weight
+from lib_loraclr.apply import hooked, split_fused_key, target_weight
 from lib_loraclr.deltas import DeltaSet, LoraModule, is_unet_key
 from lib_loraclr.errors import ArchitectureMismatchError, LoraclrError
 from lib_loraclr.merge.solvers import METHODS, LoraclrParams, layer_fidelity, merge_layer
@@ -110,6 +116,11 @@ class MergeConfig:
     # costs forward+backward passes of the whole model per step; measured in docs/DESIGN.md "Merge recipe")
     distill_steps: int = 0
     distill_overrides: dict[str, Any] = field(default_factory=dict)  # DistillParams fields, e.g. {"lr": 0.01}
+    # the result as the saved LoRA will hold it: ``(rank cap or None, max relative SVD error)`` per module
+    # (`writers.to_low_rank`, the writer's own reduction, so the file's bytes are the same), each layer
+    # reduced as soon as no later pass needs its exact ΔW; None = dense ΔW per layer (checkpoint output,
+    # callers that use the exact merge). Set by `merge.job.run_job` for LoRA output; not in the report.
+    lowrank_output: tuple[int | None, float] | None = None
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -196,10 +207,15 @@ class MergeConfig:
 
 @dataclass
 class MergeResult:
-    """Merged dense ΔW per canonical key (``deltas.fmt == "merged"``) and the report (JSON-ready)."""
+    """The merged ΔW per canonical key (``deltas.fmt == "merged"``) and the report (JSON-ready).
+
+    Modules are dense (``kind="full"``), or, with ``MergeConfig.lowrank_output``, low-rank factors at the
+    saved file's rank (``kind="lora"``, scale 1) whose relative SVD error per key is in ``svd_errors``.
+    """
 
     deltas: DeltaSet
     report: dict[str, Any]
+    svd_errors: dict[str, float] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------ layer naming
@@ -383,8 +399,11 @@ def merge_loras(
     """
     config = config or MergeConfig()
     keys = _validate(model, concepts, config)
-    # deltas are added into these weights: a base stored in fp16/bf16 (`load_base`'s SDXL) gets float32 here
-    to_float32(model, (split_fused_key(k)[0] for k in keys))
+    if config.distill_steps > 0 and config.method in ("loraclr", "lsq"):
+        # the refinement adds ΔW into these weights (`apply.patched`): a base stored in fp16/bf16
+        # (`load_base`'s SDXL) gets float32 here. Feature passes need no such copy: `apply.hooked` patches
+        # one float32 copy of a layer while it runs.
+        to_float32(model, (split_fused_key(k)[0] for k in keys))
     t_start = time.perf_counter()
     scaled = [c.deltas.scaled(c.te_weight, c.unet_weight) for c in concepts]
     n = len(concepts)
@@ -395,7 +414,30 @@ def merge_loras(
     n_rows = n + (1 if preserve else 0)  # the last "concept" is the base on neutral prompts (ΔW = 0)
     enc = model.prompt_encoder  # type: ignore[attr-defined]
     prompts = [_concept_prompts(c, config) for c in concepts] + [list(config.neutral_prompts)]
-    merged: dict[str, torch.Tensor] = {}
+    # per solved key (in solve order): its exact dense ΔW [d_out, d_in], or its low-rank form once reduced
+    merged: dict[str, torch.Tensor | LoraModule] = {}
+    svd_errors: dict[str, float] = {}
+
+    def release(done_keys: Sequence[str]) -> None:
+        """No later pass reads these keys' exact ΔW: keep them as the saved file will (``lowrank_output``)."""
+        if config.lowrank_output is None:
+            return
+        from lib_loraclr.writers import to_low_rank
+
+        rank, max_error = config.lowrank_output
+        todo = [k for k in done_keys if isinstance(merged.get(k), torch.Tensor)]
+        if todo:
+            tick(f"output rank: reducing {len(todo)} layers")
+        for k in todo:
+            d = merged.get(k)
+            if isinstance(d, torch.Tensor):
+                up, down, err = to_low_rank(
+                    d.reshape(_target_shape(model, k)).contiguous(), rank, None, max_error
+                )
+                merged[k] = LoraModule(key=k, down=down, up=up, kind="lora")
+                svd_errors[k] = err
+                del d
+
     layer_info: dict[str, dict[str, Any]] = {}
     done = 0
 
@@ -501,12 +543,24 @@ def merge_loras(
             "input_drift": [ps.drift for ps in paired],
         }
 
-    own_dense = [{k: m.delta() for k, m in s.modules.items()} for s in scaled] + [{}]  # + the base (no LoRA)
+    # every concept's ΔW as its LoRA modules (low-rank; dense only inside a layer's forward or solve)
+    own: list[dict[str, LoraModule]] = [dict(s.modules) for s in scaled] + [{}]  # + the base (no LoRA)
     if seq:
         from lib_loraclr.merge.sequential import merge_sequential
 
         merge_sequential(
-            model, config, by_group, own_dense, prompts, n, n_rows, concepts, merged, solve, tick
+            model,
+            config,
+            by_group,
+            own,
+            prompts,
+            n,
+            n_rows,
+            concepts,
+            merged,
+            solve,
+            tick,
+            release if config.distill_steps == 0 else (lambda _keys: None),  # the refinement reads them dense
         )
     # ---- stage 1: text encoder
     te_all = by_group["te"] if not seq else []
@@ -517,8 +571,7 @@ def merge_loras(
         per_concept = []
         for i in range(n_rows + 1):  # + neutral statistics for the report (base weights)
             fs = fe.new()
-            deltas = [(scaled[i], 1.0)] if i < n else []
-            with patched(model, deltas), torch.no_grad():
+            with hooked(model, own[min(i, n)]), torch.no_grad():
                 for p in prompts[min(i, n)] if features else []:
                     eot = enc.eot_position(p)
                     with _collect(model, fs, fe.hook_keys, select=_te_select(config, eot)):
@@ -538,7 +591,7 @@ def merge_loras(
         tick("cross-attention K/V: encoding prompts with the merged text encoder")
         dim = _d_in(model, kv_keys[0])
         per_concept = []
-        with patched(model, te_merged), torch.no_grad():
+        with hooked(model, te_merged), torch.no_grad():
             for i in range(n_rows + 1):
                 fs = FeatureStats(dim, config.sketch_rows, config.seed)
                 for p in prompts[min(i, n)] if features else []:
@@ -566,8 +619,8 @@ def merge_loras(
                 for i in range(n_rows + 1):
                     tick(f"UNet features: pass {pi + 1}/{len(passes)}, run {i + 1}/{n_rows + 1}")
                     fs = fe.new(groups)
-                    own = {k: scaled[i][k].delta() for k in unet_keys if i < n and k in scaled[i]}
-                    with patched(model, {**te_merged, **kv_merged, **own}), _collect(model, fs, fe.hook_keys):
+                    mine = {k: own[i][k] for k in unet_keys if i < n and k in own[i]}
+                    with hooked(model, {**te_merged, **kv_merged, **mine}), _collect(model, fs, fe.hook_keys):
                         ps = prompts[min(i, n)]
                         for p in ps if config.effective_sample_prompts() == "all" else ps[:1]:
                             _sample(model, p, config)
@@ -579,14 +632,16 @@ def merge_loras(
             solve(k, feats, per_concept_all[-1].get(g))
         for k in conv_keys:
             solve(k, [None] * n, None)
+    te_merged = kv_merged = {}  # no further pass reads them: `release` may free the dense ΔW
 
     distill_info = None
     if config.distill_steps > 0 and config.method in ("loraclr", "lsq"):
         from lib_loraclr.merge.distill import distill_merged
 
+        own_dense = [{k: m.delta() for k, m in s.modules.items()} for s in scaled] + [{}]
         refined, distill_info = distill_merged(
             model,
-            merged,
+            merged,  # type: ignore[arg-type]  # all dense: nothing is released before this point
             own_dense,
             prompts if preserve else [*prompts[:n], []],
             config,
@@ -594,9 +649,13 @@ def merge_loras(
             progress,
         )
         merged.update(refined)
+        del own_dense
+    release(list(merged))
     out = DeltaSet(
         modules={
-            k: LoraModule(key=k, dense=d.reshape(_target_shape(model, k)).contiguous(), kind="full")
+            k: d
+            if isinstance(d, LoraModule)
+            else LoraModule(key=k, dense=d.reshape(_target_shape(model, k)).contiguous(), kind="full")
             for k, d in merged.items()
         },
         arch=next((c.deltas.arch for c in concepts if c.deltas.arch != "unknown"), "unknown"),
@@ -605,7 +664,7 @@ def merge_loras(
     report = build_report(concepts, config, layer_info, time.perf_counter() - t_start)
     if distill_info is not None:
         report["distill"] = distill_info
-    return MergeResult(deltas=out, report=report)
+    return MergeResult(deltas=out, report=report, svd_errors=svd_errors)
 
 
 def _te_select(config: MergeConfig, eot: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -741,7 +800,7 @@ def build_report(
             **{
                 k: (v if k != "shape_for" else (None if v is None else "custom"))
                 for k, v in asdict(config).items()
-                if k != "max_stats_bytes"
+                if k not in ("max_stats_bytes", "lowrank_output")
             },
             "kv_rows": config.effective_kv_rows(),
             "preserve_base": config.effective_preserve_base(),

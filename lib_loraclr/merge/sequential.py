@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lib_loraclr.apply import patched, target_weight
+from lib_loraclr.apply import DeltaHooks, DeltaLike, hooked
 from lib_loraclr.merge.pipeline import (
     Concept,
     MergeConfig,
@@ -129,39 +129,6 @@ def _call_order(model: nn.Module, hook_keys: dict[str, str], run: Callable[[], A
     return order + [g for g in hook_keys if g not in order]
 
 
-class _WeightSets:
-    """Several sets of patched weights, built once and swapped in by reference (no add per forward pass).
-
-    ``sets[name]`` = canonical key → dense ΔW; ``use(name)`` points every touched weight at ``W0 + ΔW`` of that
-    set (``W0`` where the set has no delta); ``restore()`` puts the original tensors back bit-for-bit.
-    Memory: one extra copy of each touched weight per set.
-    """
-
-    def __init__(self, model: nn.Module, sets: dict[str, dict[str, torch.Tensor]]) -> None:
-        self.weights: dict[int, torch.Tensor] = {}
-        self.original: dict[int, torch.Tensor] = {}
-        self.by_set: dict[str, dict[int, torch.Tensor]] = {name: {} for name in sets}
-        for name, deltas in sets.items():
-            for key, d in deltas.items():
-                w, rows = target_weight(model, key)
-                wid = id(w)
-                self.weights.setdefault(wid, w)
-                self.original.setdefault(wid, w.data)
-                new = self.by_set[name].get(wid)
-                if new is None:
-                    new = self.by_set[name][wid] = w.data.clone()
-                view = new if rows is None else new[rows]
-                view += d.reshape(view.shape).to(device=new.device, dtype=new.dtype)
-
-    def use(self, name: str) -> None:
-        for wid, w in self.weights.items():
-            w.data = self.by_set[name].get(wid, self.original[wid])
-
-    def restore(self) -> None:
-        for wid, w in self.weights.items():
-            w.data = self.original[wid]
-
-
 class _TeacherRows:
     """The teacher's text-encoder input rows of every group, per (row i, prompt): one full encode each.
 
@@ -174,7 +141,7 @@ class _TeacherRows:
         hook_keys: dict[str, str],
         dims: dict[str, int],
         prompts: Sequence[Sequence[str]],
-        teacher: Callable[[int], dict[str, torch.Tensor]],
+        teacher: Callable[[int], dict[str, DeltaLike]],
         select: Callable[[str], Callable[[torch.Tensor], torch.Tensor] | None],
         length: int,
         budget: int,
@@ -193,7 +160,7 @@ class _TeacherRows:
         p = self.prompts[i][j]
         bufs = {g: _RowBuffer() for g in groups}
         hooks = _collect(self.model, bufs, groups, select=self.select(p), stop_after=stop)  # type: ignore[arg-type]
-        with torch.no_grad(), patched(self.model, self.teacher(i)), hooks:
+        with torch.no_grad(), hooked(self.model, self.teacher(i)), hooks:
             _until_recorded(lambda: self.model.get_learned_conditioning([p]))  # type: ignore[operator]
         return bufs
 
@@ -224,9 +191,9 @@ def _record_trajectory(
     model: nn.Module,
     prompts: Sequence[str],
     config: MergeConfig,
-    teacher: dict[str, torch.Tensor],
-    teacher_te: dict[str, torch.Tensor],
-    student_te: dict[str, torch.Tensor],
+    teacher: dict[str, DeltaLike],
+    teacher_te: dict[str, DeltaLike],
+    student_te: dict[str, DeltaLike],
     hook_keys: dict[str, str],
 ) -> _Trajectory:
     """Sample ``prompts`` with the teacher (no CFG, ``config.sample_images`` seeded images per prompt,
@@ -239,14 +206,12 @@ def _record_trajectory(
         by_shape.setdefault(None if shape is None else tuple(shape), []).extend([p] * config.sample_images)
     inner = wrap_model(model)
     traj = _Trajectory()
-    swap = _WeightSets(model, {"teacher": teacher})
-    try:
-        swap.use("teacher")
+    with hooked(model, teacher):
         for shape, ps in by_shape.items():
             with torch.no_grad():
-                with patched(model, teacher_te):
+                with hooked(model, teacher_te):
                     t_cond = model.get_learned_conditioning(ps)  # type: ignore[operator]
-                with patched(model, student_te):
+                with hooked(model, student_te):
                     s_cond = model.get_learned_conditioning(ps)  # type: ignore[operator]
             calls: list[tuple[torch.Tensor, torch.Tensor, dict[str, int]]] = []
 
@@ -260,16 +225,14 @@ def _record_trajectory(
 
             feature_run(model, ps, config, shape, denoiser=den)
             traj.batches.append((t_cond, s_cond, calls))
-    finally:
-        swap.restore()
     return traj
 
 
 def _replay(
     model: nn.Module,
     traj: _Trajectory,
-    teacher: dict[str, torch.Tensor],
-    student: dict[str, torch.Tensor],
+    teacher: dict[str, DeltaLike],
+    student: dict[str, DeltaLike],
     hook_keys: dict[str, str],
     sinks: dict[str, PairedStats],
 ) -> None:
@@ -278,7 +241,7 @@ def _replay(
     from lib_loraclr.models.sampling import wrap_model
 
     inner = wrap_model(model)
-    swap = _WeightSets(model, {"teacher": teacher, "student": student})
+    swap = DeltaHooks(model)
     try:
         with torch.no_grad():
             for t_cond, s_cond, calls in traj.batches:
@@ -286,42 +249,45 @@ def _replay(
                     stop = {g: fires[g] for g in hook_keys if fires.get(g)}
                     bt = {g: _RowBuffer() for g in sinks}
                     bs = {g: _RowBuffer() for g in sinks}
-                    swap.use("teacher")
+                    swap.use(teacher)
                     with _collect(model, bt, hook_keys, stop_after=stop):  # type: ignore[arg-type]
                         _until_recorded(lambda x=x, sigma=sigma, c=t_cond: inner(x, sigma, cond=c))
-                    swap.use("student")
+                    swap.use(student)
                     with _collect(model, bs, hook_keys, stop_after=stop):  # type: ignore[arg-type]
                         _until_recorded(lambda x=x, sigma=sigma, c=s_cond: inner(x, sigma, cond=c))
                     for g, sink in sinks.items():
                         if bs[g].blocks:
                             sink.add(bs[g].rows(), bt[g].rows())
     finally:
-        swap.restore()
+        swap.remove()
 
 
 def merge_sequential(
     model: nn.Module,
     config: MergeConfig,
     by_group: dict[str, list[str]],
-    own: list[dict[str, torch.Tensor]],
+    own: list[dict[str, DeltaLike]],
     prompts: list[list[str]],
     n: int,
     n_rows: int,
     concepts: Sequence[Concept],
-    merged: dict[str, torch.Tensor],
+    merged: dict[str, DeltaLike],
     solve: Callable[..., None],
     tick: Callable[[str], None],
+    release: Callable[[Sequence[str]], None] = lambda _keys: None,
 ) -> None:
-    """Solve every layer in depth order (module docstring). ``own[i]``: concept i's dense ΔW per key
-    (``own[n]`` = {}: the base, for the neutral prompts); rows ``0 … n_rows-1`` join the solve, row ``n`` is
-    the neutral one; ``solve(key, feats, neutral, paired=…)`` fits one layer into ``merged``."""
+    """Solve every layer in depth order (module docstring). ``own[i]``: concept i's ΔW per key (LoRA
+    modules or dense; ``own[n]`` = {}: the base, for the neutral prompts); rows ``0 … n_rows-1`` join the
+    solve, row ``n`` is the neutral one; ``solve(key, feats, neutral, paired=…)`` fits one layer into
+    ``merged`` (its exact dense ΔW); ``release(keys)``: no later pass reads those keys' ΔW (the text encoder's,
+    once every teacher run is recorded)."""
     enc = model.prompt_encoder  # type: ignore[attr-defined]
     rows = range(n + 1)
 
-    def student(i: int, part: Sequence[str]) -> dict[str, torch.Tensor]:
+    def student(i: int, part: Sequence[str]) -> dict[str, DeltaLike]:
         return {k: merged[k] if k in merged else own[i][k] for k in part if k in merged or k in own[i]}
 
-    def only(i: int, part: Sequence[str]) -> dict[str, torch.Tensor]:
+    def only(i: int, part: Sequence[str]) -> dict[str, DeltaLike]:
         return {k: own[i][k] for k in part if k in own[i]}
 
     # ---- text encoder: one input group at a time, in call order
@@ -355,12 +321,13 @@ def merge_sequential(
                     bs = {g: _RowBuffer()}
                     stop = {g: fires} if fires else None
                     hooks = _collect(model, bs, one, select=select(p), stop_after=stop)  # type: ignore[arg-type]
-                    with torch.no_grad(), patched(model, student(i, te_all)), hooks:
+                    with torch.no_grad(), hooked(model, student(i, te_all)), hooks:
                         _until_recorded(lambda p=p: model.get_learned_conditioning([p]))  # type: ignore[operator]
                     paired[i].add(bs[g].rows(), xt)
             for k in te_keys:
                 if input_group(k) == g:
                     solve(k, [], paired[n].features, paired=paired[:n_rows])
+        del teacher_rows, paired  # the teacher's recorded rows (SDXL: ~0.6 GB)
     for k in te_all:
         if k not in te_keys:
             solve(k, [None] * n, None)
@@ -375,9 +342,9 @@ def merge_sequential(
         with torch.no_grad():
             for i in rows:
                 for p in prompts[min(i, n)]:
-                    with patched(model, only(i, te_all)):
+                    with hooked(model, only(i, te_all)):
                         ct = _crossattn(model.get_learned_conditioning([p]))[0]  # type: ignore[operator]
-                    with patched(model, te_merged):
+                    with hooked(model, te_merged):
                         cs = _crossattn(model.get_learned_conditioning([p]))[0]  # type: ignore[operator]
                     eot = enc.eot_position(p)
                     pos = _kv_positions(
@@ -405,6 +372,10 @@ def merge_sequential(
                     model, ps, config, only(i, unet_all), only(i, te_all), te_merged, all_hooks
                 )
             )
+    # the text encoder's merged ΔW has done its work (the K/V rows and every student conditioning are
+    # recorded): from here it is kept at the saved file's rank
+    te_merged = {}
+    release(te_all)
     for si, (_stage, skeys) in enumerate(sorted(stages.items())):
         fe = _Features(model, skeys, config)
         sinks_all = [

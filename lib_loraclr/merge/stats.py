@@ -361,14 +361,30 @@ class PairedStats:
     - ``cross``: ``C = X̃ᵀX`` float64 ``[d_in, d_in]``;
     - ``drift_sq`` / ``teacher_sq``: ``‖X̃ − X‖²_F`` and ``‖X‖²_F`` (how far the inputs drifted).
 
-    Memory: ``8·d_in²`` bytes on top of the FeatureStats, independent of the number of rows.
+    Memory: at most ``8·d_in²`` bytes on top of the FeatureStats, independent of the number of rows. While
+    fewer than ``d_in`` row pairs have been added (a full-size SDXL block on the merge's 8×8 latent sees a
+    few dozen) the aligned batches are kept instead (``8·d_in`` bytes per pair) and ``cross`` is summed from
+    them when first read, batch by batch in the order they came: the same float64 sums, bit for bit.
     """
 
     def __init__(self, d_in: int, sketch_rows: int = 512, seed: int = 0) -> None:
         self.features = FeatureStats(d_in, sketch_rows, seed)
-        self.cross = torch.zeros(d_in, d_in, dtype=torch.float64)
+        self._cross: torch.Tensor | None = None  # float64 [d_in, d_in] once folded
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (student, teacher) float32 batches
+        self._pair_rows = 0
         self.drift_sq = 0.0
         self.teacher_sq = 0.0
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """``C = X̃ᵀX`` float64 ``[d_in, d_in]`` (from here on accumulated directly)."""
+        if self._cross is None:
+            d = self.d_in
+            self._cross = torch.zeros(d, d, dtype=torch.float64)
+            for xs, xt in self._pairs:
+                self._cross += (xs.T @ xt).double()
+            self._pairs, self._pair_rows = [], 0
+        return self._cross
 
     @property
     def d_in(self) -> int:
@@ -387,7 +403,11 @@ class PairedStats:
         xs = student.detach().reshape(-1, self.d_in).float().cpu()
         xt = teacher.detach().reshape(-1, self.d_in).float().cpu()
         self.features.add(xs)
-        self.cross += (xs.T @ xt).double()
+        if self._cross is None and self._pair_rows + xs.shape[0] <= self.d_in:
+            self._pairs.append((xs.clone(), xt.clone()))
+            self._pair_rows += xs.shape[0]
+        else:
+            self.cross.add_((xs.T @ xt).double())
         self.drift_sq += float((xs - xt).pow(2).sum(dtype=torch.float64))
         self.teacher_sq += float(xt.pow(2).sum(dtype=torch.float64))
 
@@ -428,4 +448,5 @@ class PairedStats:
         return out.float()
 
     def memory_bytes(self) -> int:
-        return self.features.memory_bytes() + self.cross.numel() * self.cross.element_size()
+        held = [self._cross] if self._cross is not None else [t for pair in self._pairs for t in pair]
+        return self.features.memory_bytes() + sum(t.numel() * t.element_size() for t in held)
