@@ -379,10 +379,7 @@ class PairedStats:
     def cross(self) -> torch.Tensor:
         """``C = X̃ᵀX`` float64 ``[d_in, d_in]`` (from here on accumulated directly)."""
         if self._cross is None:
-            d = self.d_in
-            self._cross = torch.zeros(d, d, dtype=torch.float64)
-            for xs, xt in self._pairs:
-                self._cross += (xs.T @ xt).double()
+            self._cross = self._cross_now()
             self._pairs, self._pair_rows = [], 0
         return self._cross
 
@@ -393,6 +390,15 @@ class PairedStats:
     @property
     def n(self) -> int:
         return self.features.n
+
+    def _cross_now(self) -> torch.Tensor:
+        """``cross``, without keeping it when it is still held as row pairs (a solve reads it once)."""
+        if self._cross is not None:
+            return self._cross
+        c = torch.zeros(self.d_in, self.d_in, dtype=torch.float64)
+        for xs, xt in self._pairs:
+            c += (xs.T @ xt).double()
+        return c
 
     def add(self, student: torch.Tensor, teacher: torch.Tensor) -> None:
         """Add aligned rows: ``student [..., d_in]`` (merged model) and ``teacher [..., d_in]`` (same shape)."""
@@ -436,10 +442,15 @@ class PairedStats:
         d = g.shape[0]
         tr = float(g.diagonal().sum())
         lam = ridge * tr / d if tr > 0 else 0.0
-        a = (self.cross.T - g) if self.features.n else torch.zeros_like(g)
-        gl = g + lam * torch.eye(d, dtype=g.dtype)
-        chol, info = torch.linalg.cholesky_ex(gl)
+        # at most three d×d float64 matrices at a time (bigG's 5120-wide input: 210 MB each): Cᵀ − G̃ is used
+        # for rhs and dropped; G̃ + λI gets λ on its diagonal in place (the same sums as adding λ·I)
+        a = (self._cross_now().T - g) if self.features.n else torch.zeros_like(g)
         rhs = wt @ a  # [d_out, d_in]
+        del a
+        gl = g.clone()
+        gl.diagonal().add_(lam)
+        del g
+        chol, info = torch.linalg.cholesky_ex(gl)
         if int(info) == 0:
             corr = torch.cholesky_solve(rhs.T, chol).T
         else:
