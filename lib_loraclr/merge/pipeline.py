@@ -269,6 +269,28 @@ def _w0(model: nn.Module, key: str) -> torch.Tensor:
     return (w if rows is None else w[rows]).float().flatten(1)
 
 
+def _trim_heap() -> None:
+    """Give the allocator's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Per-layer tensors of up to 26 MB (SDXL) come and go between the long-lived merged layers; glibc serves
+    them from its heap once its dynamic mmap threshold has risen, and freed holes there stay resident.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018  # glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
 class StopForward(Exception):
     """Raised by a ``_collect`` hook once every awaited module has seen its input: the rest of the forward
     pass is not needed (sequential solving runs passes that feed one stage only)."""
@@ -456,6 +478,7 @@ def merge_loras(
         if paired is not None and config.method in ("loraclr", "lsq"):
             solve_paired(key, w0, paired, neutral)
             done += 1
+            _trim_heap()
             tick(f"solved {key}")
             return
         stats = [
