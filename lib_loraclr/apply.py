@@ -18,6 +18,7 @@ from torch import nn
 
 from lib_loraclr.deltas import DeltaSet, LoraModule
 from lib_loraclr.keymap import fused_rows, split_fused
+from lib_loraclr.models.half import HALF_DTYPES
 
 WeightedDeltas = Sequence[tuple[DeltaSet, float]]
 
@@ -171,7 +172,7 @@ class DeltaHooks:
             if not parts:
                 weight.data = original
                 continue
-            new = original.float() if original.dtype in _HALF else original.clone()  # a copy either way
+            new = original.float() if original.dtype in HALF_DTYPES else original.clone()  # a copy either way
             for rows, d in parts:
                 view = new if rows is None else new[rows]
                 dense = _dense_delta(d)
@@ -194,9 +195,6 @@ class DeltaHooks:
         self._weights.clear()
         self._module_weights.clear()
         self._active = {}
-
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 @contextmanager

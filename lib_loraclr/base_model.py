@@ -113,6 +113,26 @@ def checkpoint_kind(keys: Any) -> str:
     return "other"
 
 
+def _read_sizes(
+    f: Any,
+    p: Path,
+    parts: tuple[str, ...],
+    from_shapes: Callable[[dict[str, tuple[int, ...]]], dict],
+    what: str,
+) -> tuple[list[str], dict[str, tuple[int, ...]], dict]:
+    """``(names, shapes, config dict)`` of an open safetensors file's tensors under ``parts``, the sizes read
+    from the shapes by ``from_shapes``; BaseModelError when they cannot be read (a damaged file)."""
+    names = [n for n in f.keys() if n.startswith(parts)]  # noqa: SIM118 (safe_open is not iterable)
+    shapes = {n: tuple(f.get_slice(n).get_shape()) for n in names}
+    try:
+        return names, shapes, from_shapes(shapes)
+    except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
+        raise BaseModelError(
+            f"{p.name}: the weights are incomplete or mis-shaped (reading the sizes failed at {e}); "
+            f"the checkpoint is damaged or not {what}. Download it again"
+        ) from None
+
+
 def _load_sd1(p: Path, tokenizer: Any, unet_factory: UNetFactory | None) -> torch.nn.Module:
     """A full SD1.x checkpoint as `SD1Model` (float32), see `load_base`."""
     from safetensors import safe_open
@@ -121,15 +141,8 @@ def _load_sd1(p: Path, tokenizer: Any, unet_factory: UNetFactory | None) -> torc
 
     parts = (_UNET, _SD1_TE)
     with safe_open(str(p), framework="pt") as f:
-        names = [n for n in f.keys() if n.startswith(parts)]  # noqa: SIM118 (safe_open is not iterable)
-        shapes = {n: tuple(f.get_slice(n).get_shape()) for n in names}
-        try:
-            cfg = SD1Config.from_dict(sd1_config_from_shapes(shapes))
-        except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
-            raise BaseModelError(
-                f"{p.name}: the SD1 weights are incomplete or mis-shaped (reading the sizes failed at {e}); "
-                "the checkpoint is damaged or not SD1.x. Download it again"
-            ) from None
+        names, shapes, sizes = _read_sizes(f, p, parts, sd1_config_from_shapes, "SD1.x")
+        cfg = SD1Config.from_dict(sizes)
         # Build on the meta device and assign the file's tensors (one fp32 copy of the weights in memory,
         # converted tensor by tensor): about 4 GB for SD1.5 instead of three copies.
         with torch.device("meta"):
@@ -158,20 +171,13 @@ def _load_sdxl(
     of the file must have its place in the model and every weight of the model must be in the file."""
     from safetensors import safe_open
 
-    from lib_loraclr.models.half import half_storable, store_half
+    from lib_loraclr.models.half import HALF_DTYPES, half_storable, store_half
     from lib_loraclr.models.sd import SDXLConfig, SDXLModel
 
     parts = (_UNET, _XL_TE1, _XL_TE2)
     with safe_open(str(p), framework="pt") as f:
-        names = [n for n in f.keys() if n.startswith(parts)]  # noqa: SIM118 (safe_open is not iterable)
-        shapes = {n: tuple(f.get_slice(n).get_shape()) for n in names}
-        try:
-            cfg = SDXLConfig.from_dict(sdxl_config_from_shapes(shapes))
-        except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
-            raise BaseModelError(
-                f"{p.name}: the SDXL weights are incomplete or mis-shaped (reading the sizes failed at {e}); "
-                "the checkpoint is damaged or not an SDXL base model. Download it again"
-            ) from None
+        names, shapes, sizes = _read_sizes(f, p, parts, sdxl_config_from_shapes, "an SDXL base model")
+        cfg = SDXLConfig.from_dict(sizes)
         with torch.device("meta"):
             model = SDXLModel(cfg, tokenizer=tokenizer, unet_factory=unet_factory)
         expected = model.state_dict()
@@ -189,7 +195,7 @@ def _load_sdxl(
         sd = {}
         for n in names:  # tensor by tensor: the fp32 copy of one tensor at a time beside the model
             t = f.get_tensor(n)
-            sd[n] = t if (n in keep and t.dtype in (torch.float16, torch.bfloat16)) else _as_float(t)
+            sd[n] = t if (n in keep and t.dtype in HALF_DTYPES) else _as_float(t)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     del sd
     missing = [m for m in missing if not m.endswith("position_ids") and m not in _OPTIONAL_SDXL]
