@@ -211,3 +211,57 @@ def test_tiny_models_routed_equals_fusion_with_one_region_and_runs_with_two(arch
     out = sample(model, [prompt], denoiser=build(two, True), **kw)
     assert bool(torch.isfinite(out).all()) and (out - a).abs().max().item() > 1e-4
     assert count_hooks(model) == 0 and all("forward" not in m.__dict__ for m in unet.modules())
+
+
+def test_cached_text_projections_and_masks_follow_weight_changes_and_new_runs(world):
+    """The routed pass keeps the regions' K/V projections and attention masks between steps: a second run with
+    the same denoiser after an in-place weight change (as a host's LoRA or refiner load does) equals a fresh
+    denoiser's run, and the cache holds one K/V pair per cross-attention layer."""
+    unet = world.model.model.diffusion_model
+    m = _method(world, mode="routed", layout=True)
+    reqs = [["sks", "ohwx"]]
+    den = m.denoiser(world, reqs)
+    first = world.sample(["a sks and a ohwx"], 2, 3.0, 0, denoiser=den)
+    assert len(den.attention._kv) == len(den.attention.layers)
+    assert torch.equal(first, world.sample(["a sks and a ohwx"], 2, 3.0, 0, denoiser=m.denoiser(world, reqs)))
+    to_k = unet.get_submodule(den.attention.layers[0]).to_k
+    saved = to_k.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            to_k.weight.mul_(1.5)
+        again = world.sample(["a sks and a ohwx"], 2, 3.0, 0, denoiser=den)
+        fresh = world.sample(["a sks and a ohwx"], 2, 3.0, 0, denoiser=m.denoiser(world, reqs))
+    finally:
+        with torch.no_grad():
+            to_k.weight.copy_(saved)
+    assert torch.equal(again, fresh) and not torch.equal(again, first)
+
+    def changing_mid_run(d):  # the weights change in place before the second step (a refiner switch)
+        inner, calls = d.inner_model, []
+
+        def call(x, sigma, cond=None, **kw):
+            calls.append(1)
+            if len(calls) == 2:
+                with torch.no_grad():
+                    to_k.weight.mul_(1.5)
+            return inner(x, sigma, cond=cond, **kw)
+
+        d.inner_model = call
+        return d
+
+    try:
+        cached = world.sample(
+            ["a sks and a ohwx"], 2, 3.0, 0, denoiser=changing_mid_run(m.denoiser(world, reqs))
+        )
+        with torch.no_grad():
+            to_k.weight.copy_(saved)
+        uncached = m.denoiser(world, reqs)
+        uncached.attention._context_kv = lambda mod, x: (  # type: ignore[method-assign]
+            mod.to_k(uncached.attention._ctx),
+            mod.to_v(uncached.attention._ctx),
+        )
+        plain = world.sample(["a sks and a ohwx"], 2, 3.0, 0, denoiser=changing_mid_run(uncached))
+    finally:
+        with torch.no_grad():
+            to_k.weight.copy_(saved)
+    assert torch.equal(cached, plain) and not torch.equal(cached, first)

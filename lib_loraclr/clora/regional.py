@@ -40,6 +40,14 @@ from .denoiser import COND, UNCOND, CloraDenoiser, cond_table, guided
 from .routing import RoutedLoras
 
 
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the additive one SDPA makes of it (0 where True, −inf where False), so
+    the conversion runs once per layout instead of once per attention call."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, float("-inf")
+    )
+
+
 class RegionalAttention:
     """Instance-level ``forward`` of every ``attn2`` layer of ``unet`` that attends region by region.
 
@@ -58,22 +66,36 @@ class RegionalAttention:
         self.weights: torch.Tensor | None = None
         self._saved: list[tuple[nn.Module, Any]] = []
         self._cache: dict[int, torch.Tensor] = {}
+        self._ctx: torch.Tensor | None = None
+        self._tok_region = torch.zeros(0, dtype=torch.long)
+        # per attn2 layer: (weights' stamp, K, V) of the regions' text (`_context_kv`)
+        self._kv: dict[tuple[Any, ...], tuple[Any, torch.Tensor, torch.Tensor]] = {}
 
     def set(self, contexts: Sequence[torch.Tensor], weights: torch.Tensor) -> None:
         """Contexts ``[K]`` of ``[R, T_k, D]`` and weights ``[R, K, H, W]`` for the next calls. The contexts
         of the regions that cover some position are concatenated along the tokens (``[R, ΣT, D]``), so each
         layer runs ONE K/V projection and ONE attention whose mask lets a position see only its region's
-        tokens (its region = the argmax of its weights)."""
-        self.weights = weights
-        self._cache = {}
-        self._masks: dict[int, torch.Tensor | None] = {}
-        self._labels: dict[int, torch.Tensor] = {}
+        tokens (its region = the argmax of its weights). The per-resolution weights and attention masks are
+        kept while the weights and the regions' token counts stay the same (every step of a frozen layout)."""
         used = [k for k in range(len(contexts)) if bool((weights[:, k] > 0).any())]
-        self.contexts = [contexts[k] for k in used]
-        self._ctx = torch.cat(self.contexts, dim=1) if len(used) > 1 else self.contexts[0]
-        self._tok_region = torch.cat(
-            [torch.full((int(contexts[k].shape[1]),), k, dtype=torch.long) for k in used]
+        tok_region = torch.cat([torch.full((int(contexts[k].shape[1]),), k, dtype=torch.long) for k in used])
+        same = (
+            self.weights is not None
+            and self.weights.shape == weights.shape
+            and torch.equal(self.weights, weights)
+            and torch.equal(self._tok_region, tok_region)
         )
+        if not same:
+            self.weights = weights
+            self._cache = {}
+            self._masks: dict[tuple[int, torch.dtype], torch.Tensor | None] = {}
+            self._labels: dict[int, torch.Tensor] = {}
+            self._tok_region = tok_region
+        self.contexts = [contexts[k] for k in used]
+        ctx = torch.cat(self.contexts, dim=1) if len(used) > 1 else self.contexts[0]
+        if not same or self._ctx is None or self._ctx.shape != ctx.shape or not torch.equal(self._ctx, ctx):
+            self._kv = {}
+        self._ctx = ctx
         self._single = len(used) == 1
         if self.router is not None:
             self.router.context_tokens(self._tok_region)
@@ -101,24 +123,52 @@ class RegionalAttention:
         return got
 
     def _cross_mask(self, n: int, like: torch.Tensor) -> torch.Tensor | None:
-        """``[R, 1, n, ΣT]`` True where a position may attend to a token (the token's region is its own)."""
+        """``[R, 1, n, ΣT]`` additive mask (0 where a position may attend to a token: the token's region is its
+        own; −inf elsewhere), in ``like``'s dtype."""
         if self._single:
             return None
-        if n not in self._masks:
+        key = (n, like.dtype)
+        if key not in self._masks:
             lab = self._labels_at(n, like)
             tok = self._tok_region.to(lab.device)
-            self._masks[n] = (lab[:, :, None] == tok[None, None, :])[:, None]
-        return self._masks[n]
+            self._masks[key] = _additive((lab[:, :, None] == tok[None, None, :])[:, None], like.dtype)
+        return self._masks[key]
 
     def _self_mask(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        key = -n  # cached beside the cross masks
+        """``[R, 1, n, n]`` additive mask of the bounded self-attention (`_self_forward`)."""
+        key = (-n, like.dtype)  # cached beside the cross masks
         if key not in self._masks:
             lab = self._labels_at(n, like)
             allowed = (lab[:, :, None] == lab[:, None, :]) | (lab[:, None, :] == 0) | (lab[:, :, None] == 0)
-            self._masks[key] = allowed[:, None]
+            self._masks[key] = _additive(allowed[:, None], like.dtype)
         got = self._masks[key]
         assert got is not None
         return got
+
+    def reset(self) -> None:
+        """Forget the cached K/V projections (a new sampling run: the model's weights may have changed)."""
+        self._kv = {}
+
+    def _context_kv(self, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``to_k`` / ``to_v`` of the regions' text (``[R, ΣT, inner]`` each, with the router's K/V LoRAs).
+        The text is the same at every step, so without autograd the pair is computed once per layer and
+        reused while the context, the dtype and the projections' weights (their storage and in-place version)
+        are unchanged."""
+        ctx = self._ctx.to(device=x.device, dtype=x.dtype)
+        if torch.is_grad_enabled():
+            return module.to_k(ctx), module.to_v(ctx)
+        try:
+            stamp = tuple(
+                (p.data_ptr(), p._version) for m in (module.to_k, module.to_v) for p in m.parameters()
+            )
+        except RuntimeError:  # inference tensors keep no version counter: nothing is cached
+            return module.to_k(ctx), module.to_v(ctx)
+        key = (id(module), x.dtype, x.device)
+        got = self._kv.get(key)
+        if got is None or got[0] != stamp:
+            got = (stamp, module.to_k(ctx), module.to_v(ctx))
+            self._kv[key] = got
+        return got[1], got[2]
 
     def _self_forward(self, module: nn.Module) -> Callable[..., torch.Tensor]:
         """Bounded self-attention: a position of concept region k attends to its own region and the
@@ -143,8 +193,7 @@ class RegionalAttention:
         ) -> torch.Tensor:
             heads = this.heads
             q = this.to_q(x)
-            ctx = self._ctx.to(device=x.device, dtype=x.dtype)
-            kk, vv = this.to_k(ctx), this.to_v(ctx)
+            kk, vv = self._context_kv(this, x)
             b, n, c = q.shape
             qh, kh, vh = (t.reshape(b, -1, heads, c // heads).transpose(1, 2) for t in (q, kk, vv))
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=self._cross_mask(n, q))
@@ -393,6 +442,8 @@ class RegionalDenoiser:
         if self._last_sigma is not None and s > self._last_sigma and self.estimator is not None:
             self.estimator.reset()  # a new sampling run: forget the frozen layout, estimate it again
             self._routed_at = None
+        if self._last_sigma is None or s > self._last_sigma:
+            self.attention.reset()
         self._last_sigma = s
         masks = self.layout_masks
         if self._routed_at is None or self._routed_at[0] != s:

@@ -353,6 +353,8 @@ class RoutedLoras:
         self._row_index: dict[int, torch.Tensor] = {}
         self._all_rows_branch: int | None = None
         self._regions: torch.Tensor | None = None
+        self._cached_regions: torch.Tensor | None = None  # the layout `_region_cache` was made for
+        self._region_cache: dict[tuple[object, ...], torch.Tensor] = {}
         self._context_tokens: torch.Tensor | None = None
         self._version = 0
         self._routes: dict[str, _Plan] = {}
@@ -506,9 +508,13 @@ class RoutedLoras:
                 f"region weights must be [R, {self.n_branches}, H, W], got {tuple(weights.shape)}"
             )
         self._regions = weights
-        self._region_cache: dict[tuple[object, ...], torch.Tensor] = {}
         self._context_tokens = None
         if weights is not None:
+            last = self._cached_regions
+            if last is None or last.shape != weights.shape or not torch.equal(last, weights):
+                # a new layout; the same one as before (every step of a frozen layout) keeps the resized weights
+                self._region_cache = {}
+                self._cached_regions = weights
             self._rows = None
             self._row_index = {}
             self._all_rows_branch = None
@@ -525,7 +531,7 @@ class RoutedLoras:
         from .attention import map_hw
 
         assert self._regions is not None
-        key = spatial
+        key = (spatial, dtype, device)
         got = self._region_cache.get(key)
         if got is None:
             H, W = self._regions.shape[-2:]
@@ -573,7 +579,7 @@ class RoutedLoras:
         if plan.branch_low is not None:
             low = plan.branch_low
             down, up = low.factors(x.dtype, x.device)
-            key = (spatial, id(low), conv)
+            key = (spatial, id(low), conv, x.dtype, x.device)
             cw = self._region_cache.get(key)  # the weights expanded to the rank columns
             if cw is None:
                 cols = low.col_branch.to(x.device)  # [Σr]
