@@ -185,9 +185,10 @@ def request_from_table(
     name: str,
     rank: float,
     overwrite: bool,
+    distill_steps: float = 0,
 ) -> dict[str, Any]:
     """The merge tab's values (table rows ``[name, trigger, TE weight, UNet weight]``, blank rows skipped)
-    → the same JSON request the REST route takes."""
+    → the same JSON request the REST route takes (``distill_steps`` > 0: the output-level refinement)."""
     loras = []
     for row in table or []:
         if not row or not str(row[0] or "").strip():
@@ -205,7 +206,8 @@ def request_from_table(
         "method": method,
         "preset": preset,
         "output": {"kind": kind.lower(), "name": name, "rank": int(rank), "overwrite": bool(overwrite)},
-        "advanced": {"sample_steps": int(sample_steps), "seed": int(seed)},
+        "advanced": {"sample_steps": int(sample_steps), "seed": int(seed)}
+        | ({"distill_steps": int(distill_steps)} if distill_steps and int(distill_steps) > 0 else {}),
     }
 
 

@@ -83,6 +83,8 @@ def test_merge_tab_request_and_status_texts():
     ]
     assert req["output"] == {"kind": "lora", "name": "m", "rank": 16, "overwrite": True}
     assert req["advanced"] == {"sample_steps": 20, "seed": 3}
+    refined = folder_merge.request_from_table(table, "lsq", "recommended", 20, 3, "LoRA", "m", 16, 0, 100.0)
+    assert refined["advanced"] == {"sample_steps": 20, "seed": 3, "distill_steps": 100}
     result = {
         "file": "/l/m.safetensors",
         "seconds": 2.0,

@@ -852,7 +852,13 @@ def test_merge_service_success_writes_and_reports(loaded, model, lora_dir, tmp_p
             }
         }
     }
-    monkeypatch.setattr(folder_merge, "merge_loras", lambda m, c, cfg, progress: MergeResult(merged, report))
+    configs = []
+
+    def recording_merge(m, c, cfg, progress):
+        configs.append(cfg)
+        return MergeResult(merged, report)
+
+    monkeypatch.setattr(folder_merge, "merge_loras", recording_merge)
     lora_net = RecordingLora()
     extra_networks.register_extra_network(lora_net)
     try:
@@ -899,6 +905,26 @@ def test_merge_service_success_writes_and_reports(loaded, model, lora_dir, tmp_p
         )
         assert images == [] and "Saved" in status and "Preview failed: RuntimeError: no VRAM" in status
         assert out.is_file() and len(rows) == 2
+        # the tab's refinement slider reaches the merge (0 = off, the default)
+        assert [c.distill_steps for c in configs] == [0, 0, 0]
+        ui_merge.merge_click(
+            svc,
+            "task(v)",
+            table,
+            "lsq",
+            "recommended",
+            5,
+            0,
+            "LoRA",
+            "merged_pair",
+            8,
+            True,
+            False,
+            128,
+            2,
+            40,
+        )
+        assert configs[-1].distill_steps == 40
     finally:
         extra_networks.extra_network_registry.pop("lora", None)
     out.unlink()

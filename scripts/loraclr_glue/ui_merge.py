@@ -62,9 +62,12 @@ def merge_click(
     show_preview: bool = False,
     preview_size: float = preview.DEFAULT_SIZE,
     preview_steps: float = preview.DEFAULT_STEPS,
+    refine_steps: float = 0,
 ) -> list[Any]:
     """Handler body (inside ``wrap_gradio_gpu_call``): ``[report rows, ready prompt, preview images, status html]``."""
-    body = request_from_table(table, method, preset, sample_steps, seed, kind, name, rank, overwrite)
+    body = request_from_table(
+        table, method, preset, sample_steps, seed, kind, name, rank, overwrite, refine_steps
+    )
     try:
         result = service.merge(body, locked=False)
     except ServiceError as e:
@@ -139,6 +142,14 @@ def build(service: MergeService | None = None) -> list[tuple[Any, str, str]]:
                 1, 100, value=20, step=1, label="Feature sampling steps", elem_id=f"{ID}_steps"
             )
             seed = gr.Number(value=0, precision=0, label="Seed", elem_id=f"{ID}_seed")
+            refine_steps = gr.Slider(
+                0,
+                500,
+                value=0,
+                step=10,
+                label="Output refinement steps (0 = off; keeps 4+ concepts sharp; slow on a CPU)",
+                elem_id=f"{ID}_refine",
+            )
         with FormRow():
             kind = gr.Radio(["LoRA", "checkpoint"], value="LoRA", label="Save as", elem_id=f"{ID}_kind")
             out_name = gr.Textbox(label="Output name", placeholder="my_merge", elem_id=f"{ID}_name")
@@ -204,6 +215,7 @@ def build(service: MergeService | None = None) -> list[tuple[Any, str, str]]:
                 rank,
                 overwrite,
                 *previews,
+                refine_steps,
             ],
             outputs=[report, prompt, gallery, status],
             **{js: "loraclr_merge_submit"},
