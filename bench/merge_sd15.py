@@ -26,6 +26,9 @@ What it does, in a temporary folder (deleted afterwards unless ``--keep DIR``):
      per-layer solves, and writing (last progress line → report on stdout: SVD re-rank + save);
 4. checks that the merged file loads back (``python -m lib_loraclr inspect``).
 
+``--distill-steps K``: the same merge with the output-level refinement (the CLI's ``--distill-steps``); its
+time is the "refine" column (teacher outputs on the pool + K Adam steps through the whole model).
+
 ``--quick``: a smoke run (N = 2, 1 sampling step); peak memory does not depend on the steps (the feature
 statistics are bounded), the sampling stage time scales linearly with them.
 """
@@ -185,12 +188,17 @@ def run_merge(cmd: list[str], env: dict[str, str], verbose: bool = True) -> dict
                 del stderr_tail[:-20]
                 # tqdm: "merge:  40%|####      | 80/200 [01:02<01:33, 1.28layer/s, UNet (sequential): stage 1/16, run 1/3]"
                 m = re.search(r"\| *(\d+)/(\d+) \[(.*)\]\s*$", line)
-                if m is not None and state["stage"] not in ("write", "report"):
+                if m is not None and state["stage"] != "report":
                     parts = m.group(3).split(", ", 2)
                     post = parts[2] if len(parts) == 3 else ""
-                    stage = _stage_of(post) if post else state["stage"]
-                    if int(m.group(2)) > 1 and m.group(1) == m.group(2):
-                        stage = "write"  # every layer solved: what follows is the SVD re-rank and the save
+                    if "distill" in post:
+                        stage = "refinement"  # after every layer is solved (`--distill-steps`)
+                    elif state["stage"] in ("write", "refinement"):
+                        stage = state["stage"]
+                    else:
+                        stage = _stage_of(post) if post else state["stage"]
+                        if int(m.group(2)) > 1 and m.group(1) == m.group(2):
+                            stage = "write"  # every layer solved: the SVD re-rank and the save follow
                     if stage != state["stage"]:
                         switch(stage, time.perf_counter())
             else:
@@ -250,6 +258,12 @@ def main() -> int:
         default="loraclr",
         help="merge method (default loraclr; lsq = the same passes, closed-form solves)",
     )
+    ap.add_argument(
+        "--distill-steps",
+        type=int,
+        default=0,
+        help="output-level refinement steps (the CLI's --distill-steps; default 0 = off)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: N = 2, 1 step")
     ap.add_argument("--keep", default=None, help="build the files in this folder and keep them")
     ap.add_argument("--ckpt-dtype", choices=("fp16", "fp32"), default="fp16")
@@ -293,6 +307,8 @@ def main() -> int:
             cmd += ["--out", str(out), "--method", args.method, "--preset", "recommended"]
             if steps != 20:
                 cmd += ["--steps", str(steps)]
+            if args.distill_steps:
+                cmd += ["--distill-steps", str(args.distill_steps)]
             print("$ " + " ".join(c if " " not in c else f'"{c}"' for c in cmd[1:]), flush=True)
             r = run_merge(cmd, env)
             if r["rc"] != 0:
@@ -313,10 +329,11 @@ def main() -> int:
             rows.append(r)
         print(
             f"\nSD1.5 random weights, rank-8 LoRAs ({len(keys)} modules), {args.method} recommended, steps {steps}"
+            f", refinement steps {args.distill_steps}"
         )
         head = (
             f"{'N':>2} {'wall':>9} {'CPU':>9} {'peak RSS':>9} {'load':>7} {'TE':>6} {'K/V':>6} {'UNet sampl.':>11} "
-            f"{'solves':>8} {'write':>7} {'file MB':>8} loads"
+            f"{'solves':>8} {'refine':>7} {'write':>7} {'file MB':>8} loads"
         )
         print(head)
         print("-" * len(head))
@@ -326,7 +343,7 @@ def main() -> int:
                 f"{r['n']:>2} {_fmt_s(r['wall_s']):>9} {_fmt_s(r['cpu_s']):>9} {r['peak_rss_kb'] / 2**20:>7.2f} G "
                 f"{_fmt_s(s.get('load', 0) + s.get('other', 0)):>7} {_fmt_s(s.get('text encoder', 0)):>6} {_fmt_s(s.get('K/V', 0)):>6} "
                 f"{_fmt_s(s.get('UNet sampling', 0)):>11} {_fmt_s(s.get('solves', 0)):>8} "
-                f"{_fmt_s(s.get('write', 0)):>7} {r['size'] / 2**20:>8.1f} "
+                f"{_fmt_s(s.get('refinement', 0)):>7} {_fmt_s(s.get('write', 0)):>7} {r['size'] / 2**20:>8.1f} "
                 f"{'yes' if r['loads'] else 'NO'}"
             )
             peaks = ", ".join(f"{k} {v / 2**20:.2f} G" for k, v in r["stage_rss_kb"].items())

@@ -209,6 +209,15 @@ METHODS: dict[str, Callable[[], Method]] = {
     "loraclr_distill": lambda: MergeMethod(
         "loraclr", "recommended", "loraclr_distill", overrides={"distill_steps": DISTILL_STEPS}
     ),
+    # shorter refinements (how the gain scales with the steps, i.e. with its cost)
+    **{
+        f"loraclr_distill{k}": (
+            lambda k=k: MergeMethod(
+                "loraclr", "recommended", f"loraclr_distill{k}", overrides={"distill_steps": k}
+            )
+        )
+        for k in (10, 25, 50)
+    },
 }
 
 
