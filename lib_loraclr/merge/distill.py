@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib_loraclr.apply import patched, split_fused_key
+from lib_loraclr.deltas import DeltaSet
 
 Progress = Callable[[str, int, int], None]
+Teacher = dict[str, torch.Tensor] | DeltaSet  # a teacher's ΔW: dense per key, or a LoRA (densified per call)
 
 
 @dataclass
@@ -124,7 +126,9 @@ class Student(nn.Module):
     """The merged ΔW as trainable tensors, one per distillable key: dense ``[d_out, d_in·k·k]`` or a
     low-rank pair (``rank`` > 0 and below both dimensions)."""
 
-    def __init__(self, merged: dict[str, torch.Tensor], rank: int = 0) -> None:
+    def __init__(self, merged: dict[str, torch.Tensor], rank: int = 0, share: bool = False) -> None:
+        """``share``: a dense float32 ΔW becomes the parameter itself (no copy: training then writes into
+        ``merged``'s tensors); otherwise every tensor is copied."""
         super().__init__()
         self.keys = list(merged)
         self.dense = nn.ParameterDict()
@@ -139,7 +143,8 @@ class Student(nn.Module):
                 u, v = lowrank_factors(d2, rank)
                 self.up[name], self.down[name] = nn.Parameter(u), nn.Parameter(v)
             else:
-                self.dense[name] = nn.Parameter(d2.clone())
+                shared = share and d2.dtype == torch.float32 and d2.is_contiguous() and not d2.requires_grad
+                self.dense[name] = nn.Parameter(d2.detach() if shared else d2.clone())
 
     def delta(self, key: str) -> torch.Tensor:
         """ΔW of ``key`` as ``[d_out, d_in·k·k]``."""
@@ -156,10 +161,15 @@ class Student(nn.Module):
             groups.append({"params": [p], "lr": lr * max(rms, 1e-8)})
         return groups
 
-    def export(self) -> dict[str, torch.Tensor]:
-        """Detached ΔW per key, in the shapes the merge produced."""
+    def export(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """Detached ΔW per key, in the shapes the merge produced (``copy=False``: a dense key's tensor is
+        the parameter's own storage, reshaped)."""
+        out = {}
         with torch.no_grad():
-            return {k: self.delta(k).detach().clone().reshape(self.shapes[k]) for k in self.keys}
+            for k in self.keys:
+                d = self.delta(k).detach()
+                out[k] = (d.clone() if copy else d).reshape(self.shapes[k])
+        return out
 
 
 def distillable(model: nn.Module, key: str) -> bool:
@@ -237,7 +247,7 @@ def _shape(model: nn.Module, config: Any, prompt: str) -> tuple[int, int, int]:
 
 
 def _teacher_eps(
-    model: nn.Module, delta: dict[str, torch.Tensor], prompt: str, x: torch.Tensor, t: torch.Tensor
+    model: nn.Module, delta: Teacher, prompt: str, x: torch.Tensor, t: torch.Tensor
 ) -> torch.Tensor:
     with torch.no_grad(), patched(model, delta):
         cond = model.get_learned_conditioning([prompt])  # type: ignore[operator]
@@ -246,7 +256,7 @@ def _teacher_eps(
 
 def build_pool(
     model: nn.Module,
-    own: Sequence[dict[str, torch.Tensor]],
+    own: Sequence[Teacher],
     prompts: Sequence[Sequence[str]],
     config: Any,
     params: DistillParams,
@@ -338,15 +348,19 @@ def _batch_loss(
 def distill_merged(
     model: nn.Module,
     merged: dict[str, torch.Tensor],
-    own: Sequence[dict[str, torch.Tensor]],
+    own: Sequence[Teacher],
     prompts: Sequence[Sequence[str]],
     config: Any,
     params: DistillParams,
     progress: Progress | None = None,
+    in_place: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Refine ``merged`` (canonical key → ΔW as the solve produced it) for ``params.steps`` Adam steps.
 
-    ``own[i]`` (i < n): concept i's own dense ΔW per key; ``own[n] == {}`` (the base). ``prompts[i]``: the
+    ``own[i]`` (i < n): concept i's own ΔW (a dense dict, or its `DeltaSet`: then only the teacher being
+    evaluated is dense, while the pool is made); ``own[n] == {}`` (the base). ``in_place``: the dense float32
+    tensors of ``merged`` are trained as they are (no copy of the merged ΔW; they hold the refined values
+    afterwards, or partly trained ones after an interruption). ``prompts[i]``: the
     prompts of concept i; ``prompts[n]``: the neutral prompts (pass ``[]`` to leave the base out).
     ``config``: the `MergeConfig` (canvas: ``shape`` / ``shape_for``; sampler for ``latents="teacher"``).
     ``progress(stage, done, total)`` is called before every step (it may raise to interrupt; nothing of the
@@ -360,9 +374,11 @@ def distill_merged(
             progress(stage, done, total)
 
     keys = [k for k in merged if distillable(model, k)]
-    student = Student({k: merged[k] for k in keys}, params.rank)
     n = len(own) - 1
-    pool = build_pool(model, own, prompts, config, params, tick)
+    pool = build_pool(
+        model, own, prompts, config, params, tick
+    )  # before the student: its peak is the teachers'
+    student = Student({k: merged[k] for k in keys}, params.rank, share=in_place)
     weights = {i: 1.0 for i in range(n)}
     if any(d.group == n for d in pool):
         weights[n] = params.neutral_weight
@@ -388,7 +404,7 @@ def distill_merged(
             losses.append(float(loss.detach()))
         after = full_loss()
     out = dict(merged)
-    out.update(student.export())
+    out.update(student.export(copy=not in_place))
     info = {
         "steps": params.steps,
         "keys": len(keys),

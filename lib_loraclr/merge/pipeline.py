@@ -661,18 +661,17 @@ def merge_loras(
     if config.distill_steps > 0 and config.method in ("loraclr", "lsq"):
         from lib_loraclr.merge.distill import distill_merged
 
-        own_dense = [{k: m.delta() for k, m in s.modules.items()} for s in scaled] + [{}]
         refined, distill_info = distill_merged(
             model,
             merged,  # type: ignore[arg-type]  # all dense: nothing is released before this point
-            own_dense,
+            [*scaled, {}],  # the teachers stay low-rank: one is dense at a time, while the pool is made
             prompts if preserve else [*prompts[:n], []],
             config,
             config.distill_params(),
             progress,
+            in_place=True,  # no copy of the merged ΔW (an interrupted merge discards it)
         )
         merged.update(refined)
-        del own_dense
     release(list(merged))
     out = DeltaSet(
         modules={
