@@ -218,6 +218,23 @@ METHODS: dict[str, Callable[[], Method]] = {
         )
         for k in (10, 25, 50)
     },
+    # the refined merge as a saved rank-8 LoRA (the writer's SVD cut, as the WebUI saves it), trained dense
+    # then cut, or trained at rank 8 (what is trained is what is saved)
+    "loraclr_distill25_save8": lambda: MergeMethod(
+        "loraclr",
+        "recommended",
+        "loraclr_distill25_save8",
+        overrides={"distill_steps": 25, "lowrank_output": (8, 3e-4)},
+    ),
+    "loraclr_distill25_r8": lambda: MergeMethod(
+        "loraclr",
+        "recommended",
+        "loraclr_distill25_r8",
+        overrides={"distill_steps": 25, "lowrank_output": (8, 3e-4), "distill_overrides": {"rank": 8}},
+    ),
+    "loraclr_save8": lambda: MergeMethod(
+        "loraclr", "recommended", "loraclr_save8", overrides={"lowrank_output": (8, 3e-4)}
+    ),
 }
 
 
