@@ -232,9 +232,14 @@ METHODS: dict[str, Callable[[], Method]] = {
         "loraclr_distill25_r8",
         overrides={"distill_steps": 25, "lowrank_output": (8, 3e-4), "distill_overrides": {"rank": 8}},
     ),
-    "loraclr_save8": lambda: MergeMethod(
-        "loraclr", "recommended", "loraclr_save8", overrides={"lowrank_output": (8, 3e-4)}
-    ),
+    **{
+        f"loraclr_save{r}": (
+            lambda r=r: MergeMethod(
+                "loraclr", "recommended", f"loraclr_save{r}", overrides={"lowrank_output": (r, 3e-4)}
+            )
+        )
+        for r in (8, 32)
+    },
 }
 
 
