@@ -659,6 +659,12 @@ register_method(
         "loraclr", "recommended", "loraclr_distill_layout", overrides={"distill_steps": DISTILL_STEPS}
     ),
 )
+register_method(
+    "loraclr_distill25_layout",
+    lambda: MergedLayoutMethod(
+        "loraclr", "recommended", "loraclr_distill25_layout", overrides={"distill_steps": 25}
+    ),
+)
 register_method("clora_paper", lambda: CloraMethod("paper", capture_layers=["lowest"]))
 # the recommended schedule with the masks of round 2: paper rule on the lowest-resolution layers
 register_method(
