@@ -15,7 +15,8 @@ Denoiser protocol (what `sample` calls at every step; what a CLoRA wrapper repla
 `CFGDenoiser` is the reference implementation (A1111 ``CFGDenoiser`` without AND/img2img): cond and
 uncond in one batched model call (``x_in = cat[x, x]``, cond first) when their token lengths are equal,
 two calls otherwise; ``cond_scale == 1`` skips the uncond pass. Its ``inner_model`` is a
-``k_diffusion.external.CompVisDenoiser`` around the tiny model (``inner_model(x, sigma, cond=c)``).
+``CompVisDenoiser`` around the tiny model (``inner_model(x, sigma, cond=c)``): `kdiffusion`'s copy of
+k-diffusion's, as are the samplers (a WebUI's ``k_diffusion`` may differ: Forge Neo's is ComfyUI's).
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def cat_conds(conds: list[Cond]) -> Cond:
 
 
 def wrap_model(model: nn.Module) -> nn.Module:
-    """``k_diffusion.external.CompVisDenoiser(model)`` (ε-prediction, discrete SD schedule)."""
-    from k_diffusion.external import CompVisDenoiser
+    """``CompVisDenoiser(model)`` (ε-prediction, discrete SD schedule): the library's copy of k-diffusion's
+    (`kdiffusion`), not the host's ``k_diffusion`` (Forge Neo's has no ``CompVisDenoiser``)."""
+    from .kdiffusion import CompVisDenoiser
 
     return CompVisDenoiser(model)
 
@@ -110,7 +112,7 @@ def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
 
 def sampler_sigmas(model_wrap: nn.Module, sampler: str, steps: int, karras: bool) -> torch.Tensor:
     """Descending noise levels ``[steps + 1]`` for a sampler (last one 0, except DDIM: sigma(t=0))."""
-    from k_diffusion import sampling as ks
+    from . import kdiffusion as ks
 
     if sampler == "ddim":
         t = ddim_timesteps(steps).flip(0).to(model_wrap.sigmas.device)
@@ -164,7 +166,7 @@ def sample(
       ``denoiser(x, sigma, cond=cond, uncond=uncond, cond_scale=cfg_scale)``;
     - ``callback``: k-diffusion's per-step callback (dict with ``x``, ``i``, ``sigma``, ``denoised``).
     """
-    from k_diffusion import sampling as ks
+    from . import kdiffusion as ks
 
     if sampler not in SAMPLERS:
         raise UnknownSamplerError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
