@@ -132,12 +132,16 @@ class MergeService:
                     unet_factory=self.unet_factory(),
                 )
 
+        err: ServiceError | None = None
         try:
-            result = self.locked(work) if locked else self.run_heavy(work)
-        except Exception as e:
-            raise service_error(e) from None
+            try:
+                result = self.locked(work) if locked else self.run_heavy(work)
+            except Exception as e:
+                err = service_error(e)  # `e` (its frames hold the merge's model) is dropped with this block
         finally:
             release_memory()
+        if err is not None:
+            raise err
         self.refresh_loras()
         return result
 
