@@ -43,9 +43,12 @@ def call_on(main_thread: Any, fn: Callable[[], T]) -> T:
             box["error"] = e
 
     main_thread.run_and_wait_result(work)
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
+    # emptied before raising: Forge Neo's main-thread loop keeps its last task (`work`, hence `box`) alive
+    # until the next one, and the error's frames hold a failed merge's model
+    error, result = box.pop("error", None), box.pop("result", None)
+    if error is not None:
+        raise error
+    return result
 
 
 def as_job(state: Any, lock: Any, fn: Callable[[], T], job: str) -> T:

@@ -62,3 +62,33 @@ def test_work_on_the_main_thread_returns_its_result_and_raises_its_error_here():
     with pytest.raises(ZeroDivisionError):
         call_on(MainThread(), lambda: 1 / 0)
     assert call_on(None, lambda: 6) == 6
+
+
+def test_a_failed_main_thread_job_leaves_nothing_alive_in_the_hosts_last_task():
+    """Forge Neo's main-thread loop keeps its last task (our closure) until the next one comes; the closure's
+    result box must not keep the error, whose frames hold a failed merge's model (~4 GiB on SD1.5)."""
+    import gc
+    import weakref
+
+    class Model:
+        pass
+
+    refs: list[weakref.ref] = []
+
+    class KeepsLastTask:  # like modules_forge.main_thread.loop: `task` stays referenced after it ran
+        last = None
+
+        def run_and_wait_result(self, fn):
+            self.last = fn
+            fn()
+
+    def failing_merge() -> None:
+        model = Model()
+        refs.append(weakref.ref(model))
+        raise RuntimeError("a bug in the merge")
+
+    host = KeepsLastTask()
+    with pytest.raises(RuntimeError):
+        call_on(host, failing_merge)
+    gc.collect()
+    assert host.last is not None and refs[0]() is None
