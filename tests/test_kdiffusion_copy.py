@@ -72,7 +72,10 @@ def test_sampling_does_not_need_the_hosts_k_diffusion(monkeypatch, sampler):
     comfy = types.ModuleType("k_diffusion")
     comfy.external = types.ModuleType("k_diffusion.external")  # only ForgeScheduleLinker there in Neo
     comfy.sampling = types.ModuleType("k_diffusion.sampling")
-    for name, mod in (("k_diffusion", comfy), ("k_diffusion.external", comfy.external)):
+    for name, mod in (
+        ("k_diffusion", comfy),
+        ("k_diffusion.external", comfy.external),
+        ("k_diffusion.sampling", comfy.sampling),
+    ):
         monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.setitem(sys.modules, "k_diffusion.sampling", comfy.sampling)
     assert torch.equal(sample(model, ["a sks"], **kw), want)

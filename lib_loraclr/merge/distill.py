@@ -127,8 +127,8 @@ class Student(nn.Module):
     low-rank pair (``rank`` > 0 and below both dimensions)."""
 
     def __init__(self, merged: dict[str, torch.Tensor], rank: int = 0, share: bool = False) -> None:
-        """``share``: a dense float32 ΔW becomes the parameter itself (no copy: training then writes into
-        ``merged``'s tensors); otherwise every tensor is copied."""
+        """``share``: a dense ΔW (float32, contiguous) becomes the parameter itself (no copy: training then
+        writes into ``merged``'s tensors); otherwise every tensor is copied."""
         super().__init__()
         self.keys = list(merged)
         self.dense = nn.ParameterDict()
@@ -143,8 +143,7 @@ class Student(nn.Module):
                 u, v = lowrank_factors(d2, rank)
                 self.up[name], self.down[name] = nn.Parameter(u), nn.Parameter(v)
             else:
-                shared = share and d2.dtype == torch.float32 and d2.is_contiguous() and not d2.requires_grad
-                self.dense[name] = nn.Parameter(d2.detach() if shared else d2.clone())
+                self.dense[name] = nn.Parameter(d2 if share else d2.clone())
 
     def delta(self, key: str) -> torch.Tensor:
         """ΔW of ``key`` as ``[d_out, d_in·k·k]``."""
@@ -375,9 +374,8 @@ def distill_merged(
 
     keys = [k for k in merged if distillable(model, k)]
     n = len(own) - 1
-    pool = build_pool(
-        model, own, prompts, config, params, tick
-    )  # before the student: its peak is the teachers'
+    # the pool before the student: the teachers' dense ΔW and the student's tensors are never alive together
+    pool = build_pool(model, own, prompts, config, params, tick)
     student = Student({k: merged[k] for k in keys}, params.rank, share=in_place)
     weights = {i: 1.0 for i in range(n)}
     if any(d.group == n for d in pool):

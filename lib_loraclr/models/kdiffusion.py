@@ -130,42 +130,26 @@ class CompVisDenoiser(nn.Module):
         return input + eps * c_out
 
 
-def _churned_step(model, x, sigmas, i, s_in, extra_args, callback, s_churn, s_tmin, s_tmax, s_noise):
-    """The common start of k-diffusion's euler and heun steps: optional churn (noise drawn every step, as
-    k-diffusion does), one model call at ``sigma_hat``, the derivative. Returns ``(x, sigma_hat, d)``."""
-    gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
-    eps = torch.randn_like(x) * s_noise
-    sigma_hat = sigmas[i] * (gamma + 1)
-    if gamma > 0:
-        x = x + eps * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
-    denoised = model(x, sigma_hat * s_in, **extra_args)
-    d = to_d(x, sigma_hat, denoised)
+def _derivative(model, x, sigmas, i, s_in, extra_args, callback):
+    """``dx/dσ`` at step ``i`` (one model call), as k-diffusion's euler and heun start each step; the churn
+    noise k-diffusion draws every step, used or not, is drawn too (the same random state afterwards)."""
+    torch.randn_like(x)
+    denoised = model(x, sigmas[i] * s_in, **extra_args)
     if callback is not None:
-        callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
-    return x, sigma_hat, d
+        callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+    return to_d(x, sigmas[i], denoised)
 
 
 @torch.no_grad()
-def sample_euler(
-    model,
-    x,
-    sigmas,
-    extra_args=None,
-    callback=None,
-    disable=None,
-    s_churn=0.0,
-    s_tmin=0.0,
-    s_tmax=float("inf"),
-    s_noise=1.0,
-):
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """k-diffusion's ``sample_euler`` at its defaults (no churn, the only way the library calls it); the
+    churn noise k-diffusion draws every step, used or not, is still drawn, so the random state after
+    sampling is the same."""
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
-        x, sigma_hat, d = _churned_step(
-            model, x, sigmas, i, s_in, extra_args, callback, s_churn, s_tmin, s_tmax, s_noise
-        )
-        dt = sigmas[i + 1] - sigma_hat
-        x = x + d * dt
+        d = _derivative(model, x, sigmas, i, s_in, extra_args, callback)
+        x = x + d * (sigmas[i + 1] - sigmas[i])
     return x
 
 
@@ -190,33 +174,21 @@ def sample_euler_ancestral(
 
 
 @torch.no_grad()
-def sample_heun(
-    model,
-    x,
-    sigmas,
-    extra_args=None,
-    callback=None,
-    disable=None,
-    s_churn=0.0,
-    s_tmin=0.0,
-    s_tmax=float("inf"),
-    s_noise=1.0,
-):
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """k-diffusion's ``sample_heun`` at its defaults (no churn; its per-step churn draw kept, as in
+    `sample_euler`)."""
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
-        x, sigma_hat, d = _churned_step(
-            model, x, sigmas, i, s_in, extra_args, callback, s_churn, s_tmin, s_tmax, s_noise
-        )
-        dt = sigmas[i + 1] - sigma_hat
+        d = _derivative(model, x, sigmas, i, s_in, extra_args, callback)
+        dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
             x = x + d * dt
         else:
             x_2 = x + d * dt
             denoised_2 = model(x_2, sigmas[i + 1] * s_in, **extra_args)
             d_2 = to_d(x_2, sigmas[i + 1], denoised_2)
-            d_prime = (d + d_2) / 2
-            x = x + d_prime * dt
+            x = x + (d + d_2) / 2 * dt
     return x
 
 
