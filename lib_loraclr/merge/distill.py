@@ -16,8 +16,11 @@ the teachers' gap, so it only acts when the student drifts toward another concep
 The student never writes into the model: forward hooks add ``x @ ΔWᵀ`` (``F.conv2d`` with the module's
 stride/padding for convolutions) to the output of each merged module, and the model's parameters have
 ``requires_grad`` off for the duration (flags restored). Teachers run under ``apply.patched`` (restored
-bit-for-bit). All teacher outputs are computed once before the steps. Keys whose module never runs as a
-module (fused OpenCLIP ``in_proj:q|k|v`` rows, ``nn.MultiheadAttention.out_proj``) keep the solve's result.
+bit-for-bit). All teacher outputs are computed once before the steps. A step's batch runs in UNet calls of at
+most ``chunk_pixels`` latent pixels, each back-propagated at once (the gradients accumulate in the student), so
+the activations kept for the backward pass are one call's, whatever the number of concepts. Keys whose module
+never runs as a module (fused OpenCLIP ``in_proj:q|k|v`` rows, ``nn.MultiheadAttention.out_proj``) keep the
+solve's result.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ class DistillParams:
     contrast_weight: float = 0.1
     margin: float = 0.5  # hinge margin, relative to ‖ε_Ti − ε_Tj‖²
     rank: int = 0  # 0: dense student ΔW; r > 0: low-rank factors up·down initialised by SVD at rank r
+    # latent pixels per UNet call (items × H × W, at least one item): bounds the activations kept for the
+    # backward pass; 2048 = 8 items on a 16×16 latent, 1 on SD1.5's 64×64
+    chunk_pixels: int = 2048
     seed: int = 0
 
     def validate(self) -> None:
@@ -61,8 +67,8 @@ class DistillParams:
             raise MergeInputError("distill_steps must be >= 0")
         if self.latents not in ("random", "teacher"):
             raise MergeInputError(f"distill latents must be 'random' or 'teacher', not {self.latents!r}")
-        if self.batch < 1 or self.pool < 1 or self.rank < 0 or self.lr <= 0:
-            raise MergeInputError("distill batch and pool must be >= 1, rank >= 0, lr > 0")
+        if self.batch < 1 or self.pool < 1 or self.rank < 0 or self.lr <= 0 or self.chunk_pixels < 1:
+            raise MergeInputError("distill batch, pool and chunk_pixels must be >= 1, rank >= 0, lr > 0")
 
 
 # ------------------------------------------------------------------------------------ pure helpers
@@ -299,6 +305,61 @@ def build_pool(
 
 
 # ------------------------------------------------------------------------------------------- training
+Run = list[tuple[int, torch.Tensor]]  # one UNet call: (pool index, item indices into that prompt's pool)
+
+
+def item_runs(pool: Sequence[_PromptData], picks: Sequence[torch.Tensor], chunk_pixels: int) -> Iterator[Run]:
+    """The items ``picks[k]`` of ``pool[k]`` cut into UNet calls: one canvas per call, at most
+    ``max(1, chunk_pixels // (H·W))`` items per call (a prompt's items may be split over two calls)."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for k, d in enumerate(pool):
+        if len(picks[k]):
+            by_shape.setdefault(tuple(d.x.shape[1:]), []).append(k)
+    for shape, ks in by_shape.items():
+        size = max(1, chunk_pixels // (shape[-1] * shape[-2]))
+        run: Run = []
+        room = size
+        for k in ks:
+            idx = picks[k]
+            while len(idx):
+                take, idx = idx[:room], idx[room:]
+                run.append((k, take))
+                room -= len(take)
+                if room == 0:
+                    yield run
+                    run, room = [], size
+        if run:
+            yield run
+
+
+def _run_loss(
+    model: nn.Module,
+    pool: Sequence[_PromptData],
+    run: Run,
+    item_weight: dict[int, float],
+    params: DistillParams,
+) -> torch.Tensor:
+    """The objective's share of one UNet call: ``Σ_b w_b·(MSE_b + contrast·hinge_b)`` over the run's items,
+    ``w_b`` = ``item_weight[group of b]``."""
+    cond = model.get_learned_conditioning([pool[k].prompt for k, _ in run])  # type: ignore[operator]
+    cidx = torch.cat([torch.full((len(idx),), j) for j, (_, idx) in enumerate(run)])
+    x = torch.cat([pool[k].x[idx] for k, idx in run])
+    t = torch.cat([pool[k].t[idx] for k, idx in run])
+    eps = model.apply_model(x, t, cond[cidx.to(cond.device)]).float()  # type: ignore[operator]
+    target = torch.cat([pool[k].target[idx] for k, idx in run])
+    w = torch.cat([torch.full((len(idx),), item_weight[pool[k].group]) for k, idx in run]).to(eps.device)
+    loss = distill_objective(eps, target, w)
+    m = max(pool[k].others.shape[1] for k, _ in run)
+    if m > 0 and params.contrast_weight > 0:
+        starts = torch.tensor([0, *[len(idx) for _, idx in run]]).cumsum(0).tolist()
+        rows = [j for j, (k, _) in enumerate(run) if pool[k].others.shape[1] == m]
+        sel = torch.cat([torch.arange(starts[j], starts[j + 1]) for j in rows]).to(eps.device)
+        others = torch.cat([pool[run[j][0]].others[run[j][1]] for j in rows])
+        hinge = contrast_hinge(eps[sel], target[sel], others, params.margin)
+        loss = loss + params.contrast_weight * (w[sel] * hinge).sum()
+    return loss
+
+
 def _batch_loss(
     model: nn.Module,
     student: Student,
@@ -306,42 +367,23 @@ def _batch_loss(
     picks: Sequence[torch.Tensor],
     weights: dict[int, float],
     params: DistillParams,
-) -> torch.Tensor:
-    """The objective on the items ``picks[k]`` (indices into ``pool[k]``), one UNet call per canvas."""
+    backward: bool = False,
+) -> float:
+    """The objective on the items ``picks[k]`` (indices into ``pool[k]``), in UNet calls of at most
+    ``params.chunk_pixels`` latent pixels; ``backward``: each call's share is back-propagated as soon as it is
+    computed (the gradients accumulate in the student), so only one call's activations are kept at a time."""
     counts: dict[int, int] = {}
     for d, idx in zip(pool, picks):
         counts[d.group] = counts.get(d.group, 0) + len(idx)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for k, d in enumerate(pool):
-        if len(picks[k]):
-            by_shape.setdefault(tuple(d.x.shape[1:]), []).append(k)
-    total = torch.zeros(())
+    item_weight = {g: weights[g] / c for g, c in counts.items()}
+    total = 0.0
     with student_hooks(model, student):
-        for ks in by_shape.values():
-            cond = model.get_learned_conditioning([pool[k].prompt for k in ks])  # type: ignore[operator]
-            cidx = torch.cat([torch.full((len(picks[k]),), j) for j, k in enumerate(ks)])
-            x = torch.cat([pool[k].x[picks[k]] for k in ks])
-            t = torch.cat([pool[k].t[picks[k]] for k in ks])
-            eps = model.apply_model(x, t, cond[cidx.to(cond.device)]).float()  # type: ignore[operator]
-            target = torch.cat([pool[k].target[picks[k]] for k in ks])
-            w = torch.cat(
-                [torch.full((len(picks[k]),), weights[pool[k].group] / counts[pool[k].group]) for k in ks]
-            ).to(eps.device)
-            loss = distill_objective(eps, target, w)
-            m = max(pool[k].others.shape[1] for k in ks)
-            if m > 0 and params.contrast_weight > 0:
-                rows = [j for j, k in enumerate(ks) if pool[k].others.shape[1] == m]
-                sel = torch.cat(
-                    [torch.arange(len(picks[ks[j]])) + sum(len(picks[k]) for k in ks[:j]) for j in rows]
-                ).to(eps.device)
-                others = torch.cat([pool[ks[j]].others[picks[ks[j]]] for j in rows])
-                loss = (
-                    loss
-                    + params.contrast_weight
-                    * (w[sel] * contrast_hinge(eps[sel], target[sel], others, params.margin)).sum()
-                )
-            total = total + loss.cpu()
-    return total / len(weights)
+        for run in item_runs(pool, picks, params.chunk_pixels):
+            loss = _run_loss(model, pool, run, item_weight, params).cpu() / len(weights)
+            if backward:
+                loss.backward()
+            total += float(loss.detach())
+    return total
 
 
 def distill_merged(
@@ -384,9 +426,7 @@ def distill_merged(
 
     def full_loss() -> float:
         with torch.no_grad():
-            return float(
-                _batch_loss(model, student, pool, [torch.arange(len(d.t)) for d in pool], weights, params)
-            )
+            return _batch_loss(model, student, pool, [torch.arange(len(d.t)) for d in pool], weights, params)
 
     opt = torch.optim.Adam(student.param_groups(params.lr))
     losses: list[float] = []
@@ -396,10 +436,8 @@ def distill_merged(
             tick(f"distill: step {step + 1}/{params.steps}", step, params.steps)
             picks = [torch.randperm(len(d.t), generator=gen)[: params.batch] for d in pool]
             opt.zero_grad(set_to_none=True)
-            loss = _batch_loss(model, student, pool, picks, weights, params)
-            loss.backward()
+            losses.append(_batch_loss(model, student, pool, picks, weights, params, backward=True))
             opt.step()
-            losses.append(float(loss.detach()))
         after = full_loss()
     out = dict(merged)
     out.update(student.export(copy=not in_place))
