@@ -899,6 +899,9 @@ def test_sigint_during_a_merge_leaves_nothing(tmp_path: Path) -> None:
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # a shell without job control starts background jobs with SIGINT ignored, and Python then keeps
+        # ignoring it (no KeyboardInterrupt): give the child the default disposition, as a terminal would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     buf = bytearray()
     reader = threading.Thread(
