@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -351,7 +352,7 @@ def _run_loss(
     loss = distill_objective(eps, target, w)
     m = max(pool[k].others.shape[1] for k, _ in run)
     if m > 0 and params.contrast_weight > 0:
-        starts = torch.tensor([0, *[len(idx) for _, idx in run]]).cumsum(0).tolist()
+        starts = list(accumulate((len(idx) for _, idx in run), initial=0))
         rows = [j for j, (k, _) in enumerate(run) if pool[k].others.shape[1] == m]
         sel = torch.cat([torch.arange(starts[j], starts[j + 1]) for j in rows]).to(eps.device)
         others = torch.cat([pool[run[j][0]].others[run[j][1]] for j in rows])
