@@ -29,6 +29,10 @@ What it does, in a temporary folder (deleted afterwards unless ``--keep DIR``):
 ``--distill-steps K``: the same merge with the output-level refinement (the CLI's ``--distill-steps``); its
 time is the "refine" column (teacher outputs on the pool + K Adam steps through the whole model).
 
+``--devices cpu,cuda``: each merge on each device in turn (the CLI's ``--device``), with the wall-time ratio
+to the first device and, on a GPU, its memory peak (``torch.cuda.max_memory_allocated``, printed by the CLI);
+`bench/device_check.sh` runs it on a lent GPU machine.
+
 ``--quick``: a smoke run (N = 2, 1 sampling step); peak memory does not depend on the steps (the feature
 statistics are bounded), the sampling stage time scales linearly with them.
 """
@@ -45,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -243,6 +248,15 @@ def run_merge(cmd: list[str], env: dict[str, str], verbose: bool = True) -> dict
     }
 
 
+def _gpu_peak(stdout: Sequence[str]) -> float | None:
+    """The GPU memory peak the CLI prints after its report (``--device cuda``), if any."""
+    for line in stdout:
+        m = re.search(r"GPU memory peak ([0-9.]+) GiB", line)
+        if m:
+            return float(m.group(1))
+    return None
+
+
 def _fmt_s(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
@@ -263,6 +277,11 @@ def main() -> int:
         type=int,
         default=0,
         help="output-level refinement steps (the CLI's --distill-steps; default 0 = off)",
+    )
+    ap.add_argument(
+        "--devices",
+        default="cpu",
+        help="comma-separated merge devices, each merge run on each, side by side (e.g. cpu,cuda; default cpu)",
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: N = 2, 1 step")
     ap.add_argument("--keep", default=None, help="build the files in this folder and keep them")
@@ -298,8 +317,9 @@ def main() -> int:
             flush=True,
         )
         rows = []
-        for n in ns:
-            out = work / f"merged_{n}.safetensors"
+        devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+        for n, device in ((n, d) for n in ns for d in devices):
+            out = work / f"merged_{n}_{device.replace(':', '')}.safetensors"
             out.unlink(missing_ok=True)
             cmd = [sys.executable, "-m", "lib_loraclr", "merge", "--base", str(base)]
             for i in range(n):
@@ -309,6 +329,8 @@ def main() -> int:
                 cmd += ["--steps", str(steps)]
             if args.distill_steps:
                 cmd += ["--distill-steps", str(args.distill_steps)]
+            if device != "cpu":
+                cmd += ["--device", device]
             print("$ " + " ".join(c if " " not in c else f'"{c}"' for c in cmd[1:]), flush=True)
             r = run_merge(cmd, env)
             if r["rc"] != 0:
@@ -325,14 +347,16 @@ def main() -> int:
             )
             loads = ins.returncode == 0
             print(f"inspect {out.name}: exit {ins.returncode}; " + " | ".join(ins.stdout.splitlines()[:4]))
-            r.update(n=n, size=out.stat().st_size, loads=loads)
+            r.update(
+                n=n, device=device, size=out.stat().st_size, loads=loads, gpu_peak=_gpu_peak(r["stdout"])
+            )
             rows.append(r)
         print(
             f"\nSD1.5 random weights, rank-8 LoRAs ({len(keys)} modules), {args.method} recommended, steps {steps}"
             f", refinement steps {args.distill_steps}"
         )
         head = (
-            f"{'N':>2} {'wall':>9} {'CPU':>9} {'peak RSS':>9} {'load':>7} {'TE':>6} {'K/V':>6} {'UNet sampl.':>11} "
+            f"{'N':>2} {'device':>7} {'wall':>9} {'CPU':>9} {'peak RSS':>9} {'load':>7} {'TE':>6} {'K/V':>6} {'UNet sampl.':>11} "
             f"{'solves':>8} {'refine':>7} {'write':>7} {'file MB':>8} loads"
         )
         print(head)
@@ -340,7 +364,7 @@ def main() -> int:
         for r in rows:
             s = r["stage_s"]
             print(
-                f"{r['n']:>2} {_fmt_s(r['wall_s']):>9} {_fmt_s(r['cpu_s']):>9} {r['peak_rss_kb'] / 2**20:>7.2f} G "
+                f"{r['n']:>2} {r['device']:>7} {_fmt_s(r['wall_s']):>9} {_fmt_s(r['cpu_s']):>9} {r['peak_rss_kb'] / 2**20:>7.2f} G "
                 f"{_fmt_s(s.get('load', 0) + s.get('other', 0)):>7} {_fmt_s(s.get('text encoder', 0)):>6} {_fmt_s(s.get('K/V', 0)):>6} "
                 f"{_fmt_s(s.get('UNet sampling', 0)):>11} {_fmt_s(s.get('solves', 0)):>8} "
                 f"{_fmt_s(s.get('refinement', 0)):>7} {_fmt_s(s.get('write', 0)):>7} {r['size'] / 2**20:>8.1f} "
@@ -348,6 +372,13 @@ def main() -> int:
             )
             peaks = ", ".join(f"{k} {v / 2**20:.2f} G" for k, v in r["stage_rss_kb"].items())
             print(f"   highest polled RSS per stage: {peaks}")
+            if r["gpu_peak"] is not None:
+                print(f"   GPU memory peak (torch.cuda.max_memory_allocated): {r['gpu_peak']:.2f} GiB")
+        for n in ns:  # side-by-side ratios of the same merge on each device
+            base_r = next((r for r in rows if r["n"] == n and r["device"] == devices[0]), None)
+            for r in rows:
+                if base_r is not None and r["n"] == n and r is not base_r:
+                    print(f"N={n}: wall {r['device']} / {devices[0]} = {r['wall_s'] / base_r['wall_s']:.3f}")
         print(
             "(CPU: user + system time of the merge process; load: start → first progress line; write: last layer solved → report printed (SVD re-rank + "
             "save); UNet sampling includes the first solve after each block's runs)"

@@ -186,9 +186,11 @@ def request_from_table(
     rank: float,
     overwrite: bool,
     distill_steps: float = 0,
+    device: str = "CPU",
 ) -> dict[str, Any]:
     """The merge tab's values (table rows ``[name, trigger, TE weight, UNet weight]``, blank rows skipped)
-    → the same JSON request the REST route takes (``distill_steps`` > 0: the output-level refinement)."""
+    → the same JSON request the REST route takes (``distill_steps`` > 0: the output-level refinement;
+    ``device`` "GPU": the merge's forward passes on the first CUDA GPU)."""
     loras = []
     for row in table or []:
         if not row or not str(row[0] or "").strip():
@@ -207,7 +209,8 @@ def request_from_table(
         "preset": preset,
         "output": {"kind": kind.lower(), "name": name, "rank": int(rank), "overwrite": bool(overwrite)},
         "advanced": {"sample_steps": int(sample_steps), "seed": int(seed)}
-        | ({"distill_steps": int(distill_steps)} if distill_steps and int(distill_steps) > 0 else {}),
+        | ({"distill_steps": int(distill_steps)} if distill_steps and int(distill_steps) > 0 else {})
+        | ({"device": "cuda"} if str(device).upper() == "GPU" else {}),
     }
 
 

@@ -85,6 +85,8 @@ def test_merge_tab_request_and_status_texts():
     assert req["advanced"] == {"sample_steps": 20, "seed": 3}
     refined = folder_merge.request_from_table(table, "lsq", "recommended", 20, 3, "LoRA", "m", 16, 0, 100.0)
     assert refined["advanced"] == {"sample_steps": 20, "seed": 3, "distill_steps": 100}
+    on_gpu = folder_merge.request_from_table(table, "lsq", "recommended", 20, 3, "LoRA", "m", 16, 0, 0, "GPU")
+    assert on_gpu["advanced"] == {"sample_steps": 20, "seed": 3, "device": "cuda"}
     result = {
         "file": "/l/m.safetensors",
         "seconds": 2.0,

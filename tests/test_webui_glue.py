@@ -969,6 +969,30 @@ def test_merge_service_success_writes_and_reports(loaded, model, lora_dir, tmp_p
             40,
         )
         assert configs[-1].distill_steps == 40
+        # "Merge on: GPU" reaches the job; where torch sees no GPU the tab says so and writes nothing
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert ui_merge.gpu_present() is False
+        n_configs, before = len(configs), out.stat().st_mtime_ns
+        rows, _, images, status = ui_merge.merge_click(
+            svc,
+            "task(g)",
+            table,
+            "lsq",
+            "recommended",
+            5,
+            0,
+            "LoRA",
+            "merged_pair",
+            8,
+            True,
+            False,
+            128,
+            2,
+            0,
+            "GPU",
+        )
+        assert rows == [] and "class='error'" in status and "torch sees no CUDA GPU here" in status, status
+        assert len(configs) == n_configs and out.stat().st_mtime_ns == before
     finally:
         extra_networks.extra_network_registry.pop("lora", None)
     out.unlink()

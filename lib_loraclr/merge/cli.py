@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="output-level refinement steps after the per-layer solve (lsq, loraclr; 0 = off; 100 measured "
         "best in the bundled world, minutes more per merge on a CPU)",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the forward passes and the refinement run: cpu (default), cuda, cuda:N or auto (a CUDA GPU "
+        "when torch sees one); statistics and solves stay on the CPU",
+    )
     p.add_argument("--report", default=None, help="write the fidelity report as JSON here")
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -147,7 +153,8 @@ def job_from_args(args: argparse.Namespace, concept_specs: list[dict]) -> MergeJ
         overwrite=args.overwrite,
         sidecar=args.sidecar,
         options={"sample_steps": args.steps, "seed": args.seed}
-        | ({"distill_steps": args.distill_steps} if args.distill_steps else {}),
+        | ({"distill_steps": args.distill_steps} if args.distill_steps else {})
+        | ({"device": args.device} if getattr(args, "device", "cpu") != "cpu" else {}),
     )
 
 
@@ -197,6 +204,12 @@ def main(argv: list[str]) -> int:
         )
     res = run(args, specs)
     print(format_report(res.report))
+    if res.report.get("device", "cpu") != "cpu":
+        peak = res.report.get("gpu_peak_gib")
+        print(
+            f"device: {res.report['device']}"
+            + (f", GPU memory peak {peak:.2f} GiB" if peak is not None else "")
+        )
     print(f"saved {args.out}")
     if args.report:
         write_json(Path(args.report), res.report)

@@ -419,7 +419,9 @@ def distill_merged(
     n = len(own) - 1
     # the pool before the student: the teachers' dense ΔW and the student's tensors are never alive together
     pool = build_pool(model, own, prompts, config, params, tick)
-    student = Student({k: merged[k] for k in keys}, params.rank, share=in_place)
+    dev = model.alphas_cumprod.device  # type: ignore[attr-defined]
+    # the student trains where the model runs; on another device than ``merged`` it is a copy there
+    student = Student({k: merged[k] for k in keys}, params.rank, share=in_place).to(dev)
     weights = {i: 1.0 for i in range(n)}
     if any(d.group == n for d in pool):
         weights[n] = params.neutral_weight
@@ -441,7 +443,10 @@ def distill_merged(
             opt.step()
         after = full_loss()
     out = dict(merged)
-    out.update(student.export(copy=not in_place))
+    for k, d in student.export(copy=not in_place).items():
+        if d.device != merged[k].device:  # trained on a GPU: back where the merge keeps its results
+            d = merged[k].copy_(d) if in_place else d.to(merged[k].device)
+        out[k] = d
     info = {
         "steps": params.steps,
         "keys": len(keys),

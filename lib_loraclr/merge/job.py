@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import LoraclrError
-from .pipeline import Concept, MergeConfig, MergeResult, merge_loras
+from .pipeline import Concept, MergeConfig, MergeResult, merge_device, merge_loras
 from .report import json_safe, report_rows
 
 KINDS = ("lora", "checkpoint")
@@ -167,8 +167,9 @@ def job_metadata(
 ) -> dict[str, str]:
     """The recipe fields written into the merged file (`lib_loraclr.metadata.recipe_metadata`). Parameters:
     the preset, the sampling steps and seed as used, then the other options given, sorted by name, so the
-    same merge gives the same metadata from every front end."""
-    given = {k: v for k, v in sorted(job.options.items()) if k not in ("sample_steps", "seed")}
+    same merge gives the same metadata from every front end. Where it ran (``device``) is not part of the
+    recipe and is left out."""
+    given = {k: v for k, v in sorted(job.options.items()) if k not in ("sample_steps", "seed", "device")}
     parameters = {"preset": job.preset, "sample_steps": config.sample_steps, "seed": config.seed, **given}
     from ..metadata import recipe_metadata
 
@@ -188,6 +189,18 @@ def job_metadata(
         trigger=[c.trigger for c in concepts],
         tag_sources=list(tag_sources),
     )
+
+
+def _to_device(model: Any, device: torch.device) -> Any:
+    """``model`` moved to ``device``; a GPU without room for it gives a `LoraclrError` that says so."""
+    try:
+        return model.to(device)
+    except torch.OutOfMemoryError as e:
+        del model
+        torch.cuda.empty_cache()
+        raise LoraclrError(
+            f"the base model does not fit in {device}'s free memory ({e}); merge on 'cpu'"
+        ) from None
 
 
 def run_job(
@@ -236,6 +249,11 @@ def run_job(
         concepts.append(JobConcept(c.file, trigger, c.label, c.te_weight, c.unet_weight, tuple(c.prompts)))
     tick("reading the base model", 0, 1)
     model = load_model(Path(job.base))
+    device = merge_device(config.device)
+    if device.type != "cpu":
+        tick(f"moving the base model to {device}", 0, 1)
+        torch.cuda.reset_peak_memory_stats(device)
+        model = _to_device(model, device)
     merge_concepts = [
         Concept(
             ds,
@@ -252,12 +270,22 @@ def run_job(
         # each layer leaves the merge at the file's rank as soon as no later pass needs its exact ΔW; the
         # writer then keeps those factors as they are (same file)
         config = replace(config, lowrank_output=(job.rank, svd_tolerance(dtype)))
-    result = merge(model, merge_concepts, config, tick)
+    try:
+        result = merge(model, merge_concepts, config, tick)
+    except torch.OutOfMemoryError as e:
+        raise LoraclrError(f"{device} ran out of memory during the merge ({e}); merge on 'cpu'") from None
     del model  # the checkpoint output reads the base file again: not both in memory (SDXL: 7 GB each)
+    gpu_peak = None
+    if device.type == "cuda":
+        gpu_peak = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.empty_cache()  # give the host its GPU memory back
     tick("saving", 0, 1)
     tags = [getattr(ds, "metadata", None) or {} for ds in deltas]
     meta = job_metadata(job, config, concepts, tags)
     report = dict(result.report)
+    report["device"] = str(device)
+    if gpu_peak is not None:
+        report["gpu_peak_gib"] = gpu_peak
     if job.kind == "lora":
         arch = getattr(result.deltas, "arch", "unknown")
         arch = arch if arch in ("sd1", "sd2", "sdxl") else "sd1"

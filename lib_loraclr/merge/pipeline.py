@@ -121,6 +121,10 @@ class MergeConfig:
     # reduced as soon as no later pass needs its exact ΔW; None = dense ΔW per layer (checkpoint output,
     # callers that use the exact merge). Set by `merge.job.run_job` for LoRA output; not in the report.
     lowrank_output: tuple[int | None, float] | None = None
+    # where a merge job runs the model's forward passes and the refinement: "cpu", "cuda", "cuda:N" or "auto"
+    # (the first CUDA GPU torch sees, else the CPU); statistics and per-layer solves stay on the CPU
+    # (`merge_device`; `merge.job.run_job` moves the base model there)
+    device: str = "cpu"
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -145,6 +149,7 @@ class MergeConfig:
             self.distill_params()  # unknown or bad refinement options fail before any work
         if not self.templates or any("{}" not in t for t in self.templates):
             raise MergeInputError("every prompt template needs a '{}' for the trigger words")
+        merge_device(self.device)
 
     @property
     def official(self) -> bool:
@@ -203,6 +208,27 @@ class MergeConfig:
             raise MergeInputError(
                 f"unknown LoRACLR parameter in {sorted(self.loraclr_overrides)}: {e}"
             ) from None
+
+
+def merge_device(spec: str) -> torch.device:
+    """The device a merge's forward passes run on: ``"cpu"``, ``"cuda"`` / ``"cuda:N"`` (refused with a clear
+    message when torch sees no such GPU), or ``"auto"`` (``cuda`` when torch sees a GPU, else the CPU)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise MergeInputError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', not {spec!r}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise MergeInputError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', not {spec!r}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise MergeInputError(f"device {spec!r}: torch sees no CUDA GPU here; merge on 'cpu'")
+    if dev.index is not None and dev.index >= count:
+        raise MergeInputError(f"device {spec!r}: torch sees {count} CUDA GPU(s) (cuda:0 … cuda:{count - 1})")
+    return dev
 
 
 @dataclass
@@ -264,9 +290,10 @@ def _sequence_first(key: str) -> bool:
 
 
 def _w0(model: nn.Module, key: str) -> torch.Tensor:
+    """The base weight of ``key`` as float32 ``[d_out, d_in·k·k]`` on the CPU, where the solvers run."""
     w, rows = target_weight(model, key)
     w = w.detach()
-    return (w if rows is None else w[rows]).float().flatten(1)
+    return (w if rows is None else w[rows]).float().flatten(1).cpu()
 
 
 def _trim_heap() -> None:

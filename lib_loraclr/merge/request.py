@@ -7,7 +7,7 @@ Request (keys in any order, defaults when omitted, unknown keys refused)::
       "method": "loraclr" | "lsq" | "linear" | "svd",          default "loraclr"
       "preset": "recommended" | "official",                    default "recommended"
       "output": {"kind": "lora" | "checkpoint", "name": "…", "rank": 32, "overwrite": false},
-      "advanced": {"sample_steps": 20, "seed": 0, …}           `MergeConfig` fields, checked here
+      "advanced": {"sample_steps": 20, "seed": 0, "device": "cuda", …}   `MergeConfig` fields, checked here
     }
 
 `validate_request` → `MergeRequest` (LoRAs by name: the WebUI resolves them in its LoRA folder and runs the
@@ -95,7 +95,7 @@ _ADV_INT = {
     "distill_steps": (0, 10_000),
 }
 _ADV_FLOAT = {"ridge": (0.0, 1e6)}
-_ADV_TEXT = ("sampler", "sample_prompts", "prior", "kv_rows")
+_ADV_TEXT = ("sampler", "sample_prompts", "prior", "kv_rows", "device")
 _ADV_BOOL = ("preserve_base", "report_features")
 _ADV_PROMPTS = ("templates", "neutral_prompts")
 ADVANCED_KEYS = (*_ADV_INT, *_ADV_FLOAT, *_ADV_TEXT, *_ADV_BOOL, *_ADV_PROMPTS, "shape", "loraclr_overrides")
@@ -131,6 +131,15 @@ def validate_advanced(advanced: Mapping[str, Any]) -> dict[str, Any]:
                     raise MergeRequestError(
                         f"{what}: unknown sampler {v!r}; choose one of {', '.join(SAMPLERS)}"
                     )
+            if k == "device":
+                if v is None:
+                    continue  # the default, the CPU
+                from lib_loraclr.merge.pipeline import MergeInputError, merge_device
+
+                try:
+                    merge_device(v)
+                except MergeInputError as e:
+                    raise MergeRequestError(f"{what}: {e}") from None
             out[k] = v
         elif k in _ADV_BOOL:
             if v is not None and not isinstance(v, bool):

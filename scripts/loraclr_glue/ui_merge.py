@@ -63,10 +63,11 @@ def merge_click(
     preview_size: float = preview.DEFAULT_SIZE,
     preview_steps: float = preview.DEFAULT_STEPS,
     refine_steps: float = 0,
+    device: str = "CPU",
 ) -> list[Any]:
     """Handler body (inside ``wrap_gradio_gpu_call``): ``[report rows, ready prompt, preview images, status html]``."""
     body = request_from_table(
-        table, method, preset, sample_steps, seed, kind, name, rank, overwrite, refine_steps
+        table, method, preset, sample_steps, seed, kind, name, rank, overwrite, refine_steps, device
     )
     try:
         result = service.merge(body, locked=False)
@@ -84,6 +85,13 @@ def merge_click(
     elif show_preview:
         msg += " (no preview for a checkpoint: load it and use txt2img)"
     return [rows, result["prompt"], images, status_html(msg)]
+
+
+def gpu_present() -> bool:
+    """Whether torch sees a CUDA GPU (the tab's "Merge on: GPU" choice is offered only then)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def js_kwarg(listener: Any) -> str:
@@ -149,6 +157,13 @@ def build(service: MergeService | None = None) -> list[tuple[Any, str, str]]:
                 step=5,
                 label="Output refinement steps (0 = off; 25 keeps up to 4 concepts, 100 up to 12; slow on a CPU)",
                 elem_id=f"{ID}_refine",
+            )
+            device = gr.Radio(
+                ["CPU", "GPU"],
+                value="CPU",
+                label="Merge on (GPU: the first CUDA device, beside the loaded model)",
+                interactive=gpu_present(),
+                elem_id=f"{ID}_device",
             )
         with FormRow():
             kind = gr.Radio(["LoRA", "checkpoint"], value="LoRA", label="Save as", elem_id=f"{ID}_kind")
@@ -216,6 +231,7 @@ def build(service: MergeService | None = None) -> list[tuple[Any, str, str]]:
                 overwrite,
                 *previews,
                 refine_steps,
+                device,
             ],
             outputs=[report, prompt, gallery, status],
             **{js: "loraclr_merge_submit"},

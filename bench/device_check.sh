@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The merge's GPU checks as one prepared script, for a session that is lent a GPU machine (the `run` tool):
+#
+#   here, once:  .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+#                  --implementation cp --platform any -d .whl stable-diffusion-sdkit==2.1.5 open_clip_torch==2.24.0
+#   then:        run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=570)
+#
+# The machine's python3 has torch (CUDA), safetensors, transformers, einops and pytest; `ldm` (from
+# stable-diffusion-sdkit) and the CLIP vocabulary file (in the open_clip_torch wheel, read, not imported) travel
+# as wheels in .whl/ (gitignored). What it prints, and copies to $OUT:
+#   1. tests/test_merge_device.py on the GPU: lsq merged ΔW equal to the CPU merge (< 1e-3 relative), the
+#      recommended LoRACLR merge + refinement on the GPU, in-place refinement written back to the CPU tensors,
+#      a merge job on the GPU (report: device, GPU memory peak);
+#   2. bench/merge_sd15.py at SD1.5 size (random weights, 200 rank-8 modules, N = 2, 1 feature step): the same
+#      merge on the CPU and on the GPU, side by side (wall ratio), then on the GPU with 25 refinement steps
+#      (the stage that is off by default on the CPU: issue #11 asks whether it pays on a GPU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/device_check}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
+echo "== 1. tests/test_merge_device.py"
+timeout 180 python3 -m pytest -q -p no:cacheprovider -rs tests/test_merge_device.py 2>&1 | tee "$OUT/tests.log"
+echo "== 2. SD1.5 size: CPU vs GPU, then GPU + 25 refinement steps"
+work=/tmp/merge_sd15_work
+timeout 300 python3 bench/merge_sd15.py --concepts 2 --steps 1 --devices cpu,cuda --keep "$work" 2>&1 |
+  tee "$OUT/merge_sd15.log"
+timeout 200 python3 bench/merge_sd15.py --concepts 2 --steps 1 --distill-steps 25 --devices cuda --keep "$work" 2>&1 |
+  tee "$OUT/merge_sd15_refine.log"
+echo "== done"
