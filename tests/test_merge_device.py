@@ -173,3 +173,17 @@ def test_a_job_on_the_gpu_writes_a_lora_and_reports_its_memory(tmp_path) -> None
     )
     assert out.exists() and res.report["device"].startswith(DEVICE)
     assert res.report["gpu_peak_gib"] > 0 if DEVICE.startswith("cuda") else "gpu_peak_gib" not in res.report
+
+
+def test_an_interrupt_passes_through_on_an_older_torch(tmp_path, monkeypatch) -> None:
+    """The WebUI's torch may be older (A1111 1.10 ships 2.1, which has no ``torch.OutOfMemoryError``): the
+    job's out-of-memory handlers must not break the other exceptions that pass through them."""
+    from lib_loraclr.merge.job import MergeInterrupted
+
+    monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)
+    concepts = tuple(JobConcept(ASSETS / "loras" / f"{s}.safetensors", s) for s in ("sks", "ohwx"))
+    job = MergeJob(ASSETS / "base.safetensors", concepts, tmp_path / "x.safetensors", method="lsq")
+    calls = []
+    with pytest.raises(MergeInterrupted):
+        run_job(job, should_stop=lambda: bool(calls.append(1)) or len(calls) > 3)
+    assert list(tmp_path.iterdir()) == []

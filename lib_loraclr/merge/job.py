@@ -195,7 +195,7 @@ def _to_device(model: Any, device: torch.device) -> Any:
     """``model`` moved to ``device``; a GPU without room for it gives a `LoraclrError` that says so."""
     try:
         return model.to(device)
-    except torch.OutOfMemoryError as e:
+    except torch.cuda.OutOfMemoryError as e:
         del model
         torch.cuda.empty_cache()
         raise LoraclrError(
@@ -272,7 +272,7 @@ def run_job(
         config = replace(config, lowrank_output=(job.rank, svd_tolerance(dtype)))
     try:
         result = merge(model, merge_concepts, config, tick)
-    except torch.OutOfMemoryError as e:
+    except torch.cuda.OutOfMemoryError as e:
         raise LoraclrError(f"{device} ran out of memory during the merge ({e}); merge on 'cpu'") from None
     del model  # the checkpoint output reads the base file again: not both in memory (SDXL: 7 GB each)
     gpu_peak = None
