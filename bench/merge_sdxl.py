@@ -1,7 +1,7 @@
 """The headless merge at SDXL size: wall time, CPU time and peak memory of the real CLI on a random-weight SDXL.
 
 Run: ``OMP_NUM_THREADS=2 .venv/bin/python bench/merge_sdxl.py [--concepts 2] [--steps 1] [--keep DIR]
-[--max-rss-gib 14] [--load-only]``
+[--max-rss-gib 14] [--load-only] [--device cuda]``
 
 The SDXL sibling of ``bench/merge_sd15.py`` (same measurements, same stage split, its ``run_merge``):
 
@@ -228,6 +228,9 @@ def main() -> int:
     ap.add_argument("--concepts", type=int, default=2, help="number of concept LoRAs (default 2)")
     ap.add_argument("--steps", type=int, default=1, help="sampling steps of the feature runs (default 1)")
     ap.add_argument("--method", default="loraclr")
+    ap.add_argument(
+        "--device", default="cpu", help="the merge's device (the CLI's --device: cpu, cuda, cuda:N, auto)"
+    )
     ap.add_argument("--keep", default=None, help="build the files in this folder and keep them")
     ap.add_argument("--max-rss-gib", type=float, default=14.0, help="kill the merge above this RSS")
     ap.add_argument("--build-only", action="store_true", help="write the checkpoint and LoRAs, no merge")
@@ -292,6 +295,8 @@ def main() -> int:
             cmd += ["--concept", str(work / f"concept{i}.safetensors"), merge_sd15.TRIGGERS[i]]
         cmd += ["--out", str(out), "--method", args.method, "--preset", "recommended"]
         cmd += ["--steps", str(args.steps)]
+        if args.device != "cpu":
+            cmd += ["--device", args.device]
         print("$ " + " ".join(c if " " not in c else f'"{c}"' for c in cmd[1:]), flush=True)
         dog = Watchdog(int(args.max_rss_gib * 2**20))
         r = merge_sd15.run_merge(cmd, env)
@@ -301,7 +306,7 @@ def main() -> int:
         peaks = ", ".join(f"{k} {v / 2**20:.2f} G" for k, v in r["stage_rss_kb"].items())
         print(
             f"\nSDXL random weights, N = {n}, rank-8 LoRAs ({len(keys)} modules), {args.method} recommended, "
-            f"steps {args.steps}: exit {r['rc']}{' (' + dog.reason + ')' if dog.reason else ''}\n"
+            f"steps {args.steps}, device {args.device}: exit {r['rc']}{' (' + dog.reason + ')' if dog.reason else ''}\n"
             f"wall {merge_sd15._fmt_s(r['wall_s'])}, CPU {merge_sd15._fmt_s(r['cpu_s'])}, "
             f"peak RSS {r['peak_rss_kb'] / 2**20:.2f} GiB\nstages: {stages}\nhighest polled RSS per stage: {peaks}"
         )
