@@ -1092,6 +1092,13 @@ REST_CASES: list[RestCase] = [
         _plain(_body(advanced={"sampler": "bogus"})),
     ),
     RestCase(
+        "advanced_device_not_here",
+        400,
+        "MergeRequestError",
+        "cuda:9",
+        _plain(_body(advanced={"device": "cuda:9"})),
+    ),
+    RestCase(
         "advanced_bad_shape",
         400,
         "MergeRequestError",

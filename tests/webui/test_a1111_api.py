@@ -83,8 +83,15 @@ def test_merge_refuses_bad_requests_without_writing(webui, merged, lora_names):
     assert r.status == 400 and "two" in r.body["error"]
     r = webui.post("/loraclr/v1/merge", {**again, "methd": "lsq"})
     assert r.status == 400 and "methd" in r.body["error"]
+    on_gpu = {
+        **again,
+        "output": {"kind": "lora", "name": TEST_PREFIX + "gpu"},
+        "advanced": {"device": "cuda:9"},
+    }
+    r = webui.post("/loraclr/v1/merge", on_gpu)  # no host here has ten GPUs: refused at the door
+    assert r.status == 400 and "advanced.device" in r.body["error"], r.text[:500]
     listed = {x["name"] for x in webui.get("/loraclr/v1/loras").body["loras"]}
-    assert "escape" not in listed and TEST_PREFIX + "one" not in listed
+    assert "escape" not in listed and TEST_PREFIX + "one" not in listed and TEST_PREFIX + "gpu" not in listed
 
 
 def test_txt2img_with_the_merged_lora_names_it_in_lora_hashes(webui, merged):
