@@ -260,3 +260,40 @@ def test_deepcopy_keeps_encoder_bound_to_its_text_model(model):
     dup = copy.deepcopy(model)
     assert dup.prompt_encoder.text_model is dup.cond_stage_model.transformer
     assert dup.prompt_encoder.text_model is not model.cond_stage_model.transformer
+
+
+def test_load_takes_files_with_or_without_clip_position_ids(tmp_path):
+    """transformers < 4.31 (A1111 1.10's 4.30.2) saves CLIP's ``position_ids`` buffer and expects it; newer
+    versions do neither. A tiny checkpoint from either loads under both; any other missing or extra key is
+    refused with its name."""
+    from safetensors.torch import load_file, save_file
+
+    from lib_loraclr.safeio import read_safetensors_metadata
+
+    m = build_tiny_sd1(seed=3)
+    src = save_tiny_checkpoint(m, tmp_path / "m.safetensors")
+    tensors, meta = load_file(str(src)), read_safetensors_metadata(src)
+    pid = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    with_ids = tmp_path / "with_ids.safetensors"
+    save_file({**tensors, pid: torch.arange(77).unsqueeze(0)}, str(with_ids), metadata=meta)
+    without = tmp_path / "without.safetensors"
+    save_file({k: v for k, v in tensors.items() if k != pid}, str(without), metadata=meta)
+    for p in (with_ids, without):
+        with torch.no_grad():
+            torch.testing.assert_close(
+                load_tiny_checkpoint(p).get_learned_conditioning(["a cat"]),
+                m.get_learned_conditioning(["a cat"]),
+                rtol=0,
+                atol=0,
+            )
+    gone = next(k for k in tensors if k.endswith("attn2.to_k.weight"))
+    broken = tmp_path / "broken.safetensors"
+    save_file(
+        {**{k: v for k, v in tensors.items() if k != gone}, "extra.weight": torch.zeros(1)},
+        str(broken),
+        metadata=meta,
+    )
+    with pytest.raises(
+        TinyCheckpointError, match=r"missing keys \['" + gone.replace(".", r"\.") + r"'\].*extra\.weight"
+    ):
+        load_tiny_checkpoint(broken)

@@ -56,7 +56,8 @@ def test_base_checkpoint_has_the_sd1_layout_and_loads_like_a_checkpoint(base):
     assert torch.equal(
         base.cond_stage_model.transformer.text_model.embeddings.token_embedding.weight, emb.float()
     )
-    assert set(base.state_dict()) == set(keys)
+    # transformers < 4.31 (A1111 1.10: 4.30.2) keeps CLIP's position_ids as a saved buffer
+    assert {k for k in base.state_dict() if not k.endswith("position_ids")} == set(keys)
 
 
 def test_word_tokenizer_equals_clip_tokenizer():

@@ -360,7 +360,16 @@ def load_tiny_checkpoint(path: str | os.PathLike[str]) -> SD1Model | SDXLModel:
         model = SDXLModel(SDXLConfig.from_dict(cfg))
     else:
         raise TinyCheckpointError(f"{path}: unknown tiny model kind {kind!r}")
-    model.load_state_dict(load_file(str(path)), strict=True)
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    # CLIP's position_ids: a persistent buffer (saved, expected) in transformers < 4.31, such as A1111 1.10's
+    # 4.30.2; not saved by newer ones. The file may come from either; the buffer's value is fixed (0 … 76).
+    missing = [k for k in missing if not k.endswith(".position_ids")]
+    unexpected = [k for k in unexpected if not k.endswith(".position_ids")]
+    if missing or unexpected:
+        raise TinyCheckpointError(
+            f"{path}: does not fit the {kind} model it describes: missing keys {missing[:5]}"
+            f"{' …' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}"
+        )
     return model.eval()
 
 
