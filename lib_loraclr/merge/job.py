@@ -270,15 +270,16 @@ def run_job(
         # each layer leaves the merge at the file's rank as soon as no later pass needs its exact ΔW; the
         # writer then keeps those factors as they are (same file)
         config = replace(config, lowrank_output=(job.rank, svd_tolerance(dtype)))
+    gpu_peak = None
     try:
         result = merge(model, merge_concepts, config, tick)
     except torch.cuda.OutOfMemoryError as e:
         raise LoraclrError(f"{device} ran out of memory during the merge ({e}); merge on 'cpu'") from None
-    del model  # the checkpoint output reads the base file again: not both in memory (SDXL: 7 GB each)
-    gpu_peak = None
-    if device.type == "cuda":
-        gpu_peak = torch.cuda.max_memory_allocated(device) / 2**30
-        torch.cuda.empty_cache()  # give the host its GPU memory back
+    finally:
+        del model  # the checkpoint output reads the base file again: not both in memory (SDXL: 7 GB each)
+        if device.type == "cuda":  # also after an error or an interrupt: the host gets its GPU memory back
+            gpu_peak = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.empty_cache()
     tick("saving", 0, 1)
     tags = [getattr(ds, "metadata", None) or {} for ds in deltas]
     meta = job_metadata(job, config, concepts, tags)
