@@ -1396,3 +1396,35 @@ def test_lora_listing_includes_neo_lora_dirs(loaded, lora_dir, tmp_path):
         "doglora",
         "notrigger",
     ]
+
+
+def test_the_merge_finds_its_base_without_loading_a_model(loaded, tmp_path, monkeypatch):
+    """On A1111 ``shared.sd_model`` is a property that loads the checkpoint when none is loaded (seen in a
+    real A1111 started with ``--skip-load-model-at-start``: the merge request loaded the fp32 SDXL, +14 GiB,
+    only to learn the file's name). The merge reads the file, so the service asks ``model_data`` and falls
+    back to the selected checkpoint."""
+    import types
+
+    from loraclr_glue.api import MergeService
+
+    ckpt = tmp_path / "chosen.safetensors"
+
+    class LazyShared:
+        opts = SimpleNamespace(sd_model_checkpoint="chosen.safetensors [abc]")
+
+        @property
+        def sd_model(self):
+            raise AssertionError("the merge must not load the host's model")
+
+    fake = types.ModuleType("modules.sd_models")
+    fake.model_data = SimpleNamespace(sd_model=None)
+    fake.get_closet_checkpoint_match = lambda title: SimpleNamespace(filename=str(ckpt))
+    monkeypatch.setitem(sys.modules, "modules.sd_models", fake)
+    import modules
+
+    monkeypatch.setattr(modules, "sd_models", fake, raising=False)
+    svc = MergeService(shared=LazyShared(), runner=lambda fn: fn())
+    assert svc.base_checkpoint() == ckpt
+    loaded_file = tmp_path / "loaded.safetensors"
+    fake.model_data.sd_model = SimpleNamespace(sd_checkpoint_info=SimpleNamespace(filename=str(loaded_file)))
+    assert svc.base_checkpoint() == loaded_file

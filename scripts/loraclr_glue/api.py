@@ -58,11 +58,25 @@ class MergeService:
         except Exception:
             return None
 
+    def loaded_model(self) -> Any:
+        """The host's loaded model, or None, without loading one: on A1111 ``shared.sd_model`` is a property
+        that loads the checkpoint when none was loaded yet (``--skip-load-model-at-start``, a model unloaded
+        to free memory); ``sd_models.model_data.sd_model`` is the plain attribute behind it."""
+        try:
+            from modules import sd_models
+        except ImportError:
+            sd_models = None
+        data = getattr(sd_models, "model_data", None)
+        if data is not None and hasattr(data, "sd_model"):
+            return data.sd_model
+        return getattr(self.shared, "sd_model", None)
+
     def base_checkpoint(self) -> Path | None:
-        """The file of the loaded checkpoint; before the first generation (Forge loads lazily and holds a
-        placeholder model until then) the selected one: Forge's loading parameters, else the
-        ``sd_model_checkpoint`` option matched against the WebUI's checkpoint list."""
-        info = getattr(getattr(self.shared, "sd_model", None), "sd_checkpoint_info", None)
+        """The file of the loaded checkpoint; when none is loaded (Forge loads lazily and holds a placeholder
+        model until the first generation; A1111 may start without one) the selected one: Forge's loading
+        parameters, else the ``sd_model_checkpoint`` option matched against the WebUI's checkpoint list. The
+        merge reads the file, so nothing is loaded for it."""
+        info = getattr(self.loaded_model(), "sd_checkpoint_info", None)
         filename = getattr(info, "filename", None)
         if filename:
             return Path(filename)
