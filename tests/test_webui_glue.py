@@ -952,46 +952,18 @@ def test_merge_service_success_writes_and_reports(loaded, model, lora_dir, tmp_p
         assert out.is_file() and len(rows) == 2
         # the tab's refinement slider reaches the merge (0 = off, the default)
         assert [c.distill_steps for c in configs] == [0, 0, 0]
-        ui_merge.merge_click(
-            svc,
-            "task(v)",
-            table,
-            "lsq",
-            "recommended",
-            5,
-            0,
-            "LoRA",
-            "merged_pair",
-            8,
-            True,
-            False,
-            128,
-            2,
-            40,
-        )
+
+        def overwrite_no_preview(task: str, *extra):  # the tab's later inputs: refinement steps, device
+            common = ("lsq", "recommended", 5, 0, "LoRA", "merged_pair", 8, True, False, 128, 2)
+            return ui_merge.merge_click(svc, task, table, *common, *extra)
+
+        overwrite_no_preview("task(v)", 40)
         assert configs[-1].distill_steps == 40
         # "Merge on: GPU" reaches the job; where torch sees no GPU the tab says so and writes nothing
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         assert ui_merge.gpu_present() is False
         n_configs, before = len(configs), out.stat().st_mtime_ns
-        rows, _, images, status = ui_merge.merge_click(
-            svc,
-            "task(g)",
-            table,
-            "lsq",
-            "recommended",
-            5,
-            0,
-            "LoRA",
-            "merged_pair",
-            8,
-            True,
-            False,
-            128,
-            2,
-            0,
-            "GPU",
-        )
+        rows, _, images, status = overwrite_no_preview("task(g)", 0, "GPU")
         assert rows == [] and "class='error'" in status and "torch sees no CUDA GPU here" in status, status
         assert len(configs) == n_configs and out.stat().st_mtime_ns == before
     finally:
