@@ -154,7 +154,7 @@ def job_from_args(args: argparse.Namespace, concept_specs: list[dict]) -> MergeJ
         sidecar=args.sidecar,
         options={"sample_steps": args.steps, "seed": args.seed}
         | ({"distill_steps": args.distill_steps} if args.distill_steps else {})
-        | ({"device": args.device} if getattr(args, "device", "cpu") != "cpu" else {}),
+        | ({"device": args.device} if args.device != "cpu" else {}),
     )
 
 

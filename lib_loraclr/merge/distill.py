@@ -380,7 +380,7 @@ def _batch_loss(
     total = 0.0
     with student_hooks(model, student):
         for run in item_runs(pool, picks, params.chunk_pixels):
-            loss = _run_loss(model, pool, run, item_weight, params).cpu() / len(weights)
+            loss = _run_loss(model, pool, run, item_weight, params) / len(weights)
             if backward:
                 loss.backward()
             total += float(loss.detach())

@@ -196,7 +196,6 @@ def _to_device(model: Any, device: torch.device) -> Any:
     try:
         return model.to(device)
     except torch.cuda.OutOfMemoryError as e:
-        del model
         torch.cuda.empty_cache()
         raise LoraclrError(
             f"the base model does not fit in {device}'s free memory ({e}); merge on 'cpu'"
