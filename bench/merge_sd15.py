@@ -331,10 +331,8 @@ def main() -> int:
             cmd += ["--out", str(out), "--method", args.method, "--preset", "recommended"]
             if steps != 20:
                 cmd += ["--steps", str(steps)]
-            if args.distill_steps:
-                cmd += ["--distill-steps", str(args.distill_steps)]
-            if device != "cpu":
-                cmd += ["--device", device]
+            # both explicit: the CLI's defaults ("auto", 100 refinement steps on a GPU) depend on the machine
+            cmd += ["--distill-steps", str(args.distill_steps), "--device", device]
             print("$ " + " ".join(c if " " not in c else f'"{c}"' for c in cmd[1:]), flush=True)
             r = run_merge(cmd, env)
             if r["rc"] != 0:

@@ -294,9 +294,9 @@ def main() -> int:
         for i in range(n):
             cmd += ["--concept", str(work / f"concept{i}.safetensors"), merge_sd15.TRIGGERS[i]]
         cmd += ["--out", str(out), "--method", args.method, "--preset", "recommended"]
-        cmd += ["--steps", str(args.steps)]
-        if args.device != "cpu":
-            cmd += ["--device", args.device]
+        # the device as given and no refinement (the CLI's defaults, "auto" and 100 steps on a GPU, would
+        # make this a different measurement on every machine)
+        cmd += ["--steps", str(args.steps), "--device", args.device, "--distill-steps", "0"]
         print("$ " + " ".join(c if " " not in c else f'"{c}"' for c in cmd[1:]), flush=True)
         dog = Watchdog(int(args.max_rss_gib * 2**20))
         r = merge_sd15.run_merge(cmd, env)

@@ -153,11 +153,15 @@ class MergeMethod(Method):
         name: str | None = None,
         preserve_base: bool | None = None,
         overrides: dict | None = None,
+        as_on_gpu: bool = False,
     ) -> None:
         self.method, self.preset, self.preserve_base = method, preset, preserve_base
         self.overrides = dict(
             overrides or {}
         )  # further MergeConfig fields (bench/merge_diagnose.py variants)
+        # the defaults a merge on a GPU gets (computed here on the CPU): the refinement steps of
+        # `GPU_REFINEMENT_STEPS` unless ``overrides`` set them
+        self.as_on_gpu = as_on_gpu
         self.name = name or method
         self.report: dict = {}
         self.seconds = 0.0
@@ -167,6 +171,10 @@ class MergeMethod(Method):
         from lib_loraclr.merge.pipeline import MergeConfig, merge_loras
 
         super().setup(world, names)
+        overrides = dict(self.overrides)
+        if self.as_on_gpu:
+            cfg = MergeConfig(method=self.method, preset=self.preset, **overrides)
+            overrides["distill_steps"] = cfg.effective_distill_steps("cuda")
         cfg = MergeConfig(
             method=self.method,
             preset=self.preset,
@@ -175,7 +183,7 @@ class MergeMethod(Method):
             shape=(1, 8, 8),
             shape_for=wdata.canvas_for,
             preserve_base=self.preserve_base,
-            **self.overrides,
+            **overrides,
         )
         concepts = [
             MergeConcept(deltas=world.loras[n], trigger=world.concepts[n].trigger, name=n) for n in names
@@ -201,6 +209,8 @@ METHODS: dict[str, Callable[[], Method]] = {
     "lsq": lambda: MergeMethod("lsq"),
     "loraclr": lambda: MergeMethod("loraclr", "recommended", "loraclr"),
     "loraclr_official": lambda: MergeMethod("loraclr", "official", "loraclr_official"),
+    # the recommended merge as it runs where a GPU is present (refinement on: `GPU_REFINEMENT_STEPS`)
+    "loraclr_gpu": lambda: MergeMethod("loraclr", "recommended", "loraclr_gpu", as_on_gpu=True),
     "svd": lambda: MergeMethod("svd"),
     # without the neutral-prompt "base" concept (preserve_base=False), which the recommended preset adds
     "lsq_np": lambda: MergeMethod("lsq", "recommended", "lsq_np", preserve_base=False),
@@ -320,7 +330,27 @@ def evaluate(world: World, method: Method, names: Sequence[str], cells: Cells, c
         )
         res["_images"][key] = imgs[max(imgs)]
         res[key] = sum(judge.success(r, rd) for r, rd in zip(reqs, reads)) / len(reqs)
+        if key == "multi":
+            res["multi_slots"] = slot_tally(judge, reqs, reads)
     return res
+
+
+def slot_tally(judge, requests: Sequence[Request], reads) -> dict[str, dict[str, int]]:
+    """Per requested word, what its own slot showed in multi-concept scenes: ``"ok"``, ``"not a digit"`` or
+    the digit drawn instead (``"7"``; a concept's digit in another style counts as its digit)."""
+    from lib_loraclr.world.judges import NOT_A_DIGIT
+
+    tally: dict[str, dict[str, int]] = {}
+    for r, rd in zip(requests, reads):
+        for w, slot in zip(r, rd):
+            what = (
+                "ok"
+                if judge.matches(w, slot)
+                else ("not a digit" if slot.digit == NOT_A_DIGIT else str(slot.digit))
+            )
+            tally.setdefault(w, {}).setdefault(what, 0)
+            tally[w][what] += 1
+    return {w: dict(sorted(t.items(), key=lambda kv: -kv[1])) for w, t in sorted(tally.items())}
 
 
 def save_grid(images: dict[str, torch.Tensor], path: Path, per_row: int = 16) -> None:
@@ -665,6 +695,10 @@ register_method(
         "loraclr", "recommended", "loraclr_distill25_layout", overrides={"distill_steps": 25}
     ),
 )
+register_method(
+    "loraclr_gpu_layout",
+    lambda: MergedLayoutMethod("loraclr", "recommended", "loraclr_gpu_layout", as_on_gpu=True),
+)
 register_method("clora_paper", lambda: CloraMethod("paper", capture_layers=["lowest"]))
 # the recommended schedule with the masks of round 2: paper rule on the lowest-resolution layers
 register_method(
@@ -771,6 +805,15 @@ def run(args: argparse.Namespace) -> dict:
                         f"leak {_fmt(res['leakage'])} base {_fmt(res['base'])}",
                         flush=True,
                     )
+                    if res.get("multi_slots"):  # where two-concept scenes fail: each word's own slot
+                        print(
+                            "         slots: "
+                            + "; ".join(
+                                f"{w} " + ", ".join(f"{k} {v}" for k, v in t.items())
+                                for w, t in res["multi_slots"].items()
+                            ),
+                            flush=True,
+                        )
     table = summarize(rows)
     print(table)
     result = {

@@ -185,12 +185,13 @@ def request_from_table(
     name: str,
     rank: float,
     overwrite: bool,
-    distill_steps: float = 0,
-    device: str = "CPU",
+    distill_steps: float = -1,
+    device: str = "Auto",
 ) -> dict[str, Any]:
     """The merge tab's values (table rows ``[name, trigger, TE weight, UNet weight]``, blank rows skipped)
-    → the same JSON request the REST route takes (``distill_steps`` > 0: the output-level refinement;
-    ``device`` "GPU": the merge's forward passes on the first CUDA GPU)."""
+    → the same JSON request the REST route takes. ``distill_steps``: the output-level refinement's steps
+    (0 = off; negative = the default, which the device sets); ``device``: "Auto" (the default: a CUDA GPU
+    when there is one with room), "CPU" or "GPU" (the first CUDA GPU)."""
     loras = []
     for row in table or []:
         if not row or not str(row[0] or "").strip():
@@ -209,8 +210,8 @@ def request_from_table(
         "preset": preset,
         "output": {"kind": kind.lower(), "name": name, "rank": int(rank), "overwrite": bool(overwrite)},
         "advanced": {"sample_steps": int(sample_steps), "seed": int(seed)}
-        | ({"distill_steps": int(distill_steps)} if distill_steps and int(distill_steps) > 0 else {})
-        | ({"device": "cuda"} if str(device).upper() == "GPU" else {}),
+        | ({"distill_steps": int(distill_steps)} if int(distill_steps or 0) >= 0 else {})
+        | ({"GPU": {"device": "cuda"}, "CPU": {"device": "cpu"}}.get(str(device).upper(), {})),
     }
 
 
@@ -226,8 +227,9 @@ def result_message(result: Mapping[str, Any], rank: int) -> str:
     side = rep.get("sidecar") or {}
     if side.get("file") and not side.get("written"):
         msg += f" Kept your existing {Path(side['file']).name} (its activation text was not changed)."
-    if rep.get("loader_gaps"):
-        msg += "\n" + "\n".join(f"Note: {line}" for line in format_loader_gaps(rep["loader_gaps"]))
+    notes = [*rep.get("notes", []), *format_loader_gaps(rep.get("loader_gaps") or {})]
+    if notes:
+        msg += "\n" + "\n".join(f"Note: {line}" for line in notes)
     return msg
 
 

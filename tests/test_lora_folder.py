@@ -85,8 +85,13 @@ def test_merge_tab_request_and_status_texts():
     assert req["advanced"] == {"sample_steps": 20, "seed": 3}
     refined = folder_merge.request_from_table(table, "lsq", "recommended", 20, 3, "LoRA", "m", 16, 0, 100.0)
     assert refined["advanced"] == {"sample_steps": 20, "seed": 3, "distill_steps": 100}
-    on_gpu = folder_merge.request_from_table(table, "lsq", "recommended", 20, 3, "LoRA", "m", 16, 0, 0, "GPU")
+    on_gpu = folder_merge.request_from_table(
+        table, "lsq", "recommended", 20, 3, "LoRA", "m", 16, 0, -1, "GPU"
+    )
     assert on_gpu["advanced"] == {"sample_steps": 20, "seed": 3, "device": "cuda"}
+    # 0 = refinement off (sent, so the device's default does not turn it on); CPU sent as chosen
+    off = folder_merge.request_from_table(table, "lsq", "recommended", 20, 3, "LoRA", "m", 16, 0, 0, "CPU")
+    assert off["advanced"] == {"sample_steps": 20, "seed": 3, "distill_steps": 0, "device": "cpu"}
     result = {
         "file": "/l/m.safetensors",
         "seconds": 2.0,
@@ -96,6 +101,10 @@ def test_merge_tab_request_and_status_texts():
     assert msg == (
         "Saved /l/m.safetensors in 2.0 s. LoRA rank ≤ 16: SVD truncation error 0.0123. "
         "Kept your existing m.json (its activation text was not changed)."
+    )
+    result["report"]["notes"] = ["the GPU had no room for the base model: merged on the CPU"]
+    assert folder_merge.result_message(result, 16).endswith(
+        "\nNote: the GPU had no room for the base model: merged on the CPU"
     )
     assert folder_merge.ready_prompt("m", ["sks", "", "ohwx"]) == "<lora:m:1> sks, ohwx"
     statuses = [

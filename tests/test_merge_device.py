@@ -59,10 +59,12 @@ def test_requests_and_configs_check_the_device(monkeypatch) -> None:
         MergeConfig(device="gpu").validate()
 
 
-def test_a_job_reports_its_device_and_the_cpu_merge_is_unchanged(tmp_path) -> None:
-    """The default and an explicit ``"cpu"`` write the same tensors and recipe; the report names the device,
-    the file does not (where a merge ran is not part of its recipe)."""
+def test_a_job_reports_its_device_and_the_cpu_merge_is_unchanged(tmp_path, monkeypatch) -> None:
+    """Without a GPU the default (``"auto"``) and an explicit ``"cpu"`` write the same tensors and recipe; the
+    report names the device, the file does not (where a merge ran is not part of its recipe)."""
     from lib_loraclr.safeio import read_safetensors
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
     concepts = tuple(JobConcept(ASSETS / "loras" / f"{s}.safetensors", s) for s in ("sks", "ohwx"))
     files = []
@@ -187,3 +189,173 @@ def test_an_interrupt_passes_through_on_an_older_torch(tmp_path, monkeypatch) ->
     with pytest.raises(MergeInterrupted):
         run_job(job, should_stop=lambda: bool(calls.append(1)) or len(calls) > 3)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------- defaults that follow the device (no GPU needed)
+def test_the_recommended_merge_refines_by_default_on_a_gpu_only() -> None:
+    """``distill_steps=None``: the recommended LoRACLR merge refines where its model runs on a GPU (100
+    steps), never on the CPU, never for lsq or the official preset; a number given wins."""
+    from lib_loraclr.merge.pipeline import GPU_REFINEMENT_STEPS
+
+    assert MergeConfig().device == "auto" and MergeConfig().distill_steps is None
+    rec = MergeConfig()
+    assert GPU_REFINEMENT_STEPS == 100
+    assert rec.effective_distill_steps("cuda") == rec.effective_distill_steps(torch.device("cuda:1")) == 100
+    assert rec.effective_distill_steps("cpu") == 0
+    assert MergeConfig(method="lsq").effective_distill_steps("cuda") == 0
+    assert MergeConfig(preset="official").effective_distill_steps("cuda") == 0
+    assert MergeConfig(distill_steps=0).effective_distill_steps("cuda") == 0
+    assert MergeConfig(distill_steps=7).effective_distill_steps("cpu") == 7
+    MergeConfig().validate()  # None is a valid value
+    with pytest.raises(MergeInputError, match="distill_steps must be >= 0"):
+        MergeConfig(distill_steps=-1).validate()
+
+
+def test_an_automatic_refinement_without_gpu_memory_keeps_the_per_layer_merge(tiny, monkeypatch) -> None:
+    """Out of GPU memory in a refinement the device chose: the per-layer merge is kept and the report says
+    why; in a refinement the user asked for, the error reaches the user."""
+    model, concepts = tiny
+    monkeypatch.setattr(
+        MergeConfig,
+        "effective_distill_steps",
+        lambda self, device: 2 if self.distill_steps is None else self.distill_steps,
+    )
+
+    def no_room(*_a, **_k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+    plain = merge_loras(model, concepts, _cfg(distill_steps=0))
+    monkeypatch.setattr(D, "distill_merged", no_room)
+    got = merge_loras(model, concepts, _cfg())
+    assert got.report["distill"]["steps"] == 0
+    assert "ran out of memory for the refinement" in got.report["distill"]["skipped"]
+    for k, m in plain.deltas.modules.items():
+        assert torch.equal(got.deltas.modules[k].delta(), m.delta()), k
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        merge_loras(model, concepts, _cfg(distill_steps=2))
+
+
+def test_auto_device_merges_on_the_cpu_when_the_gpu_has_no_room(tmp_path, monkeypatch) -> None:
+    """``device="auto"`` (the default) with a GPU too full for the base model: the merge runs on the CPU
+    and says so; an explicit ``"cuda"`` fails with the reason instead."""
+    from lib_loraclr.errors import LoraclrError
+    from lib_loraclr.merge import job as J
+    from lib_loraclr.merge import pipeline as P
+
+    def full(_model, device):
+        raise LoraclrError(f"the base model does not fit in {device}'s free memory (test)")
+
+    monkeypatch.setattr(J, "merge_device", lambda spec: torch.device("cuda" if spec != "cpu" else "cpu"))
+    monkeypatch.setattr(P, "merge_device", lambda spec: torch.device("cuda" if spec != "cpu" else "cpu"))
+    monkeypatch.setattr(J, "_to_device", full)
+    for name in ("reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    concepts = tuple(JobConcept(ASSETS / "loras" / f"{s}.safetensors", s) for s in ("sks", "ohwx"))
+    job = MergeJob(
+        ASSETS / "base.safetensors", concepts, tmp_path / "m.safetensors", options={"sample_steps": 2}
+    )
+    res = run_job(job)
+    assert res.report["device"] == "cpu" and "gpu_peak_gib" not in res.report
+    assert res.report["notes"] == ["the GPU had no room for the base model: merged on the CPU"]
+    assert "distill" not in res.report  # the CPU's default: no refinement
+    explicit = replace_options(job, {"sample_steps": 2, "device": "cuda"}, tmp_path / "n.safetensors")
+    with pytest.raises(LoraclrError, match="does not fit"):
+        run_job(explicit)
+    assert not (tmp_path / "n.safetensors").exists()
+
+
+def test_auto_device_finishes_on_the_cpu_when_the_gpu_merge_fails(tmp_path, monkeypatch) -> None:
+    """``"auto"``: a torch error on the GPU (a CUDA error, no memory left) → the same merge on the CPU, with
+    a note; our own errors and an explicit ``"cuda"`` are not retried (out of memory then says what to do)."""
+    from lib_loraclr.errors import LoraclrError
+    from lib_loraclr.merge import job as J
+    from lib_loraclr.merge import pipeline as P
+
+    fake_cuda = lambda spec: torch.device("cuda" if spec != "cpu" else "cpu")  # noqa: E731
+    monkeypatch.setattr(J, "merge_device", fake_cuda)
+    monkeypatch.setattr(P, "merge_device", fake_cuda)
+    monkeypatch.setattr(J, "_to_device", lambda model, device: model)
+    for name in ("reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 2**30)
+    calls: list[str] = []
+
+    def merge(model, concepts, config, progress, error=None):
+        calls.append(config.device)
+        if len(calls) == 1:
+            raise error or RuntimeError("CUDA error: an illegal memory access")
+        return P.merge_loras(model, concepts, config, progress)
+
+    concepts = tuple(JobConcept(ASSETS / "loras" / f"{s}.safetensors", s) for s in ("sks", "ohwx"))
+    job = MergeJob(
+        ASSETS / "base.safetensors",
+        concepts,
+        tmp_path / "m.safetensors",
+        method="lsq",
+        options={"sample_steps": 2},
+    )
+    res = run_job(job, merge=merge)
+    assert len(calls) == 2 and (tmp_path / "m.safetensors").exists()
+    assert res.report["device"] == "cpu" and res.report["gpu_peak_gib"] == 1.0
+    assert res.report["notes"] == [
+        "the merge on the GPU failed (RuntimeError: CUDA error: an illegal memory access): merged on the CPU"
+    ]
+    explicit = replace_options(job, {"sample_steps": 2, "device": "cuda"}, tmp_path / "n.safetensors")
+    calls.clear()
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run_job(explicit, merge=merge)
+    calls.clear()
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+    with pytest.raises(LoraclrError, match=r"cuda ran out of memory during the merge .*; merge on 'cpu'"):
+        run_job(explicit, merge=lambda *a: merge(*a, error=oom))
+    calls.clear()
+    with pytest.raises(LoraclrError, match="ours"):
+        run_job(
+            replace_options(job, {"sample_steps": 2}, tmp_path / "n.safetensors"),
+            merge=lambda *a: merge(*a, error=LoraclrError("ours")),
+        )
+    assert calls == ["auto"] and not (tmp_path / "n.safetensors").exists()
+
+
+def replace_options(job: MergeJob, options: dict, out: Path) -> MergeJob:
+    from dataclasses import replace
+
+    return replace(job, options=options, out=out)
+
+
+def test_the_recipe_names_refinement_steps_the_device_chose() -> None:
+    """A refinement the device turned on changes the merge, so the file's recipe records its steps; a
+    merge without one, or with steps the user gave, keeps the recipe as it was."""
+    import json
+
+    from lib_loraclr.merge.job import job_metadata
+
+    concepts = (JobConcept(Path("a.safetensors"), "sks"),)
+    job = MergeJob(Path("base.safetensors"), concepts, Path("m.safetensors"), options={"sample_steps": 2})
+
+    def params(config: MergeConfig, j: MergeJob = job) -> dict:
+        return json.loads(job_metadata(j, config, concepts, [{}])["loraclr_parameters"])
+
+    assert "distill_steps" not in params(MergeConfig(sample_steps=2, distill_steps=0))
+    assert params(MergeConfig(sample_steps=2, distill_steps=25))["distill_steps"] == 25
+    given = MergeJob(job.base, concepts, job.out, options={"sample_steps": 2, "distill_steps": 10})
+    assert params(MergeConfig(sample_steps=2, distill_steps=10), given)["distill_steps"] == 10
+
+
+@cuda
+def test_the_default_merge_on_the_gpu_refines(tmp_path) -> None:
+    """A job with the defaults on the GPU runs the refinement the device sets and records it in the file."""
+    import json
+
+    from lib_loraclr.merge.pipeline import GPU_REFINEMENT_STEPS
+    from lib_loraclr.safeio import read_safetensors_metadata
+
+    concepts = tuple(JobConcept(ASSETS / "loras" / f"{s}.safetensors", s) for s in ("sks", "ohwx"))
+    out = tmp_path / "auto.safetensors"
+    res = run_job(
+        MergeJob(ASSETS / "base.safetensors", concepts, out, options={"sample_steps": 2, "device": DEVICE})
+    )
+    want = GPU_REFINEMENT_STEPS if DEVICE.startswith("cuda") else 0
+    assert (res.report.get("distill") or {}).get("steps", 0) == want
+    recipe = json.loads(read_safetensors_metadata(out)["loraclr_parameters"])
+    assert recipe.get("distill_steps", 0) == want

@@ -950,8 +950,8 @@ def test_merge_service_success_writes_and_reports(loaded, model, lora_dir, tmp_p
         )
         assert images == [] and "Saved" in status and "Preview failed: RuntimeError: no VRAM" in status
         assert out.is_file() and len(rows) == 2
-        # the tab's refinement slider reaches the merge (0 = off, the default)
-        assert [c.distill_steps for c in configs] == [0, 0, 0]
+        # the tab's refinement slider reaches the merge (-1 = automatic, the default: the device decides)
+        assert [c.distill_steps for c in configs] == [None, None, None]
 
         def overwrite_no_preview(task: str, *extra):  # the tab's later inputs: refinement steps, device
             common = ("lsq", "recommended", 5, 0, "LoRA", "merged_pair", 8, True, False, 128, 2)
@@ -959,6 +959,10 @@ def test_merge_service_success_writes_and_reports(loaded, model, lora_dir, tmp_p
 
         overwrite_no_preview("task(v)", 40)
         assert configs[-1].distill_steps == 40
+        overwrite_no_preview("task(o)", 0)  # 0 = off, also where a GPU would refine
+        assert configs[-1].distill_steps == 0 and configs[-1].device == "auto"
+        overwrite_no_preview("task(c)", -1, "CPU")
+        assert configs[-1].distill_steps is None and configs[-1].device == "cpu"
         # "Merge on: GPU" reaches the job; where torch sees no GPU the tab says so and writes nothing
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         assert ui_merge.gpu_present() is False

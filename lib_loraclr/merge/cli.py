@@ -95,15 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--distill-steps",
         type=int_in(0, 10_000),
-        default=0,
-        help="output-level refinement steps after the per-layer solve (lsq, loraclr; 0 = off; 100 measured "
-        "best in the bundled world, minutes more per merge on a CPU)",
+        default=None,
+        help="output-level refinement steps after the per-layer solve (lsq, loraclr; 0 = off; default: the "
+        "recommended LoRACLR merge refines with 100 steps on a GPU, and not on the CPU, where it costs "
+        "many minutes per merge)",
     )
     p.add_argument(
         "--device",
-        default="cpu",
-        help="where the forward passes and the refinement run: cpu (default), cuda, cuda:N or auto (a CUDA GPU "
-        "when torch sees one); statistics and solves stay on the CPU",
+        default="auto",
+        help="where the forward passes and the refinement run: auto (default: a CUDA GPU when torch sees one "
+        "and the model fits, else the CPU), cpu, cuda or cuda:N; statistics and solves stay on the CPU",
     )
     p.add_argument("--report", default=None, help="write the fidelity report as JSON here")
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
@@ -153,8 +154,8 @@ def job_from_args(args: argparse.Namespace, concept_specs: list[dict]) -> MergeJ
         overwrite=args.overwrite,
         sidecar=args.sidecar,
         options={"sample_steps": args.steps, "seed": args.seed}
-        | ({"distill_steps": args.distill_steps} if args.distill_steps else {})
-        | ({"device": args.device} if args.device != "cpu" else {}),
+        | ({"distill_steps": args.distill_steps} if args.distill_steps is not None else {})
+        | ({"device": args.device} if args.device != "auto" else {}),
     )
 
 
@@ -204,6 +205,8 @@ def main(argv: list[str]) -> int:
         )
     res = run(args, specs)
     print(format_report(res.report))
+    for note in res.report.get("notes", []):
+        print(f"note: {note}")
     if res.report.get("device", "cpu") != "cpu":
         peak = res.report.get("gpu_peak_gib")
         print(

@@ -168,8 +168,13 @@ def job_metadata(
     """The recipe fields written into the merged file (`lib_loraclr.metadata.recipe_metadata`). Parameters:
     the preset, the sampling steps and seed as used, then the other options given, sorted by name, so the
     same merge gives the same metadata from every front end. Where it ran (``device``) is not part of the
-    recipe and is left out."""
+    recipe and is left out; refinement steps the device chose (``config.distill_steps`` as the merge ran
+    them) are."""
     given = {k: v for k, v in sorted(job.options.items()) if k not in ("sample_steps", "seed", "device")}
+    if (
+        config.distill_steps and "distill_steps" not in given
+    ):  # chosen by the device: the result depends on it
+        given = dict(sorted({**given, "distill_steps": config.distill_steps}.items()))
     parameters = {"preset": job.preset, "sample_steps": config.sample_steps, "seed": config.seed, **given}
     from ..metadata import recipe_metadata
 
@@ -249,10 +254,19 @@ def run_job(
     tick("reading the base model", 0, 1)
     model = load_model(Path(job.base))
     device = merge_device(config.device)
+    notes: list[str] = []
     if device.type != "cpu":
         tick(f"moving the base model to {device}", 0, 1)
         torch.cuda.reset_peak_memory_stats(device)
-        model = _to_device(model, device)
+        try:
+            model = _to_device(model, device)
+        except (LoraclrError, RuntimeError) as e:  # no room (`_to_device`'s error), or a CUDA error
+            if config.device != "auto":
+                raise
+            model, device = model.to("cpu"), torch.device("cpu")  # "auto": the CPU is the other choice
+            torch.cuda.empty_cache()
+            why = "had no room for the base model" if isinstance(e, LoraclrError) else f"failed ({e})"
+            notes.append(f"the GPU {why}: merged on the CPU")
     merge_concepts = [
         Concept(
             ds,
@@ -271,9 +285,23 @@ def run_job(
         config = replace(config, lowrank_output=(job.rank, svd_tolerance(dtype)))
     gpu_peak = None
     try:
-        result = merge(model, merge_concepts, config, tick)
-    except torch.cuda.OutOfMemoryError as e:
-        raise LoraclrError(f"{device} ran out of memory during the merge ({e}); merge on 'cpu'") from None
+        try:
+            result = merge(model, merge_concepts, config, tick)
+        except RuntimeError as e:  # torch's errors (out of memory, a CUDA error); not ours, not an interrupt
+            if device.type == "cpu":
+                raise
+            if config.device != "auto":
+                if isinstance(e, torch.cuda.OutOfMemoryError):
+                    raise LoraclrError(
+                        f"{device} ran out of memory during the merge ({e}); merge on 'cpu'"
+                    ) from None
+                raise
+            # "auto" chose the GPU: the CPU is the other choice, so the merge still ends with a file
+            gpu_peak = torch.cuda.max_memory_allocated(device) / 2**30
+            model, device = model.to("cpu"), torch.device("cpu")
+            torch.cuda.empty_cache()
+            notes.append(f"the merge on the GPU failed ({type(e).__name__}: {e}): merged on the CPU")
+            result = merge(model, merge_concepts, config, tick)
     finally:
         del model  # the checkpoint output reads the base file again: not both in memory (SDXL: 7 GB each)
         if device.type == "cuda":  # also after an error or an interrupt: the host gets its GPU memory back
@@ -281,9 +309,16 @@ def run_job(
             torch.cuda.empty_cache()
     tick("saving", 0, 1)
     tags = [getattr(ds, "metadata", None) or {} for ds in deltas]
+    if config.distill_steps is None:  # the steps the device chose (`MergeConfig.effective_distill_steps`)
+        config = replace(config, distill_steps=int((result.report.get("distill") or {}).get("steps", 0)))
     meta = job_metadata(job, config, concepts, tags)
     report = dict(result.report)
     report["device"] = str(device)
+    skipped = (report.get("distill") or {}).get("skipped")
+    if skipped:
+        notes.append(f"refinement skipped: {skipped}")
+    if notes:
+        report["notes"] = notes
     if gpu_peak is not None:
         report["gpu_peak_gib"] = gpu_peak
     if job.kind == "lora":

@@ -10,6 +10,10 @@ Request (keys in any order, defaults when omitted, unknown keys refused)::
       "advanced": {"sample_steps": 20, "seed": 0, "device": "cuda", …}   `MergeConfig` fields, checked here
     }
 
+``advanced.device`` defaults to ``"auto"`` (a CUDA GPU when torch sees one with room, else the CPU) and
+``advanced.distill_steps`` to the device's choice (100 refinement steps for the recommended LoRACLR merge on
+a GPU, none on the CPU; 0 turns it off): `MergeConfig.effective_distill_steps`.
+
 `validate_request` → `MergeRequest` (LoRAs by name: the WebUI resolves them in its LoRA folder and runs the
 job, `lib_loraclr.merge.job`).
 """

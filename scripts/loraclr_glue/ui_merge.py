@@ -62,8 +62,8 @@ def merge_click(
     show_preview: bool = False,
     preview_size: float = preview.DEFAULT_SIZE,
     preview_steps: float = preview.DEFAULT_STEPS,
-    refine_steps: float = 0,
-    device: str = "CPU",
+    refine_steps: float = -1,
+    device: str = "Auto",
 ) -> list[Any]:
     """Handler body (inside ``wrap_gradio_gpu_call``): ``[report rows, ready prompt, preview images, status html]``."""
     body = request_from_table(
@@ -151,17 +151,18 @@ def build(service: MergeService | None = None) -> list[tuple[Any, str, str]]:
             )
             seed = gr.Number(value=0, precision=0, label="Seed", elem_id=f"{ID}_seed")
             refine_steps = gr.Slider(
-                0,
+                -1,
                 500,
-                value=0,
-                step=5,
-                label="Output refinement steps (0 = off; 25 keeps up to 4 concepts, 100 up to 12; slow on a CPU)",
+                value=-1,
+                step=1,
+                label="Output refinement steps (-1 = automatic: 100 when the merge runs on a GPU, off on the "
+                "CPU; 0 = off; slow on a CPU)",
                 elem_id=f"{ID}_refine",
             )
             device = gr.Radio(
-                ["CPU", "GPU"],
-                value="CPU",
-                label="Merge on (GPU: the first CUDA device, beside the loaded model)",
+                ["Auto", "CPU", "GPU"],
+                value="Auto",
+                label="Merge on (Auto: the GPU when it has room beside the loaded model, else the CPU)",
                 interactive=gpu_present(),
                 elem_id=f"{ID}_device",
             )
