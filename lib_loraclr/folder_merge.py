@@ -210,7 +210,11 @@ def request_from_table(
         "preset": preset,
         "output": {"kind": kind.lower(), "name": name, "rank": int(rank), "overwrite": bool(overwrite)},
         "advanced": {"sample_steps": int(sample_steps), "seed": int(seed)}
-        | ({"distill_steps": int(distill_steps)} if int(distill_steps or 0) >= 0 else {})
+        | (
+            {"distill_steps": int(distill_steps)}
+            if distill_steps is not None and int(distill_steps) >= 0
+            else {}
+        )
         | ({"GPU": {"device": "cuda"}, "CPU": {"device": "cpu"}}.get(str(device).upper(), {})),
     }
 

@@ -92,6 +92,8 @@ def test_merge_tab_request_and_status_texts():
     # 0 = refinement off (sent, so the device's default does not turn it on); CPU sent as chosen
     off = folder_merge.request_from_table(table, "lsq", "recommended", 20, 3, "LoRA", "m", 16, 0, 0, "CPU")
     assert off["advanced"] == {"sample_steps": 20, "seed": 3, "distill_steps": 0, "device": "cpu"}
+    cleared = folder_merge.request_from_table(table, "lsq", "recommended", 20, 3, "LoRA", "m", 16, 0, None)
+    assert cleared["advanced"] == {"sample_steps": 20, "seed": 3}  # an emptied field: the automatic default
     result = {
         "file": "/l/m.safetensors",
         "seconds": 2.0,
