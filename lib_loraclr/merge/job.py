@@ -171,10 +171,10 @@ def job_metadata(
     recipe and is left out; refinement steps the device chose (``config.distill_steps`` as the merge ran
     them) are."""
     given = {k: v for k, v in sorted(job.options.items()) if k not in ("sample_steps", "seed", "device")}
-    if (
-        config.distill_steps and "distill_steps" not in given
-    ):  # chosen by the device: the result depends on it
-        given = dict(sorted({**given, "distill_steps": config.distill_steps}.items()))
+    # refinement steps the device chose shape the result as much as given ones
+    chosen = config.distill_steps if "distill_steps" not in given else None
+    if chosen:
+        given = dict(sorted({**given, "distill_steps": chosen}.items()))
     parameters = {"preset": job.preset, "sample_steps": config.sample_steps, "seed": config.seed, **given}
     from ..metadata import recipe_metadata
 
