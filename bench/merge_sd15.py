@@ -248,6 +248,17 @@ def run_merge(cmd: list[str], env: dict[str, str], verbose: bool = True) -> dict
     }
 
 
+def cli_env() -> dict[str, str]:
+    """The environment of the merge CLI's subprocess: the repo first on ``PYTHONPATH``, then whatever the caller
+    put there (a lent GPU machine: carried wheels in /tmp/site); this process's thread count unless set."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    return env
+
+
 def _gpu_peak(stdout: Sequence[str]) -> float | None:
     """The GPU memory peak the CLI prints after its report (``--device cuda``), if any."""
     for line in stdout:
@@ -291,12 +302,7 @@ def main() -> int:
     steps = 1 if args.quick else args.steps
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="merge_sd15_"))
     work.mkdir(parents=True, exist_ok=True)
-    # the repo first, then whatever the caller put there (a lent GPU machine: carried wheels in /tmp/site)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    env = cli_env()
     try:
         base = work / "sd15_random.safetensors"
         t = time.perf_counter()

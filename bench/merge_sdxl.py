@@ -245,12 +245,7 @@ def main() -> int:
     n = args.concepts
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="merge_sdxl_"))
     work.mkdir(parents=True, exist_ok=True)
-    # the repo first, then whatever the caller put there (a lent GPU machine: carried wheels in /tmp/site)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    env = merge_sd15.cli_env()
     try:
         base = work / "sdxl_random.safetensors"
         t = time.perf_counter()

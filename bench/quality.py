@@ -338,19 +338,17 @@ def evaluate(world: World, method: Method, names: Sequence[str], cells: Cells, c
 def slot_tally(judge, requests: Sequence[Request], reads) -> dict[str, dict[str, int]]:
     """Per requested word, what its own slot showed in multi-concept scenes: ``"ok"``, ``"not a digit"`` or
     the digit drawn instead (``"7"``; a concept's digit in another style counts as its digit)."""
+    from collections import Counter
+
     from lib_loraclr.world.judges import NOT_A_DIGIT
 
-    tally: dict[str, dict[str, int]] = {}
+    tally: dict[str, Counter[str]] = {}
     for r, rd in zip(requests, reads):
         for w, slot in zip(r, rd):
-            what = (
-                "ok"
-                if judge.matches(w, slot)
-                else ("not a digit" if slot.digit == NOT_A_DIGIT else str(slot.digit))
-            )
-            tally.setdefault(w, {}).setdefault(what, 0)
-            tally[w][what] += 1
-    return {w: dict(sorted(t.items(), key=lambda kv: -kv[1])) for w, t in sorted(tally.items())}
+            ok = judge.matches(w, slot)
+            what = "ok" if ok else ("not a digit" if slot.digit == NOT_A_DIGIT else str(slot.digit))
+            tally.setdefault(w, Counter())[what] += 1
+    return {w: dict(t.most_common()) for w, t in sorted(tally.items())}
 
 
 def save_grid(images: dict[str, torch.Tensor], path: Path, per_row: int = 16) -> None:

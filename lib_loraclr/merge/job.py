@@ -207,6 +207,13 @@ def _to_device(model: Any, device: torch.device) -> Any:
         ) from None
 
 
+def _back_to_cpu(model: Any) -> tuple[Any, torch.device]:
+    """``model`` on the CPU again after a failed try on the GPU, whose cached memory goes back to the host."""
+    model = model.to("cpu")
+    torch.cuda.empty_cache()
+    return model, torch.device("cpu")
+
+
 def run_job(
     job: MergeJob,
     *,
@@ -263,8 +270,7 @@ def run_job(
         except (LoraclrError, RuntimeError) as e:  # no room (`_to_device`'s error), or a CUDA error
             if config.device != "auto":
                 raise
-            model, device = model.to("cpu"), torch.device("cpu")  # "auto": the CPU is the other choice
-            torch.cuda.empty_cache()
+            model, device = _back_to_cpu(model)  # "auto": the CPU is the other choice
             why = "had no room for the base model" if isinstance(e, LoraclrError) else f"failed ({e})"
             notes.append(f"the GPU {why}: merged on the CPU")
     merge_concepts = [
@@ -298,8 +304,7 @@ def run_job(
                 raise
             # "auto" chose the GPU: the CPU is the other choice, so the merge still ends with a file
             gpu_peak = torch.cuda.max_memory_allocated(device) / 2**30
-            model, device = model.to("cpu"), torch.device("cpu")
-            torch.cuda.empty_cache()
+            model, device = _back_to_cpu(model)
             notes.append(f"the merge on the GPU failed ({type(e).__name__}: {e}): merged on the CPU")
             result = merge(model, merge_concepts, config, tick)
     finally:

@@ -137,7 +137,7 @@ def validate_advanced(advanced: Mapping[str, Any]) -> dict[str, Any]:
                     )
             if k == "device":
                 if v is None:
-                    continue  # the default, the CPU
+                    continue  # the default, "auto"
                 from lib_loraclr.merge.pipeline import MergeInputError, merge_device
 
                 try:
