@@ -159,9 +159,16 @@ def build(cfg: Config) -> Any:
     return build_tiny_sd1(seed=cfg.seed, config=conf).to(cfg.device)
 
 
+OWN_UNCOND = "_own_uncond"  # a kind with this suffix: the same with each branch's own uncond (base_uncond 0)
+
+
 def options(kind: str, cfg: Config) -> Any:
+    from dataclasses import replace
+
     from lib_loraclr.clora import CloraOptions
 
+    if kind.endswith(OWN_UNCOND):
+        return replace(options(kind[: -len(OWN_UNCOND)], cfg), base_uncond=0.0)
     if kind == "masks":
         return CloraOptions(latent_update=False, maps_from="both", mask_rule="paper")
     if kind in ("routed", "routed_layout", "routed_layout_crops"):
@@ -197,6 +204,7 @@ def make_denoiser(kind: str, n_loras: int, model: Any, cfg: Config) -> Any:
         unconds = [model.get_learned_conditioning([""])] * len(conds)
     inner = CFGDenoiser(model).inner_model
     opts = options(kind, cfg)
+    kind = kind.removesuffix(OWN_UNCOND)
     if kind == "official":
         return OfficialCloraLoop(inner, unet, conds, unconds, bp.groups, bp.mask_tokens, opts, router=router)
     den = CloraDenoiser(inner, unet, conds, bp.groups, bp.mask_tokens, opts, unconds=unconds, router=router)
@@ -218,6 +226,7 @@ def make_denoiser(kind: str, n_loras: int, model: Any, cfg: Config) -> Any:
             layout=layout,
             estimator=den if layout is None else None,
             crops=0.5 if kind == "routed_layout_crops" else 0.0,
+            options=opts,
         )
     return den
 

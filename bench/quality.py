@@ -544,6 +544,7 @@ class CloraMethod(Method):
                 layout=layout,
                 estimator=den if layout is None else None,
                 crops=self.options.region_crops,
+                options=self.options,
             )
         self.last_denoiser, self.last_branches, self.last_prompts = den, branches, prompts
         return den
@@ -638,6 +639,32 @@ class MergedLayoutMethod(MergeMethod):
         return out
 
 
+class MergedRoutedMethod(MergeMethod):
+    """A merged LoRA as the WebUI uses it with a layout: bound once per concept with that concept's trigger
+    (``<clora:merged:trigger=sks>`` rows), routed mode, each concept's region reading its own short prompt
+    (`CloraMethod` ``routed_layout`` with the merged LoRA as every concept's LoRA). Unlike
+    `MergedLayoutMethod` (the LoRA patched everywhere), the LoRA acts only inside the concept regions and
+    CFG's unconditional half follows `CloraOptions.base_uncond` (the base model's by default)."""
+
+    def __init__(self, *args, clora: dict | None = None, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.clora = {"mode": "routed", "layout": True, "region_prompts": True, **(clora or {})}
+
+    def setup(self, world, names):
+        super().setup(world, names)
+        self.inner_method = CloraMethod("recommended", self.name, **self.clora)
+        self.inner_method.setup(world, names)
+
+    def context(self, world, concepts_in_request):
+        return nullcontext()
+
+    def generate(self, world, requests, cfg, seed):
+        from dataclasses import replace
+
+        merged = replace(world, loras={**world.loras, **{n: self.deltas for n in self.names}})
+        return self.inner_method.generate(merged, requests, cfg, seed)
+
+
 register_method("clora", lambda: CloraMethod("recommended"))
 register_method("clora_layout", lambda: CloraMethod("recommended", "clora_layout", layout=True))
 register_method("routed", lambda: CloraMethod("recommended", "routed", mode="routed", region_prompts=True))
@@ -668,6 +695,29 @@ register_method(
         layout=True,
         region_prompts=True,
         region_crops=CROPS,
+    ),
+)
+# before 2026-12-07: every concept region's unconditional half with its own LoRA on (the paper's CFG);
+# now the base model's (`CloraOptions.base_uncond` = 1)
+for _name, _kw in {
+    "clora": {},
+    "clora_layout": {"layout": True},
+    "routed": {"mode": "routed", "region_prompts": True},
+    "routed_layout": {"mode": "routed", "layout": True, "region_prompts": True},
+}.items():
+    register_method(
+        f"{_name}_own_uncond",
+        lambda _name=_name, _kw=_kw: CloraMethod(
+            "recommended", f"{_name}_own_uncond", base_uncond=0.0, **_kw
+        ),
+    )
+register_method(
+    "loraclr_routed_layout", lambda: MergedRoutedMethod("loraclr", "recommended", "loraclr_routed_layout")
+)
+register_method(
+    "loraclr_routed_layout_own_uncond",
+    lambda: MergedRoutedMethod(
+        "loraclr", "recommended", "loraclr_routed_layout_own_uncond", clora={"base_uncond": 0.0}
     ),
 )
 register_method("loraclr_layout", lambda: MergedLayoutMethod("loraclr", "recommended", "loraclr_layout"))

@@ -294,6 +294,14 @@ class MultiLora:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for pair in self.params.values() for p in pair]
 
+    def load(self, c: int, lora) -> None:
+        """Start concept ``c`` from a trained LoRA (`DeltaSet`): same ``up @ down`` at this trainer's scale."""
+        with torch.no_grad():
+            for k, (down, up) in self.params.items():
+                m = lora.modules[k]
+                down[c].copy_(m.down.float().reshape(down[c].shape))
+                up[c].copy_(m.up.float().reshape(up[c].shape) * (m.scale / self.scale))
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
@@ -351,6 +359,11 @@ def train_loras(args: argparse.Namespace) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     ml = MultiLora(model, len(concepts), args.rank, args.alpha, dev)
+    if args.init:  # continue from trained LoRAs (kohya files named after the concepts)
+        from lib_loraclr.readers import read_lora
+
+        for i, c in enumerate(concepts):
+            ml.load(i, read_lora(Path(args.init) / f"{c.name}.safetensors"))
     opt = torch.optim.AdamW(ml.parameters(), lr=args.lr, weight_decay=0.0)
     digits = wdata.load_digit_data()
     samplers = [
@@ -522,6 +535,7 @@ def main(argv: list[str] | None = None) -> None:
     lo.add_argument("--lr", type=float, default=2e-3)
     lo.add_argument("--prior", type=float, default=0.25, help="fraction of samples without the trigger")
     lo.add_argument("--log-every", type=int, default=50)
+    lo.add_argument("--init", default="", help="folder of trained LoRAs to continue from (default: fresh)")
     lo.add_argument(
         "--save-all", default="", help="also write all concepts into this one file (every minute)"
     )

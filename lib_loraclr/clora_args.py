@@ -23,6 +23,9 @@ region_prompt        str       concept   routed mode: what region k's cross-atte
                                          region), "scene" = the whole prompt with that concept's trigger
 region_crops         float     0         routed mode: weight (0–1) of each region also denoised as its own
                                          cropped canvas with only its LoRA and prompt (0 = off)
+base_uncond          float     1         weight (0–1) of the base model's unconditional prediction (no
+                                         LoRA) in the concept regions: 1 = CFG guides from the bare base
+                                         toward each LoRA, 0 = each region's own (the paper's CFG)
 mask_rule            str       layout    automatic masks: "layout" (concepts compete for each position,
                                          frozen after the first steps) or "paper" (α·max thresholds)
 latent_update        bool      False     contrastive latent update (off by default: it lowered
@@ -105,6 +108,7 @@ class CloraArgs:
     layout: str = ""
     region_prompt: str = "concept"
     region_crops: float = 0.0
+    base_uncond: float = _RECOMMENDED.base_uncond
     mask_rule: str = "layout"
     latent_update: bool = False
     update_steps: int | None = None
@@ -137,6 +141,7 @@ class CloraArgs:
             "masks_only": self.masks_only,
             "mask_rule": self.mask_rule,
             "region_crops": self.region_crops,
+            "base_uncond": self.base_uncond,
         }
         if self.update_steps is not None:
             kw["update_until"] = self.update_steps
@@ -346,12 +351,16 @@ def validate(data: Mapping[str, Any] | CloraArgs | None = None, **overrides: Any
     crops = _number("region_crops", get("region_crops", d.region_crops))
     if not 0.0 <= crops <= 1.0:
         raise CloraArgsError(f"CLoRA region_crops must lie between 0 and 1, got {crops:g}")
+    base_uncond = _number("base_uncond", get("base_uncond", d.base_uncond))
+    if not 0.0 <= base_uncond <= 1.0:
+        raise CloraArgsError(f"CLoRA base_uncond must lie between 0 and 1, got {base_uncond:g}")
     return CloraArgs(
         enabled=_bool("enabled", get("enabled", d.enabled)),
         mode=mode,
         layout=layout,
         region_prompt=_choice("region_prompt", get("region_prompt", d.region_prompt), REGION_PROMPTS),
         region_crops=crops,
+        base_uncond=base_uncond,
         mask_rule=mask_rule,
         latent_update=_bool("latent_update", get("latent_update", d.latent_update)),
         update_steps=None
@@ -401,6 +410,7 @@ _INFOTEXT_SHORT = {
     "layout": "layout",
     "region_prompt": "regions",
     "region_crops": "crops",
+    "base_uncond": "base_uncond",
     "mask_rule": "masks",
     "latent_update": "latent",
     "update_steps": "steps",
@@ -475,6 +485,7 @@ def from_infotext(params: Mapping[str, Any]) -> CloraArgs | None:
     data = parse_infotext_options(params[INFOTEXT_KEY])
     data.setdefault("mask_rule", "paper")  # written before the layout rule existed: restore what made it
     data.setdefault("region_prompt", "scene")  # written before concept region prompts existed
+    data.setdefault("base_uncond", 0.0)  # written before the base model's uncond (2026-12-07)
     table = params.get(INFOTEXT_TABLE_KEY)
     if table:
         if isinstance(table, str):

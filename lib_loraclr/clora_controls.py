@@ -35,6 +35,7 @@ UI_DEFAULTS: dict[str, Any] = {
     "layout": ca.DEFAULTS.layout,
     "region_prompt": ca.DEFAULTS.region_prompt,
     "region_crops": ca.DEFAULTS.region_crops,
+    "base_uncond": ca.DEFAULTS.base_uncond,
     "mask_rule": ca.DEFAULTS.mask_rule,
     "latent_update": ca.DEFAULTS.latent_update,
     "update_steps": 0,  # 0 = recommended (None in the arguments)

@@ -218,7 +218,7 @@ def test_infotext_defaults_and_no_table():
     a = ca.CloraArgs()
     params = ca.to_infotext(a)
     assert params == {
-        ca.INFOTEXT_KEY: "mode=fusion layout=- regions=concept crops=0 masks=layout latent=0 steps=auto "
+        ca.INFOTEXT_KEY: "mode=fusion layout=- regions=concept crops=0 base_uncond=1 masks=layout latent=0 steps=auto "
         "step=auto refine=0 iters=5 threshold=0.3 masks_only=0 show_masks=0"
     }
     assert ca.to_infotext(ca.CloraArgs(refinement_steps=()))[ca.INFOTEXT_KEY].count("refine=-") == 1
@@ -240,7 +240,7 @@ def test_infotext_errors():
         ca.from_infotext({ca.INFOTEXT_KEY: "", ca.INFOTEXT_TABLE_KEY: "[oops"})
     # an older infotext with fewer keys: the rest take defaults
     assert ca.from_infotext({ca.INFOTEXT_KEY: "steps=3"}) == ca.CloraArgs(
-        update_steps=3, mask_rule="paper", region_prompt="scene"
+        update_steps=3, mask_rule="paper", region_prompt="scene", base_uncond=0.0
     )
     assert ca.from_infotext({ca.INFOTEXT_KEY: "refine=-"}).refinement_steps == ()
 
@@ -335,6 +335,24 @@ def test_region_prompt_and_crops_are_validated_written_and_restored():
     # an image made before these options existed (routed regions read the scene): restored as it was made
     old = ca.from_infotext({ca.INFOTEXT_KEY: "mode=routed layout=1_1 masks=layout latent=0"})
     assert (old.region_prompt, old.region_crops) == ("scene", 0.0)
+
+
+def test_base_uncond_is_validated_written_and_restored():
+    assert ca.DEFAULTS.base_uncond == 1.0 and ca.DEFAULTS.to_options(20).base_uncond == 1.0
+    a = ca.validate({"base_uncond": "0.5"})
+    assert a.base_uncond == 0.5 and a.to_options(20).base_uncond == 0.5
+    text = ca.to_infotext(a)[ca.INFOTEXT_KEY]
+    assert "base_uncond=0.5" in text
+    assert ca.from_infotext({ca.INFOTEXT_KEY: text}) == a
+    assert (
+        ca.from_infotext({ca.INFOTEXT_KEY: ca.to_infotext(ca.DEFAULTS)[ca.INFOTEXT_KEY]}).base_uncond == 1.0
+    )
+    for bad in (1.5, -0.1, "x"):
+        with pytest.raises(ca.CloraArgsError, match="base_uncond"):
+            ca.validate({"base_uncond": bad})
+    # an image made before the option existed (each region's own uncond): restored as it was made
+    old = ca.from_infotext({ca.INFOTEXT_KEY: "mode=routed layout=1_1 masks=layout latent=0"})
+    assert old.base_uncond == 0.0 and old.to_options(20).base_uncond == 0.0
 
 
 def test_a_merged_lora_may_fill_several_rows_with_their_own_triggers():

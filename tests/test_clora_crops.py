@@ -58,16 +58,19 @@ def _method(world, **kw) -> q.CloraMethod:
     return m
 
 
-def test_full_crops_give_each_column_its_single_lora_alone(world):
-    """crops = 1: inside each column the prediction IS the single LoRA's on that column's latent alone,
-    with the column's own prompt ("a sks") — both CFG halves."""
-    m = _method(world, region_crops=1.0)
+@pytest.mark.parametrize("base_uncond", [0.0, 1.0])
+def test_full_crops_give_each_column_its_single_lora_alone(world, base_uncond):
+    """crops = 1: inside each column the cond prediction IS the single LoRA's on that column's latent alone,
+    with the column's own prompt ("a sks"); the uncond half too with each region's own uncond
+    (base_uncond = 0), and with base_uncond = 1 it is the base model's on the whole latent (no crop)."""
+    m = _method(world, region_crops=1.0, base_uncond=base_uncond)
     den = m.denoiser(world, [["sks", "ohwx"]])
     assert den.crops == 1.0 and den.multiple == 2
     x = torch.randn(1, 1, 8, 16) * 3.0
     sigma = torch.tensor([3.0])
     with torch.no_grad():
         out = den.predict(x, sigma, halves=(COND, UNCOND))
+        base_u = den.inner_model(x, sigma, cond=world.model.get_learned_conditioning([""]))
         for j, name in enumerate(NAMES):
             with patched(world.model, world.loras[name]):
                 c = world.model.get_learned_conditioning([f"a {name}"])
@@ -75,8 +78,10 @@ def test_full_crops_give_each_column_its_single_lora_alone(world):
                 xc = x[..., 8 * j : 8 * (j + 1)]
                 alone_c = den.inner_model(xc, sigma, cond=c)
                 alone_u = den.inner_model(xc, sigma, cond=u)
-            assert (out[COND][..., 8 * j : 8 * (j + 1)] - alone_c).abs().max().item() < 1e-4
-            assert (out[UNCOND][..., 8 * j : 8 * (j + 1)] - alone_u).abs().max().item() < 1e-4
+            cols = slice(8 * j, 8 * (j + 1))
+            assert (out[COND][..., cols] - alone_c).abs().max().item() < 1e-4
+            want_u = alone_u if base_uncond == 0.0 else base_u[..., cols]
+            assert (out[UNCOND][..., cols] - want_u).abs().max().item() < 1e-4
     assert count_hooks(world.model) == 0
 
 
@@ -91,7 +96,8 @@ def test_half_crops_blend_inside_the_regions_only(world):
         for a in (0.0, 0.5, 1.0):
             den = _method(world, region_crops=a).denoiser(world, reqs)
             got[a] = den.predict(x, sigma, halves=(COND, UNCOND))
-    for h in (COND, UNCOND):
+    assert torch.equal(got[0.0][UNCOND], got[1.0][UNCOND])  # the base model's uncond: no crops there
+    for h in (COND,):
         mid = (got[0.0][h] + got[1.0][h]) / 2
         assert (got[0.5][h] - mid).abs().max().item() < 1e-5
         bg = slice(8, 16)  # the "3" between the two concepts: background, no crop
@@ -113,8 +119,9 @@ def test_crop_calls_per_step_and_nothing_left_behind(world):
     den.inner_model = counting
     out = world.sample(["a sks and a ohwx"] * 2, 2, 3.0, 0, denoiser=den)
     assert bool(torch.isfinite(out).all())
-    # per step: the routed call (cond + uncond of 2 images) and one 8×8 crop call per concept region
-    assert calls == [(4, 1, 8, 16), (4, 1, 8, 8), (4, 1, 8, 8)] * world.steps
+    # per step: the routed call (cond + uncond of 2 images) and one 8×8 crop call per concept region on
+    # the cond rows (the uncond half is the base model's)
+    assert calls == [(4, 1, 8, 16), (2, 1, 8, 8), (2, 1, 8, 8)] * world.steps
     assert den.crop_calls == 2 * world.steps
     assert count_hooks(world.model) == 0
     assert all("forward" not in mod.__dict__ for mod in unet.modules())

@@ -74,15 +74,52 @@ def _method(world, **kw) -> q.CloraMethod:
     return m
 
 
-def test_one_full_region_equals_branch_fusion_and_the_single_lora(world):
+@pytest.mark.parametrize("base_uncond", [0.0, 0.5, 1.0])
+def test_one_full_region_equals_branch_fusion_and_the_single_lora(world, base_uncond):
     reqs = [["sks"], ["ohwx"]]
-    routed = _method(world, mode="routed", layout=True).generate(world, reqs, 3.0, 5)
-    fusion = _method(world, layout=True).generate(world, reqs, 3.0, 5)
+    kw = {"layout": True, "base_uncond": base_uncond}
+    routed = _method(world, mode="routed", **kw).generate(world, reqs, 3.0, 5)
+    fusion = _method(world, **kw).generate(world, reqs, 3.0, 5)
     single = q.METHODS["single"]()
     single.setup(world, NAMES)
     alone = single.generate(world, reqs, 3.0, 5)
-    assert (routed - fusion).abs().max().item() < 1e-4
-    assert (routed - alone).abs().max().item() < 1e-3
+    assert (routed - fusion).abs().max().item() < 1e-4  # both modes guide alike
+    if base_uncond == 0.0:  # each region's own uncond: the single LoRA's sampling
+        assert (routed - alone).abs().max().item() < 1e-3
+    else:  # the base model's uncond: CFG pushes from the bare base toward the LoRA, not the LoRA's CFG
+        assert (routed - alone).abs().max().item() > 1e-2
+
+
+def test_base_uncond_is_the_base_models_unconditional_prediction(world):
+    """At base_uncond = 1 a concept region's CFG is ``u_base + s·(c_lora − u_base)``: the same image as
+    sampling with a denoiser whose uncond rows run without the LoRA (the single LoRA's cond rows)."""
+    from lib_loraclr.clora import CloraOptions
+    from lib_loraclr.models.sampling import CFGDenoiser
+
+    reqs = [["sks"]]
+    fusion = _method(world, layout=True).generate(world, reqs, 3.0, 5)
+    single = q.METHODS["single"]()
+    single.setup(world, NAMES)
+    lora = world.loras["sks"]
+    inner = CFGDenoiser(world.model).inner_model
+    model = world.model
+    from lib_loraclr.apply import patched
+
+    with torch.no_grad():
+        with patched(model, [(lora, 1.0)]):
+            c = model.get_learned_conditioning(["a sks"])
+        u = model.get_learned_conditioning([""])
+
+    def call(x, sigma, cond=None, uncond=None, cond_scale=1.0, **kw):
+        with torch.no_grad():
+            with patched(model, [(lora, 1.0)]):
+                dc = inner(x, sigma, cond=c)
+            du = inner(x, sigma, cond=u)
+        return du + (dc - du) * cond_scale
+
+    expect = world.sample(["a sks"], 1, 3.0, 5, denoiser=call)
+    assert CloraOptions.recommended().base_uncond == 1.0 and CloraOptions().base_uncond == 0.0
+    assert (fusion - expect).abs().max().item() < 1e-3
 
 
 def test_two_regions_one_unet_call_per_step_and_nothing_left_behind(world):
@@ -202,7 +239,9 @@ def test_tiny_models_routed_equals_fusion_with_one_region_and_runs_with_two(arch
             router=router,
             layout=None if routed else layout,
         )
-        return RegionalDenoiser(inner, unet, conds, [uncond] * 3, router, layout=layout) if routed else den
+        if not routed:
+            return den
+        return RegionalDenoiser(inner, unet, conds, [uncond] * 3, router, layout=layout, options=den.options)
 
     a = sample(model, [prompt], denoiser=build(full, True), **kw)
     b = sample(model, [prompt], denoiser=build(full, False), **kw)

@@ -34,14 +34,16 @@ REFERENCE = ROOT / "tests" / "data" / "forge_clora_reference.safetensors"
 PROMPT = "a cat<clora:catlora:trigger=sks> and a dog<clora:doglora:trigger=ohwx>"
 
 #: name → (arch, CLoRA arguments, steps, batch size, one model call per chunk)
+# recorded when every region's uncond had its own LoRA on (base_uncond=0)
+_OLD = {"base_uncond": 0}
 CASES = {
-    "fusion": ("sd1", {}, 4, 1, False),
-    "fusion_split_calls": ("sd1", {}, 3, 1, True),
-    "update": ("sd1", {"latent_update": True}, 4, 1, False),
-    "update_split_calls": ("sd1", {"latent_update": True}, 3, 1, True),
-    "update_batch2": ("sd1", {"latent_update": True}, 3, 2, False),
-    "layout": ("sd1", {"layout": "1,1"}, 3, 1, False),
-    "sdxl_update": ("sdxl", {"latent_update": True}, 3, 1, False),
+    "fusion": ("sd1", _OLD, 4, 1, False),
+    "fusion_split_calls": ("sd1", _OLD, 3, 1, True),
+    "update": ("sd1", {**_OLD, "latent_update": True}, 4, 1, False),
+    "update_split_calls": ("sd1", {**_OLD, "latent_update": True}, 3, 1, True),
+    "update_batch2": ("sd1", {**_OLD, "latent_update": True}, 3, 2, False),
+    "layout": ("sd1", {**_OLD, "layout": "1,1"}, 3, 1, False),
+    "sdxl_update": ("sdxl", {**_OLD, "latent_update": True}, 3, 1, False),
 }
 
 
@@ -244,7 +246,11 @@ def test_forge_routed_mode_is_one_unet_call_per_step_with_each_region_reading_it
     assert seen["prompts"] == ["sks cat", "ohwx dog"]
     fusion: dict = {}
     xf, _ = sample(model, lora_dir, {"layout": "1,1"}, steps, 1, False, fusion)
-    assert len(fusion["unet_rows"]) == steps and fusion["unet_rows"][0] == 6  # 3 branches × 2 halves
+    # 3 branches' cond rows + the base model's uncond row (base_uncond = 1); each branch's own: 3 × 2
+    assert len(fusion["unet_rows"]) == steps and fusion["unet_rows"][0] == 4
+    own: dict = {}
+    sample(model, lora_dir, {"layout": "1,1", "base_uncond": 0}, steps, 1, False, own)
+    assert own["unet_rows"][0] == 6
     assert not torch.equal(x, xf)
     scene: dict = {}
     xs, _ = sample(
@@ -255,7 +261,8 @@ def test_forge_routed_mode_is_one_unet_call_per_step_with_each_region_reading_it
     plain, crops = {}, {}
     x16, _ = sample(model, lora_dir, routed, steps, 1, False, plain, size=16)
     xc, _ = sample(model, lora_dir, {**routed, "region_crops": 0.5}, steps, 1, False, crops, size=16)
-    assert crops["unet_rows"] == [2, 2, 2] * steps and not torch.equal(xc, x16)  # + one call per region crop
+    # + one call per region crop, on the cond rows only (the uncond half is the base model's)
+    assert crops["unet_rows"] == [2, 1, 1] * steps and not torch.equal(xc, x16)
 
 
 def test_forge_routed_mode_with_automatic_masks_freezes_the_layout_then_routes(setups):
@@ -264,4 +271,4 @@ def test_forge_routed_mode_with_automatic_masks_freezes_the_layout_then_routes(s
     x, info = sample(model, lora_dir, {"mode": "routed"}, 6, 1, False, seen)
     assert "CLoRA error" not in info and torch.isfinite(x).all(), info
     rows = seen["unet_rows"]
-    assert rows[0] == 6 and rows[-1] == 2, rows  # branch fusion while the layout forms, then one call a step
+    assert rows[0] == 4 and rows[-1] == 2, rows  # branch fusion while the layout forms, then one call a step

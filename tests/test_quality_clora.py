@@ -93,16 +93,19 @@ def test_base_requests_are_plain_sampling_bit_for_bit(world):
 def test_one_concept_branch_with_a_full_mask_is_the_single_lora(world):
     """Background floor 0 (the default) and no other content word: the concept mask covers every pixel, so
     the fused prediction is the concept branch alone, i.e. the single LoRA (applied by routing hooks
-    instead of patched weights)."""
+    instead of patched weights) when the uncond half is the branch's own (base_uncond = 0)."""
     reqs = [["sks"], ["sks"], ["ohwx"]]
-    m = _method(world)
+    m = _method(world, base_uncond=0.0)
     single = q.METHODS["single"]()
     single.setup(world, NAMES)
     a, b = m.generate(world, reqs, 3.0, 5), single.generate(world, reqs, 3.0, 5)
     assert (a - b).abs().max() < 1e-3
     # a floor hands part of the image to the base branch: different images
-    c = _method(world, mask_background=0.5).generate(world, reqs, 3.0, 5)
+    c = _method(world, mask_background=0.5, base_uncond=0.0).generate(world, reqs, 3.0, 5)
     assert (c - b).abs().max() > 1e-2
+    # the default guides from the base model's uncond: not the single LoRA's CFG (the test in
+    # test_clora_regional checks it is exactly u_base + s·(c_lora − u_base))
+    assert (_method(world).generate(world, reqs, 3.0, 5) - b).abs().max() > 1e-2
 
 
 def test_multi_concept_requests_update_the_latent_and_lower_the_loss(world):
@@ -112,3 +115,19 @@ def test_multi_concept_requests_update_the_latent_and_lower_the_loss(world):
     first = [h["loss"] for h in hist if h["step"] == 0.0]
     assert len(first) == 1 + m.options.refinement_iters
     assert first[-1] < first[0]
+
+
+def test_a_merged_lora_with_a_layout_is_routed_per_concept_as_in_the_webui(world):
+    """``loraclr_routed_layout``: the merged LoRA is every concept's LoRA of a routed pass with a layout (the
+    WebUI's ``<clora:merged:trigger=…>`` rows), each region reading its own short prompt; no merge is run here
+    (a LoRA stands in for the merged one)."""
+    m = q.METHODS["loraclr_routed_layout"]()
+    q.Method.setup(m, world, NAMES[:2])
+    m.deltas = world.loras["mth"]  # stands in for the merged LoRA
+    m.inner_method = q.CloraMethod("recommended", m.name, **m.clora)
+    m.inner_method.setup(world, NAMES[:2])
+    out = m.generate(world, [["sks", "ohwx"], ["3", "7"]], 3.0, 0)
+    assert out.shape == (2, 1, 8, 16) and bool(torch.isfinite(out).all())
+    assert [b[0][0] for b in m.inner_method.last_branches[1:]] == [world.loras["mth"]] * 2
+    assert m.inner_method.options.base_uncond == 1.0
+    assert q.METHODS["loraclr_routed_layout_own_uncond"]().clora["base_uncond"] == 0.0

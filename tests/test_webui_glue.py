@@ -267,7 +267,7 @@ def test_a1111_clora_end_to_end(loaded, model, monkeypatch, installed_runs):
     run = seen["run"]
     # infotext: every option written; no error
     assert res.extra_generation_params[ca.INFOTEXT_KEY].startswith(
-        "mode=fusion layout=- regions=concept crops=0 masks=layout latent=1 "
+        "mode=fusion layout=- regions=concept crops=0 base_uncond=1 masks=layout latent=1 "
     )
     assert "CLoRA error" not in res.extra_generation_params
     # the engine ran: three branches, the latent update lowered the loss at step 0, masks sum to 1
@@ -1105,7 +1105,7 @@ def test_a1111_user_layout_and_routed_mode(loaded, model, monkeypatch, installed
     assert [q for q in encoded if q in own] == own, encoded
     assert "CLoRA error" not in res.extra_generation_params, res.extra_generation_params
     text = res.extra_generation_params[ca.INFOTEXT_KEY]
-    assert text.startswith(f"mode={mode} layout=1_1 regions=concept crops=0 masks=layout ")
+    assert text.startswith(f"mode={mode} layout=1_1 regions=concept crops=0 base_uncond=1 masks=layout ")
     back = ca.from_infotext(res.extra_generation_params)
     assert (back.mode, back.layout) == (mode, "1,1")
     w = seen["run"].denoiser.last_weights  # [B, K, 1, H, W]: cat left, dog right, no background
@@ -1174,13 +1174,15 @@ def test_mask_preview_joins_the_result_images(loaded, model):
 # ------------------------------------------------------------------------------------------ A1111 numbers
 
 REFERENCE = ROOT / "tests" / "data" / "a1111_clora_reference.safetensors"
+# recorded when every region's uncond had its own LoRA on (base_uncond=0) and routed regions read the
+# whole prompt (region_prompt=scene)
+_OLD = {"base_uncond": 0}
 REFERENCE_CASES = {
-    "fusion": ({}, 3, 1),
-    "fusion_update": ({"latent_update": True}, 3, 1),
-    "fusion_update_batch2": ({"latent_update": True}, 3, 2),
-    # recorded when routed regions read the whole prompt: region_prompt=scene
-    "routed_layout": ({"mode": "routed", "layout": "1,1", "region_prompt": "scene"}, 3, 1),
-    "routed_auto": ({"mode": "routed", "region_prompt": "scene"}, 4, 1),
+    "fusion": (_OLD, 3, 1),
+    "fusion_update": ({**_OLD, "latent_update": True}, 3, 1),
+    "fusion_update_batch2": ({**_OLD, "latent_update": True}, 3, 2),
+    "routed_layout": ({**_OLD, "mode": "routed", "layout": "1,1", "region_prompt": "scene"}, 3, 1),
+    "routed_auto": ({**_OLD, "mode": "routed", "region_prompt": "scene"}, 4, 1),
 }
 
 

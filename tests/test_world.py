@@ -137,3 +137,25 @@ def test_smoke_benchmark(tmp_path):
     assert rows["single"]["compose"] > rows["base"]["compose"]
     assert (tmp_path / "results.json").is_file()
     assert (tmp_path / "grid_single_N2_cfg3.png").is_file()
+
+
+def test_lora_trainer_continues_from_a_trained_lora(base):
+    """`bench/world_train.py loras --init`: a concept's factors start as the committed LoRA's (same ΔW at
+    the trainer's scale), so training continues from it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import world_train as wt
+
+    from lib_loraclr.world.model import build_world_model
+
+    model = build_world_model(0)
+    lora = load_lora("sks")
+    ml = wt.MultiLora(model, 2, 8, 4.0, torch.device("cpu"))
+    ml.load(1, lora)
+    f = ml.factors(1)
+    key = next(k for k in lora.modules if ".attn2.to_k" in k)
+    m = lora.modules[key]
+    got = (4.0 / 8) * f[key + ".lora_up.weight"] @ f[key + ".lora_down.weight"]
+    want = m.scale * m.up.float() @ m.down.float()
+    assert torch.allclose(got, want.reshape(got.shape), atol=1e-6)
+    assert float(ml.factors(0)[key + ".lora_up.weight"].abs().max()) == 0.0  # concept 0 untouched (fresh)
+    ml.remove()

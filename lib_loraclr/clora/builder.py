@@ -88,5 +88,6 @@ def build_clora_denoiser(
             layout=layout,
             estimator=None if layout is not None else den,
             crops=den.options.region_crops,
+            options=den.options,
         ), bp
     return den, bp

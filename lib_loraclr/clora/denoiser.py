@@ -13,6 +13,9 @@
 3. a FRESH full forward at the updated latent (no graph), capturing the maps for the masks — the
    official code steps with a prediction from before its last update.
 4. masks from the final maps (`concept_masks`), fusion of each half's denoised outputs, then CFG.
+   With ``options.base_uncond`` = 1 (recommended) the unconditional half is branch 0's everywhere (the
+   base model without LoRA), so CFG guides from the bare base model toward each region's LoRA and the
+   concept branches' unconditional rows are not run; between 0 and 1 the two are blended.
 
 Step size. The official pipeline updates the DDIM latent ``z_t = √ᾱ·x0 + √(1−ᾱ)·ε`` by
 ``z ← z − s·∇_z L`` (s = 20). k-diffusion's latent is ``x = z/√ᾱ = z·√(1+σ²)`` (σ² = (1−ᾱ)/ᾱ) and the
@@ -274,14 +277,21 @@ class CloraDenoiser:
         elif self.x_new is not None and self.x_new.shape == x.shape:
             x = self.x_new.to(device=x.device, dtype=x.dtype)
         run_branches = range(self.n_branches) if opts.enabled else range(1)
-        blocks = [(h, k) for h in halves for k in run_branches]
+        lam = opts.base_uncond_weight(self.n_branches)
+        # at base_uncond = 1 every concept region's unconditional half is branch 0's: not computed
+        blocks = [(h, k) for h in halves for k in run_branches if not (h == UNCOND and k > 0 and lam >= 1.0)]
         fixed = self.masks.fixed(x.shape[0], x.device)
         want_maps = self.capture is not None and opts.enabled and fixed is None and COND in halves
         with torch.no_grad(), self._hooks(self.router):
             outs, maps = self._run(x, sigma, table, blocks, want_output=True, want_maps=want_maps)
         assert outs is not None
         fused: dict[int, torch.Tensor] = {}
-        per_half = {h: torch.stack([outs[(h, k)] for k in run_branches], dim=1) for h in halves}
+        per_half = {
+            h: torch.stack([outs.get((h, k), outs[(h, 0)]) for k in run_branches], dim=1) for h in halves
+        }
+        if UNCOND in per_half and 0.0 < lam < 1.0:
+            u = per_half[UNCOND]
+            per_half[UNCOND] = torch.cat([u[:, :1], u[:, 1:] + lam * (u[:, :1] - u[:, 1:])], dim=1)
         weights: torch.Tensor | None = None
         if opts.enabled and self.n_branches > 1:
             hw = (x.shape[-2], x.shape[-1])
@@ -297,7 +307,10 @@ class CloraDenoiser:
         if weights is not None:
             self.last_weights = weights
             for h in halves:
-                fused[h] = fuse(per_half[h], weights.to(per_half[h].device))
+                if h == UNCOND and lam >= 1.0:
+                    fused[h] = per_half[h][:, 0]  # the base model's, everywhere
+                else:
+                    fused[h] = fuse(per_half[h], weights.to(per_half[h].device))
         else:
             for h in halves:
                 fused[h] = per_half[h][:, 0]  # branch 0 only (CLoRA disabled or one branch)
@@ -379,12 +392,17 @@ class CloraDenoiser:
 
     def _branch_maps(self, maps: dict[tuple[int, int], torch.Tensor], halves: Sequence[int]) -> torch.Tensor:
         """``[B, K, N, T]``: cond maps, or the mean of both halves (``maps_from="both"``; uncond maps
-        are used only when their token length equals the cond's)."""
-        both = self.options.maps_from == "both" and UNCOND in halves
+        are used only when every branch has them — not at ``base_uncond`` = 1 — and their token length equals
+        the cond's)."""
+        both = (
+            self.options.maps_from == "both"
+            and UNCOND in halves
+            and all((UNCOND, k) in maps for k in range(self.n_branches))
+        )
         per_branch = []
         for k in range(self.n_branches):
             m = maps[(COND, k)]
-            if both and (UNCOND, k) in maps and maps[(UNCOND, k)].shape == m.shape:
+            if both and maps[(UNCOND, k)].shape == m.shape:
                 m = (m + maps[(UNCOND, k)]) / 2
             per_branch.append(m)
         return torch.stack(per_branch, dim=1)
@@ -395,7 +413,8 @@ class CloraDenoiser:
         cond_maps = torch.stack([maps[(COND, k)] for k in range(self.n_branches)], dim=1)
         entry = {"loss_cond": float(clora_loss(cond_maps, self.groups, self.options.tau))}
         if UNCOND in halves and all(
-            maps[(UNCOND, k)].shape == maps[(COND, k)].shape for k in range(self.n_branches)
+            (UNCOND, k) in maps and maps[(UNCOND, k)].shape == maps[(COND, k)].shape
+            for k in range(self.n_branches)
         ):
             both = torch.stack(
                 [(maps[(COND, k)] + maps[(UNCOND, k)]) / 2 for k in range(self.n_branches)], dim=1

@@ -295,6 +295,8 @@ class RegionalDenoiser:
         estimator: the `CloraDenoiser` for the automatic layout (needed when ``layout`` is None).
         bounded: bounded self-attention (a concept position sees its own region and the background).
         crops: weight in [0, 1] of the region crops (module docstring) inside each concept region; 0 = off.
+        options: the run's `CloraOptions` when there is no estimator (a user layout): its ``base_uncond``
+            applies to the routed pass.
 
     Hooks are installed for each call and removed at its end (also on exceptions).
     """
@@ -310,13 +312,14 @@ class RegionalDenoiser:
         estimator: CloraDenoiser | None = None,
         bounded: bool = True,
         crops: float = 0.0,
+        options: Any = None,
     ) -> None:
         if not 0.0 <= float(crops) <= 1.0:
             raise ValueError(f"crops must lie in [0, 1], got {crops}")
         self.crops = float(crops)
         self.estimator = estimator
         self.inner_model = inner_model
-        self._options: Any = None
+        self._options: Any = options
         self.unet = unet
         self.conds = list(conds)
         self.n_branches = len(self.conds)
@@ -373,7 +376,8 @@ class RegionalDenoiser:
 
     @property
     def options(self) -> Any:
-        """The `CloraOptions` of the run (the estimator's, so a host switching to masks-only reaches it)."""
+        """The `CloraOptions` of the run (the estimator's, so a host switching to masks-only reaches it);
+        with a user layout, the ``options`` given (None: a bare routed pass, ``base_uncond`` 0)."""
         return self.estimator.options if self.estimator is not None else self._options
 
     @options.setter
@@ -498,17 +502,22 @@ class RegionalDenoiser:
         if tuple(m.shape[-2:]) != lat:
             m = F.interpolate(m, size=lat, mode="nearest")
         self.last_weights = (m / m.sum(1, keepdim=True).clamp_min(1e-12)).unsqueeze(2)
-        # one call for both halves when every branch's cond and uncond have one token length
-        same = (
-            all(
-                token_length(table[(COND, k)]) == token_length(table[(UNCOND, k)])
-                for k in range(self.n_branches)
-            )
-            if len(halves) == 2
-            else True
-        )
-        calls = [halves] if same else [(h,) for h in halves]
-        outs: dict[int, torch.Tensor] = {}
+        # blocks of B rows: (half, routed?); the base model's unconditional half (`CloraOptions.base_uncond`)
+        # runs as rows whose every position is background: branch 0's text, no LoRA, unbounded attention
+        lam = self._base_uncond()
+        blocks = [(h, True) for h in halves if not (h == UNCOND and lam >= 1.0)]
+        if UNCOND in halves and lam > 0.0:
+            blocks.append((UNCOND, False))
+        background = torch.zeros_like(m)
+        background[:, 0] = 1.0
+
+        # one call for all blocks when each region's texts have one token length in every block
+        def text(blk: tuple[int, bool], k: int) -> Any:
+            return table[(blk[0], k if blk[1] else 0)]
+
+        same = all(len({token_length(text(blk, k)) for blk in blocks}) == 1 for k in range(self.n_branches))
+        calls = [blocks] if same else [[blk] for blk in blocks]
+        outs: dict[tuple[int, bool], torch.Tensor] = {}
         if self.router is not None:
             self.router.install()
         try:
@@ -517,24 +526,35 @@ class RegionalDenoiser:
                     n = len(call)
                     x_in = torch.cat([x] * n)
                     sigma_in = torch.cat([sigma] * n)
-                    cond_in = cat_conds([table[(h, 0)] for h in call]) if n > 1 else table[(call[0], 0)]
+                    cond_in = cat_conds([table[(h, 0)] for h, _ in call]) if n > 1 else table[(call[0][0], 0)]
                     contexts = [
-                        torch.cat([crossattn(table[(h, k)]) for h in call]) for k in range(self.n_branches)
+                        torch.cat([crossattn(text(blk, k)) for blk in call]) for k in range(self.n_branches)
                     ]
-                    weights = torch.cat([m] * n)
+                    weights = torch.cat([m if routed else background for _, routed in call])
                     if self.router is not None:
                         self.router.set_regions(weights)
                     self.attention.set(contexts, weights)
                     out = self.inner_model(x_in, sigma_in, cond=cond_in)
-                    for i, h in enumerate(call):
-                        outs[h] = out[i * b : (i + 1) * b]
+                    for i, blk in enumerate(call):
+                        outs[blk] = out[i * b : (i + 1) * b]
         finally:
             if self.router is not None:
                 self.router.set_regions(None)
                 self.router.remove()
-        if self.crops > 0:
-            self._blend_crops(x, sigma, m, table, calls, outs)
-        return outs
+        routed = {h: outs[(h, True)] for h in halves if (h, True) in outs}
+        if self.crops > 0 and routed:
+            halves_r = tuple(routed)
+            crop_calls = [halves_r] if same else [(h,) for h in halves_r]
+            self._blend_crops(x, sigma, m, table, crop_calls, routed)
+        if (UNCOND, False) in outs:
+            base = outs[(UNCOND, False)]
+            routed[UNCOND] = base if UNCOND not in routed else routed[UNCOND] + lam * (base - routed[UNCOND])
+        return routed
+
+    def _base_uncond(self) -> float:
+        """`CloraOptions.base_uncond` of the run (0 without options: each region's own uncond)."""
+        opts = self.options
+        return opts.base_uncond_weight(self.n_branches) if opts is not None else 0.0
 
     def _blend_crops(
         self,

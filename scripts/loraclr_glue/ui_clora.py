@@ -71,6 +71,15 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                 label="Routed: region crops (0 = off)",
                 elem_id=f"loraclr_{tab}_region_crops",
             )
+            controls["base_uncond"] = gr.Slider(
+                0.0,
+                1.0,
+                value=UI_DEFAULTS["base_uncond"],
+                step=0.05,
+                label="Guide from the base model (1 = recommended, 0 = the paper's CFG)",
+                info="the concepts' negative half without their LoRAs",
+                elem_id=f"loraclr_{tab}_base_uncond",
+            )
         with gr.Row():
             controls["latent_update"] = gr.Checkbox(
                 UI_DEFAULTS["latent_update"], label="Latent update", elem_id=f"loraclr_{tab}_latent_update"
