@@ -65,8 +65,9 @@ def clora_sampler(
         base = "a " + " and a ".join(str(concept_digit.get(w, w)) for w in words)
         concepts = [Concept(trigger=w, words=str(concept_digit[w])) for w in words if w in concept_digit]
         lay = None
-        if layout:
-            lay = layout_weights(box_masks(parse_ratio_layout(layout), (8, 8 * len(words))), len(concepts))
+        if layout:  # a concept alone gets the whole image as its region
+            ratio = layout if len(words) > 1 else "1"
+            lay = layout_weights(box_masks(parse_ratio_layout(ratio), (8, 8 * len(words))), len(concepts))
         den, _ = build_clora_denoiser(
             CFGDenoiser(model).inner_model,
             model.model.diffusion_model,
@@ -198,12 +199,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     for label, sampler in variants.items():
         both = sampler(pair, n, cfg_scale, args.seed + 77)
-        # alone, CLoRA's concept mask covers the image (no other content word): the single LoRA's own images
-        rows[label] = {
-            **{f"alone: {w}": rows["single LoRA"][f"alone: {w}"] for w in names},
-            "both in one image": score(pair, both),
-            "known digits": None,
+        # alone (the single LoRA's seeds): the concept's region is the whole image; CFG guides from the base
+        # model there, so these differ from the single LoRA's own images
+        alone = {
+            f"alone: {w}": score([w], sampler([w], n, cfg_scale, args.seed + 1000 * i))
+            for i, w in enumerate(names)
         }
+        rows[label] = {**alone, "both in one image": score(pair, both), "known digits": None}
         grid_rows[label] = torch.cat(list(both[:8]), dim=-1)[None]
         print(f"  {label}: done", flush=True)
 

@@ -63,23 +63,23 @@ def build(script: Any, is_img2img: bool) -> list[Any]:
                 info="concept: its own words (sks cat); scene: the whole prompt",
                 elem_id=f"loraclr_{tab}_region_prompt",
             )
-            controls["region_crops"] = gr.Slider(
-                0.0,
-                1.0,
-                value=UI_DEFAULTS["region_crops"],
-                step=0.05,
-                label="Routed: region crops (0 = off)",
-                elem_id=f"loraclr_{tab}_region_crops",
-            )
-            controls["base_uncond"] = gr.Slider(
-                0.0,
-                1.0,
-                value=UI_DEFAULTS["base_uncond"],
-                step=0.05,
-                label="Guide from the base model (1 = recommended, 0 = the paper's CFG)",
-                info="the concepts' negative half without their LoRAs",
-                elem_id=f"loraclr_{tab}_base_uncond",
-            )
+            for key, label, info in (
+                ("region_crops", "Routed: region crops (0 = off)", None),
+                (
+                    "base_uncond",
+                    "Guide from the base model (1 = recommended, 0 = the paper's CFG)",
+                    "the concepts' negative half without their LoRAs",
+                ),
+            ):  # weights in [0, 1]
+                controls[key] = gr.Slider(
+                    0.0,
+                    1.0,
+                    value=UI_DEFAULTS[key],
+                    step=0.05,
+                    label=label,
+                    info=info,
+                    elem_id=f"loraclr_{tab}_{key}",
+                )
         with gr.Row():
             controls["latent_update"] = gr.Checkbox(
                 UI_DEFAULTS["latent_update"], label="Latent update", elem_id=f"loraclr_{tab}_latent_update"
