@@ -165,4 +165,7 @@ def test_sdxl_sampling_dict_conds():
         cond = xl.get_learned_conditioning(["a cat"])
         uncond = xl.get_learned_conditioning([""], is_negative_prompt=True)
         c, u = cfg.inner_model(x, sigma, cond=cond), cfg.inner_model(x, sigma, cond=uncond)
-        torch.testing.assert_close(cfg(x, sigma, cond=cond, uncond=uncond, cond_scale=5.0), u + 5.0 * (c - u))
+        # batched (CFG) vs one row per call: kernels may round differently by batch size (AVX2: 1.5e-5)
+        torch.testing.assert_close(
+            cfg(x, sigma, cond=cond, uncond=uncond, cond_scale=5.0), u + 5.0 * (c - u), rtol=1e-5, atol=1e-4
+        )
